@@ -1,0 +1,193 @@
+"""The adapter folder format (PEFT-style) and its validation.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors`. Validation runs against
+what this server serves (its groups, basis ranks and basis checksum) and reports every problem
+at once. Only safetensors is read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from adapters.registry import get_method, method_names
+from adapters.targets import GroupInfo
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KNOWN_KEYS = ("method", "r", "target_modules", "base_model", "basis_checksum", "basis_kind")
+
+
+class AdapterValidationError(ValueError):
+    """Everything wrong with an adapter, as a list of human-readable problems."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid adapter: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    method: str
+    r: int
+    target_modules: tuple[str, ...]
+    base_model: str | None = None
+    """Informational only."""
+    basis_checksum: str | None = None
+    """The basis the adapter was trained against; refused when it is not this server's."""
+    basis_kind: str = "principal"
+    """'principal', or 'random:<seed>' for the random-basis ablation."""
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "r": self.r,
+            "target_modules": list(self.target_modules),
+            "base_model": self.base_model,
+            "basis_checksum": self.basis_checksum,
+            "basis_kind": self.basis_kind,
+        }
+
+
+@dataclass(frozen=True)
+class AdapterExpectation:
+    """What this server accepts: its groups, the max r per group, and its basis identity."""
+
+    groups: dict[str, GroupInfo]
+    group_rank: dict[str, int]
+    basis_checksum: str
+    basis_kind: str = "principal"
+
+    @classmethod
+    def from_basis(cls, basis) -> "AdapterExpectation":
+        return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    checksum: str
+    """sha256 of the safetensors bytes."""
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def group_cores(self) -> dict[str, torch.Tensor]:
+        return get_method(self.config.method).group_cores(self.tensors)
+
+
+def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: list[str], warnings: list[str]):
+    try:
+        raw = json.loads(config_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
+        return None
+    if not isinstance(raw, dict):
+        problems.append(f"{CONFIG_FILE} must be a JSON object")
+        return None
+    unknown = sorted(set(raw) - set(KNOWN_KEYS))
+    if unknown:
+        warnings.append(f"{CONFIG_FILE}: ignoring unknown keys {unknown}")
+    method = raw.get("method")
+    if method not in method_names():
+        problems.append(f"unknown method {method!r}; this server knows {method_names()}")
+    r = raw.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"r must be a positive integer, got {r!r}")
+        r = None
+    targets = raw.get("target_modules")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        problems.append(f"target_modules must be a non-empty list of strings, got {targets!r}")
+        targets = None
+    else:
+        unknown_groups = [t for t in targets if t not in expect.groups]
+        if unknown_groups:
+            problems.append(
+                f"target_modules {unknown_groups} are not served by this server (it serves {sorted(expect.groups)})"
+            )
+        elif r is not None:
+            for t in targets:
+                if r > expect.group_rank[t]:
+                    problems.append(f"r={r} exceeds the basis rank {expect.group_rank[t]} available for group {t!r}")
+    checksum = raw.get("basis_checksum")
+    if checksum is not None and checksum != expect.basis_checksum:
+        problems.append(
+            f"adapter was trained against basis {str(checksum)[:16]}..., this server's basis is "
+            f"{expect.basis_checksum[:16]}... (another base model or target module set)"
+        )
+    kind = raw.get("basis_kind", "principal")
+    if kind != expect.basis_kind:
+        problems.append(f"adapter uses a {kind!r} basis, this server serves the {expect.basis_kind!r} basis")
+    base_model = raw.get("base_model")
+    if problems or method is None:
+        return None
+    return AdapterConfig(method, r, tuple(targets), base_model if isinstance(base_model, str) else None, checksum, kind)
+
+
+def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpectation) -> Adapter:
+    """Validate an adapter given its two files' bytes; raise AdapterValidationError listing all problems."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    config = _parse_config(config_bytes, expect, problems, warnings)
+    try:
+        tensors = load_safetensors_bytes(weights_bytes)
+    except Exception as exc:  # safetensors raises its own error type for a bad header or truncation
+        problems.append(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}")
+        tensors = None
+    if tensors is not None and config is not None:
+        method = get_method(config.method)
+        groups = {g: expect.groups[g] for g in config.target_modules}
+        expected = method.expected_tensors(config.r, groups)
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing:
+            problems.append(f"missing tensors {missing}")
+        if extra:
+            problems.append(f"unexpected tensors {extra} (target_modules is {list(config.target_modules)})")
+        for name in sorted(set(expected) & set(tensors)):
+            t = tensors[name]
+            if tuple(t.shape) != expected[name]:
+                problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
+            if t.dtype not in ALLOWED_DTYPES:
+                problems.append(f"tensor {name} has dtype {t.dtype}, expected float32, bfloat16 or float16")
+            elif not torch.isfinite(t).all():
+                problems.append(f"tensor {name} has non-finite values (NaN or inf)")
+    if problems:
+        raise AdapterValidationError(problems)
+    for w in warnings:
+        log.warning(w)
+    return Adapter(config, tensors, hashlib.sha256(weights_bytes).hexdigest(), tuple(warnings))
+
+
+def load_adapter_dir(path: Path, expect: AdapterExpectation) -> Adapter:
+    """Read and validate an adapter folder."""
+    path = Path(path)
+    problems = [f"missing {name} in {path}" for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+    if problems:
+        raise AdapterValidationError(problems)
+    return parse_adapter((path / CONFIG_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes(), expect)
+
+
+def save_adapter_dir(path: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write an adapter folder (used by training and tests)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WEIGHTS_FILE).write_bytes(save_safetensors_bytes({k: v.contiguous().cpu() for k, v in tensors.items()}))
+    (path / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2))

@@ -1,0 +1,45 @@
+"""The two per-layer adapter ops: shrink (per-token core @ x) and expand (U @ z).
+
+Every fast version has a plain-torch reference with a `Semantics:` docstring; tests compare them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shrink_reference(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Semantics:
+        for t in range(T):
+            z[t] = stack[token_slots[t]] @ x[t]   if token_slots[t] >= 0
+            z[t] = 0                              if token_slots[t] == -1
+    x [T, in], stack [S, r, in], token_slots [T] int -> z [T, r].
+    """
+    z = x.new_zeros(x.shape[0], stack.shape[1])
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            z[t] = stack[slot] @ x[t]
+    return z
+
+
+def shrink_torch(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Same function as shrink_reference, batched with no host sync and no Python loop.
+
+    Multiplies x by every slot's core at once ([T, S*r]) and keeps each token's own block:
+    reads each slot's core once per call, costs T*S*r*in FLOPs (fine for the CPU and small S).
+    """
+    num_tokens = x.shape[0]
+    num_slots, rank, in_features = stack.shape
+    z_all = F.linear(x, stack.reshape(num_slots * rank, in_features)).view(num_tokens, num_slots, rank)
+    index = token_slots.clamp(min=0).view(num_tokens, 1, 1).expand(num_tokens, 1, rank)
+    z = z_all.gather(1, index).squeeze(1)  # [T, r]
+    return z * (token_slots >= 0).unsqueeze(1).to(z.dtype)
+
+
+def expand(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """z [T, r] @ U^T with U [out, r] -> [T, out]; one dense matmul, the same for every adapter."""
+    return F.linear(z, u)
+
+
+shrink = shrink_torch

@@ -1,0 +1,72 @@
+"""Finds the base model's target nn.Linear modules and sorts them into functional groups.
+
+A group is a module-name suffix (`q_proj`, `down_proj`, ...). PiCa shares one B (r x in)
+across every layer of a group, so all of a group's layers must have the same in_features;
+a model where they differ is refused with a message naming the group (out_features may differ,
+since each layer has its own U).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    name: str
+    in_features: int
+    layers: tuple[str, ...]
+    """Full module names, in model order."""
+    out_features: tuple[int, ...]
+
+    @property
+    def max_rank(self) -> int:
+        """Largest r every layer of the group can provide (U has min(out, in) columns)."""
+        return min(min(o, self.in_features) for o in self.out_features)
+
+
+class TargetError(ValueError):
+    pass
+
+
+def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Full name -> nn.Linear for every Linear whose last name component is a target suffix."""
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+    }
+    if not found:
+        raise TargetError(f"no nn.Linear in the model matches target modules {list(target_modules)}")
+    return found
+
+
+def group_targets(linears: dict[str, nn.Linear], target_modules: tuple[str, ...]) -> dict[str, GroupInfo]:
+    """Group target linears by suffix; refuse groups whose layers disagree on in_features."""
+    by_group: dict[str, list[tuple[str, nn.Linear]]] = {}
+    for name, module in linears.items():
+        by_group.setdefault(name.rsplit(".", 1)[-1], []).append((name, module))
+    problems, groups = [], {}
+    for group in target_modules:
+        members = by_group.get(group)
+        if not members:
+            problems.append(f"target module {group!r} matches no nn.Linear in the model")
+            continue
+        in_sizes = sorted({m.in_features for _, m in members})
+        if len(in_sizes) > 1:
+            problems.append(
+                f"group {group!r} has layers with different in_features {in_sizes}: "
+                "one shared B cannot fit them; target a narrower module set"
+            )
+            continue
+        groups[group] = GroupInfo(
+            name=group,
+            in_features=in_sizes[0],
+            layers=tuple(n for n, _ in members),
+            out_features=tuple(m.out_features for _, m in members),
+        )
+    if problems:
+        raise TargetError("; ".join(problems))
+    return groups

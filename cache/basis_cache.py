@@ -1,0 +1,168 @@
+"""On-disk cache of the frozen per-layer bases, so a restart loads U instead of recomputing SVDs.
+
+Layout: `<basis_dir>/<basis_checksum[:32]>/basis.safetensors` (one float32 tensor `U.<module>`
+[out, rank] per target linear) plus `manifest.json`. The key, `basis_checksum`, identifies the
+basis by what defines it: a fingerprint of the target weights, the target modules and the basis
+kind. It is the same on every machine, so adapters record it and are refused against another
+basis. The manifest also holds the file's sha256, so a corrupt or truncated file is detected,
+logged and recomputed, never trusted. Writes are atomic (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+from tqdm import tqdm
+
+from adapters.targets import GroupInfo, find_target_linears, group_targets
+from cache.atomic import atomic_write
+from cache.basis import principal_basis, random_basis
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_FINGERPRINT_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The frozen basis of every target linear, sliced to `rank_max` columns (float32, CPU)."""
+
+    checksum: str
+    kind: str
+    rank_max: int
+    groups: dict[str, GroupInfo]
+    u: dict[str, torch.Tensor]
+    """Full module name -> U [out, min(rank_max, out, in)]."""
+    source: str
+    """'loaded' or 'computed'."""
+    seconds: float
+
+    def group_rank(self, group: str) -> int:
+        """Largest adapter r the basis supports for a group."""
+        return min(self.rank_max, self.groups[group].max_rank)
+
+
+def basis_checksum(linears: dict[str, nn.Linear], target_modules: tuple[str, ...], kind: str) -> str:
+    """Identity of a basis: sampled rows of each target weight (bf16-rounded, so the load dtype
+    does not matter), the module names and shapes, the target list and the basis kind."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT_VERSION, "kind": kind, "targets": sorted(target_modules)}).encode())
+    for name in sorted(linears):
+        weight = linears[name].weight.detach()
+        rows = torch.linspace(0, weight.shape[0] - 1, min(_FINGERPRINT_ROWS, weight.shape[0])).long()
+        sample = weight[rows.to(weight.device)].to(torch.bfloat16).to(torch.float32).cpu()
+        h.update(f"{name}:{tuple(weight.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+class BasisCache:
+    """Loads the basis of a model from disk, or computes and stores it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def entry_dir(self, checksum: str) -> Path:
+        return self.root / checksum[:32]
+
+    def load_or_compute(
+        self,
+        model: nn.Module,
+        target_modules: tuple[str, ...],
+        rank_max: int,
+        method: str = "gram",
+        kind: str = "principal",
+        progress: bool = True,
+    ) -> Basis:
+        """The basis for `model`, served from the cache when a valid entry holds >= rank_max columns.
+
+        kind is 'principal' (top singular vectors) or 'random:<seed>' (random orthonormal, for ablations).
+        """
+        start = time.perf_counter()
+        linears = find_target_linears(model, target_modules)
+        groups = group_targets(linears, target_modules)
+        checksum = basis_checksum(linears, target_modules, kind)
+        ranks = {name: min(rank_max, lin.out_features, lin.in_features) for name, lin in linears.items()}
+        entry = self.entry_dir(checksum)
+        u = self._try_load(entry, checksum, ranks)
+        source = "loaded"
+        if u is None:
+            u = self._compute(linears, ranks, method, kind, progress)
+            self._store(entry, checksum, kind, method, rank_max, target_modules, u, time.perf_counter() - start)
+            source = "computed"
+        seconds = time.perf_counter() - start
+        log.info("basis %s %s in %.2fs (%d modules, rank_max %d)", checksum[:12], source, seconds, len(u), rank_max)
+        return Basis(checksum, kind, rank_max, groups, u, source, seconds)
+
+    def _try_load(self, entry: Path, checksum: str, ranks: dict[str, int]) -> dict[str, torch.Tensor] | None:
+        manifest_path, tensor_path = entry / "manifest.json", entry / "basis.safetensors"
+        if not manifest_path.exists():
+            return None
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != FORMAT_VERSION or manifest.get("basis_checksum") != checksum:
+                raise ValueError("manifest does not match this model's basis")
+            stored = manifest["modules"]
+            short = [n for n, r in ranks.items() if n not in stored or stored[n][1] < r]
+            if short:
+                log.info("basis cache holds fewer columns than asked for (%s...); recomputing", short[0])
+                return None
+            data = tensor_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != manifest["content_sha256"]:
+                raise ValueError("basis file checksum mismatch (corrupt or truncated)")
+            tensors = load_safetensors_bytes(data)
+            u = {}
+            for name, rank in ranks.items():
+                t = tensors[f"U.{name}"]
+                if t.shape[1] < rank or not torch.isfinite(t).all():
+                    raise ValueError(f"bad tensor for {name}")
+                u[name] = t[:, :rank].contiguous()
+            return u
+        except Exception as exc:  # any damage means recompute, never trust, never crash
+            log.warning("basis cache entry %s is unusable (%s); recomputing", entry, exc)
+            return None
+
+    @staticmethod
+    @torch.no_grad()
+    def _compute(linears, ranks, method, kind, progress) -> dict[str, torch.Tensor]:
+        u = {}
+        for name in tqdm(sorted(linears), desc="computing basis", unit="layer", disable=not progress):
+            weight = linears[name].weight
+            if kind == "principal":
+                u[name] = principal_basis(weight, ranks[name], method).cpu()
+            elif kind.startswith("random:"):
+                u[name] = random_basis(weight.shape[0], ranks[name], _module_seed(int(kind[7:]), name))
+            else:
+                raise ValueError(f"unknown basis kind {kind!r}")
+        return u
+
+    def _store(self, entry, checksum, kind, method, rank_max, target_modules, u, seconds) -> None:
+        entry.mkdir(parents=True, exist_ok=True)
+        data = save_safetensors_bytes({f"U.{name}": t for name, t in u.items()})
+        atomic_write(entry / "basis.safetensors", data)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "basis_checksum": checksum,
+            "kind": kind,
+            "method": method,
+            "rank_max": rank_max,
+            "target_modules": list(target_modules),
+            "modules": {name: list(t.shape) for name, t in u.items()},
+            "content_sha256": hashlib.sha256(data).hexdigest(),
+            "compute_seconds": round(seconds, 3),
+        }
+        atomic_write(entry / "manifest.json", json.dumps(manifest, indent=1).encode())

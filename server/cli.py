@@ -1,0 +1,99 @@
+"""`pica-serve` command line: precompute, merge, serve, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.config import DEFAULT_TARGET_MODULES, DTYPES, SVD_METHODS, ModelConfig, default_cache_dir
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base model and basis")
+    g.add_argument("--model", default=None, help="local folder or hub id (default: the built-in demo model)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated suffixes")
+    g.add_argument("--rank-max", type=int, default=256, help="basis columns cached per layer")
+    g.add_argument("--svd-method", default="gram", choices=SVD_METHODS)
+    g.add_argument("--cache-dir", type=Path, default=None, help="demo model + basis cache (default $PICA_CACHE_DIR)")
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
+        rank_max=args.rank_max,
+        svd_method=args.svd_method,
+        cache_dir=args.cache_dir or default_cache_dir(),
+    )
+
+
+def load_model_and_basis(cfg: ModelConfig):
+    from cache.basis_cache import BasisCache
+    from server.model_loader import load_model
+
+    loaded = load_model(cfg)
+    basis = BasisCache(cfg.basis_dir).load_or_compute(
+        loaded.model, cfg.target_modules, cfg.rank_max, method=cfg.svd_method
+    )
+    return loaded, basis
+
+
+def cmd_precompute(args) -> int:
+    cfg = model_config(args)
+    loaded, basis = load_model_and_basis(cfg)
+    print(
+        f"basis {basis.checksum} ({basis.source} in {basis.seconds:.1f}s, {len(basis.u)} layers, "
+        f"groups {sorted(basis.groups)}) for {loaded.name} in {cfg.basis_dir}"
+    )
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
+    from adapters.merge import merge_adapter
+
+    cfg = model_config(args)
+    loaded, basis = load_model_and_basis(cfg)
+    try:
+        adapter = load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
+    except AdapterValidationError as exc:
+        print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
+        return 2
+    merge_adapter(loaded.model, basis, adapter)
+    loaded.model.save_pretrained(args.out)
+    loaded.tokenizer.save_pretrained(args.out)
+    print(f"merged {args.adapter} into {loaded.name}: {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pica-serve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("precompute", help="compute and cache the frozen basis of a model")
+    add_model_args(p)
+    p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("merge", help="write a plain transformers model with an adapter folded in")
+    add_model_args(p)
+    p.add_argument("--adapter", type=Path, required=True, help="adapter folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

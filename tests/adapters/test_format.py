@@ -1,0 +1,116 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from adapters.format import (
+    AdapterExpectation,
+    AdapterValidationError,
+    load_adapter_dir,
+    parse_adapter,
+)
+from adapters.targets import GroupInfo
+
+GROUPS = {
+    "q_proj": GroupInfo("q_proj", 64, ("l.0.q_proj", "l.1.q_proj"), (64, 64)),
+    "down_proj": GroupInfo("down_proj", 96, ("l.0.down_proj", "l.1.down_proj"), (64, 64)),
+}
+EXPECT = AdapterExpectation(GROUPS, {"q_proj": 16, "down_proj": 16}, basis_checksum="a" * 64)
+
+
+def config(**kw):
+    base = {"method": "pica", "r": 8, "target_modules": ["q_proj", "down_proj"], "basis_checksum": "a" * 64}
+    base.update(kw)
+    return json.dumps({k: v for k, v in base.items() if v is not None}).encode()
+
+
+def weights(**tensors):
+    base = {"B.q_proj": torch.randn(8, 64), "B.down_proj": torch.randn(8, 96)}
+    base.update(tensors)
+    return st_save({k: v for k, v in base.items() if v is not None})
+
+
+def problems(cfg=None, w=None):
+    with pytest.raises(AdapterValidationError) as info:
+        parse_adapter(cfg or config(), w or weights(), EXPECT)
+    return " | ".join(info.value.problems)
+
+
+def test_valid_adapter_loads():
+    adapter = parse_adapter(config(), weights(), EXPECT)
+    assert adapter.config.r == 8 and adapter.num_params == 8 * (64 + 96)
+    assert set(adapter.group_cores()) == {"q_proj", "down_proj"}
+    assert len(adapter.checksum) == 64
+
+
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        (b"{oops", "is not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (config(method="lora-xl"), "unknown method 'lora-xl'; this server knows ['pica']"),
+        (config(r=0), "r must be a positive integer, got 0"),
+        (config(r="8"), "r must be a positive integer, got '8'"),
+        (config(target_modules="q_proj"), "target_modules must be a non-empty list of strings"),
+        (config(target_modules=["q_proj", "lm_head"]), "target_modules ['lm_head'] are not served by this server"),
+        (config(r=17), "r=17 exceeds the basis rank 16 available for group 'down_proj'"),
+        (config(basis_checksum="b" * 64), "adapter was trained against basis bbbbbbbbbbbbbbbb"),
+        (config(basis_kind="random:1"), "adapter uses a 'random:1' basis, this server serves the 'principal' basis"),
+    ],
+)
+def test_config_problems(cfg, message):
+    assert message in problems(cfg=cfg)
+
+
+@pytest.mark.parametrize(
+    "w,message",
+    [
+        (b"\x00\x01garbage", "adapter_model.safetensors is not a readable safetensors file"),
+        (weights()[:-10], "adapter_model.safetensors is not a readable safetensors file"),
+        (weights(**{"B.q_proj": None}), "missing tensors ['B.q_proj']"),
+        (weights(**{"B.v_proj": torch.zeros(8, 64)}), "unexpected tensors ['B.v_proj']"),
+        (weights(**{"B.q_proj": torch.zeros(8, 65)}), "tensor B.q_proj has shape [8, 65], expected [8, 64]"),
+        (weights(**{"B.q_proj": torch.zeros(8, 64, dtype=torch.int32)}), "tensor B.q_proj has dtype torch.int32"),
+        (weights(**{"B.q_proj": torch.full((8, 64), float("nan"))}), "tensor B.q_proj has non-finite values"),
+        (weights(**{"B.down_proj": torch.full((8, 96), float("inf"))}), "tensor B.down_proj has non-finite values"),
+    ],
+)
+def test_weight_problems(w, message):
+    assert message in problems(w=w)
+
+
+def test_all_problems_reported_at_once():
+    text = problems(cfg=config(r=0, method="x"), w=b"junk")
+    assert "unknown method 'x'" in text and "r must be a positive integer" in text and "not a readable safetensors" in text
+
+
+def test_unknown_keys_warn_but_load(caplog):
+    adapter = parse_adapter(config(peft_type="PICA", alpha=3), weights(), EXPECT)
+    assert adapter.warnings == ("adapter_config.json: ignoring unknown keys ['alpha', 'peft_type']",)
+    assert "ignoring unknown keys" in caplog.text
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(AdapterValidationError, match="missing adapter_config.json") as info:
+        load_adapter_dir(tmp_path, EXPECT)
+    assert len(info.value.problems) == 2
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/pica-unpickled-marker",))
+
+
+def test_pickle_is_never_unpickled(tmp_path):
+    import os
+
+    marker = "/tmp/pica-unpickled-marker"
+    if os.path.exists(marker):
+        os.remove(marker)
+    payload = pickle.dumps({"B.q_proj": _Boom()})
+    assert "not a readable safetensors file" in problems(w=payload)
+    assert not os.path.exists(marker)

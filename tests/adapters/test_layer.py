@@ -1,0 +1,62 @@
+"""Mixed-batch oracle: each row of a mixed batch equals the dense merged model for its adapter."""
+
+import pytest
+import torch
+
+from adapters.layer import BASE_SLOT, attach_adapters
+from adapters.merge import merge_adapter
+from cache.basis_cache import BasisCache
+from server.model_loader import load_model
+from tests.helpers import ARCHS, build_tiny_model, make_adapter
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_batch_matches_dense_merged_models(tmp_path, model_config_for, arch, seed):
+    cfg = model_config_for(build_tiny_model(tmp_path / "m", arch, seed), rank_max=16)
+    loaded = load_model(cfg)
+    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, cfg.target_modules, 16, progress=False)
+    adapters = [
+        make_adapter(tmp_path, basis, r=16, seed=seed * 10 + 1),
+        make_adapter(tmp_path, basis, r=4, seed=seed * 10 + 2, groups=["q_proj", "v_proj", "down_proj"]),
+        make_adapter(tmp_path, basis, r=9, seed=seed * 10 + 3),
+    ]
+    adapted = attach_adapters(loaded.model, basis, num_slots=4, max_rank=16)
+    slot_of = {0: 2, 1: 0, 2: 3}  # adapter index -> slot (not in order, one slot left empty)
+    for i, a in enumerate(adapters):
+        adapted.slot_stacks.write(slot_of[i], a.group_cores())
+
+    row_adapters = [None, 0, 1, 2, 1, None]  # base, each adapter, a repeat
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 250, (len(row_adapters), 11), generator=gen)
+    seq = ids.shape[1]
+    adapted.slot_index.set([BASE_SLOT if a is None else slot_of[a] for a in row_adapters for _ in range(seq)])
+    with torch.no_grad():
+        mixed = adapted.model(input_ids=ids).logits
+
+    for row, a in enumerate(row_adapters):
+        reference = load_model(cfg).model
+        if a is not None:
+            merge_adapter(reference, basis, adapters[a])
+        with torch.no_grad():
+            expected = reference(input_ids=ids[row : row + 1]).logits[0]
+        torch.testing.assert_close(mixed[row], expected, atol=1e-4, rtol=1e-4)
+
+    # the adapters really change the output (so the comparison above can fail)
+    assert (mixed[1] - mixed[0]).abs().max() > 1e-2
+    assert (mixed[3] - mixed[1]).abs().max() > 1e-2
+
+
+def test_no_adapter_step_skips_adapter_math(tmp_path, model_config_for):
+    cfg = model_config_for(build_tiny_model(tmp_path / "m"), rank_max=8)
+    loaded = load_model(cfg)
+    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, cfg.target_modules, 8, progress=False)
+    ids = torch.randint(0, 250, (2, 5))
+    with torch.no_grad():
+        before = loaded.model(input_ids=ids).logits
+    adapted = attach_adapters(loaded.model, basis, num_slots=2, max_rank=8)
+    adapted.slot_stacks.write(0, make_adapter(tmp_path, basis, r=8).group_cores())
+    adapted.slot_index.set([BASE_SLOT] * 10)
+    assert not adapted.slot_index.any_adapter
+    with torch.no_grad():
+        assert torch.equal(adapted.model(input_ids=ids).logits, before)

@@ -1,0 +1,64 @@
+"""Tiny random models and adapters built inside the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapters.format import AdapterConfig, AdapterExpectation, load_adapter_dir, save_adapter_dir
+from server.demo_model import build_byte_tokenizer
+
+ARCHS = ("llama", "qwen2")
+
+
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers: int = 2) -> Path:
+    """Save a random tiny causal LM + byte tokenizer with save_pretrained; out != in for the MLP."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tokenizer = build_byte_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        if arch == "qwen2":  # make the q/k/v biases non-trivial
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.data.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+def random_adapter_tensors(basis, r: int, groups=None, seed: int = 0, scale: float = 0.5) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    groups = groups or sorted(basis.groups)
+    return {
+        f"B.{g}": torch.randn(r, basis.groups[g].in_features, generator=gen) * scale / basis.groups[g].in_features**0.5
+        for g in groups
+    }
+
+
+def write_random_adapter(path: Path, basis, r: int, groups=None, seed: int = 0, scale: float = 0.5) -> Path:
+    groups = groups or sorted(basis.groups)
+    config = AdapterConfig("pica", r, tuple(groups), "tiny", basis.checksum)
+    save_adapter_dir(path, config, random_adapter_tensors(basis, r, groups, seed, scale))
+    return Path(path)
+
+
+def make_adapter(tmp_path: Path, basis, r: int, seed: int = 0, groups=None, scale: float = 0.5):
+    folder = write_random_adapter(tmp_path / f"adapter-{seed}-{r}", basis, r, groups, seed, scale)
+    return load_adapter_dir(folder, AdapterExpectation.from_basis(basis))

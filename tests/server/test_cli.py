@@ -1,0 +1,61 @@
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapters.format import AdapterExpectation, load_adapter_dir
+from adapters.layer import attach_adapters
+from cache.basis_cache import BasisCache
+from server.cli import main
+from server.config import ModelConfig
+from server.model_loader import load_model
+from tests.helpers import build_tiny_model, write_random_adapter
+
+
+def cli_args(cmd, model_dir, tmp_path, *extra):
+    return [cmd, "--model", str(model_dir), "--device", "cpu", "--rank-max", "8", "--cache-dir", str(tmp_path / "c"), *extra]
+
+
+def test_precompute_then_cached(tmp_path, capsys):
+    model_dir = build_tiny_model(tmp_path / "m")
+    assert main(cli_args("precompute", model_dir, tmp_path)) == 0
+    assert "computed" in capsys.readouterr().out
+    assert main(cli_args("precompute", model_dir, tmp_path)) == 0
+    assert "loaded" in capsys.readouterr().out
+
+
+def test_merge_writes_a_plain_model_equal_to_the_adapted_one(tmp_path):
+    model_dir = build_tiny_model(tmp_path / "m", "qwen2")
+    assert main(cli_args("precompute", model_dir, tmp_path)) == 0
+    cfg = ModelConfig(model=str(model_dir), device="cpu", rank_max=8, cache_dir=tmp_path / "c")
+    loaded = load_model(cfg)
+    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, cfg.target_modules, 8, progress=False)
+    assert basis.source == "loaded"
+    adapter_dir = write_random_adapter(tmp_path / "a", basis, r=8, seed=5)
+    out = tmp_path / "merged"
+    assert main(cli_args("merge", model_dir, tmp_path, "--adapter", str(adapter_dir), "--out", str(out))) == 0
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 250, (1, 9))
+    with torch.no_grad():
+        base_logits = loaded.model(input_ids=ids).logits
+        merged_logits = merged(input_ids=ids).logits
+    adapted = attach_adapters(loaded.model, basis, num_slots=1, max_rank=8)
+    adapted.slot_stacks.write(0, load_adapter_dir(adapter_dir, AdapterExpectation.from_basis(basis)).group_cores())
+    adapted.slot_index.set([0] * 9)
+    with torch.no_grad():
+        torch.testing.assert_close(merged_logits, adapted.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert (base_logits - merged_logits).abs().max() > 1e-2
+
+
+def test_merge_refuses_invalid_adapter(tmp_path, capsys):
+    model_dir = build_tiny_model(tmp_path / "m")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"method": "pica", "r": 99, "target_modules": ["q_proj"]}))
+    (bad / "adapter_model.safetensors").write_bytes(b"nope")
+    code = main(cli_args("merge", model_dir, tmp_path, "--adapter", str(bad), "--out", str(tmp_path / "o")))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "r=99 exceeds the basis rank 8" in err and "not a readable safetensors file" in err
+    assert not (tmp_path / "o").exists()
