@@ -57,3 +57,47 @@ class ModelConfig:
     @property
     def basis_dir(self) -> Path:
         return self.cache_dir / "basis"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching, KV cache and adapter residency limits."""
+
+    max_num_seqs: int = 64
+    """Sequences in the running batch at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks + decodes)."""
+    max_model_len: int | None = None
+    """Prompt + output limit; None = the model's max_position_embeddings, capped at 8192."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    gpu_memory_utilization: float = 0.90
+    """Share of GPU memory the server may use in all (weights + activations + KV)."""
+    num_kv_blocks: int | None = None
+    """Override the KV capacity computed at start."""
+    cpu_kv_cache_gib: float = 1.0
+    """KV cache size on CPU, where free memory says little."""
+    max_gpu_adapters: int = 16
+    """GPU slots: adapters resident in the preallocated stacks at once."""
+    max_host_adapters: int = 256
+    """Adapters kept in host RAM (the LRU between the store and the GPU slots)."""
+    max_rank: int | None = None
+    """Largest adapter r served (stack padding); None = the basis rank_max."""
+    max_queue: int = 1024
+    """Waiting requests accepted before new ones are refused (HTTP 429)."""
+
+    def __post_init__(self):
+        problems = [
+            f"{name} must be >= 1, got {getattr(self, name)}"
+            for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_gpu_adapters",
+                         "max_host_adapters", "max_queue")
+            if getattr(self, name) < 1
+        ]
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_model_len", "num_kv_blocks", "max_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        if problems:
+            raise ValueError("; ".join(problems))

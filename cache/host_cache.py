@@ -1,0 +1,84 @@
+"""Host cache: an LRU in RAM of adapters read from the store, ready for one copy into a GPU slot.
+
+Cores are kept in the model dtype, in pinned memory when the model is on CUDA, so activating an
+adapter is a single non-blocking host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """A resolved adapter version: running requests keep theirs even if the id is re-uploaded."""
+
+    adapter_id: str
+    version: str
+    """The adapter file's checksum: (adapter_id, version) is the slot table key."""
+    cores: dict
+    """Group -> core tensor [r, in] on the host (pinned on CUDA)."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.adapter_id, self.version)
+
+
+
+@dataclass
+class HostCacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+class HostCache:
+    def __init__(self, load_adapter: Callable, max_adapters: int, dtype: torch.dtype, pin_memory: bool):
+        """load_adapter(adapter_id) -> validated Adapter; raises KeyError when the store has no such id."""
+        self._load = load_adapter
+        self.max_adapters = max_adapters
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        self._entries: OrderedDict[str, AdapterHandle] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = HostCacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._entries
+
+    def get(self, adapter_id: str) -> AdapterHandle:
+        with self._lock:
+            handle = self._entries.get(adapter_id)
+            if handle is not None:
+                self._entries.move_to_end(adapter_id)
+                self.stats.hits += 1
+                return handle
+        adapter = self._load(adapter_id)  # disk read outside the lock
+        handle = self.handle_for(adapter_id, adapter)
+        with self._lock:
+            self.stats.misses += 1
+            self._entries[adapter_id] = handle
+            self._entries.move_to_end(adapter_id)
+            while len(self._entries) > self.max_adapters:
+                self._entries.popitem(last=False)
+                self.stats.evictions += 1
+        return handle
+
+    def handle_for(self, adapter_id: str, adapter) -> AdapterHandle:
+        cores = {}
+        for group, core in adapter.group_cores().items():
+            core = core.to(self.dtype).contiguous()
+            cores[group] = core.pin_memory() if self.pin_memory else core
+        return AdapterHandle(adapter_id, adapter.checksum, cores)
+
+    def invalidate(self, adapter_id: str) -> None:
+        with self._lock:
+            self._entries.pop(adapter_id, None)

@@ -1,0 +1,148 @@
+"""Drives the Engine from one background thread and streams each request's outputs to asyncio.
+
+Requests and cancellations reach the engine thread through an inbox processed at step boundaries;
+outputs go back through each request's asyncio queue. Leaving a stream early (client disconnect)
+cancels the request, which frees its KV blocks and slot pin at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from server.engine.engine import Engine, RequestOutput
+from server.engine.sampling import SamplingParams
+from server.engine.stats import StepStats
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int, on_stats: Callable[[StepStats], None] | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_stats = on_stats
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._num_queued = 0  # waiting in the engine or the inbox; recomputed every loop
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pica-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter=None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs until it finishes. Raises ValueError for a request the engine
+        cannot serve and QueueFullError when the queue is full, before anything is queued."""
+        self.engine.check_request(prompt_token_ids, params)
+        out_queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if self._num_queued >= self.max_queue:
+                raise QueueFullError(f"the server queue is full ({self.max_queue} waiting requests); retry later")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._num_queued += 1
+            self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
+        self._inbox.put(("add", request_id, prompt_token_ids, params, adapter))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await out_queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        self._inbox.put(("drop_adapter", adapter_id))
+        self._wake.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        loop, out_queue = stream
+        if getattr(item, "finished", True):
+            with self._lock:
+                self._streams.pop(request_id, None)
+        try:
+            loop.call_soon_threadsafe(out_queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed: nobody is listening
+            pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind, *args = message
+            if kind == "add":
+                request_id, prompt, params, adapter = args
+                try:
+                    self.engine.add_request(request_id, prompt, params, adapter)
+                except ValueError as exc:
+                    self._deliver(request_id, exc)
+            elif kind == "abort":
+                self.engine.abort_request(args[0])
+                with self._lock:
+                    self._streams.pop(args[0], None)
+            elif kind == "drop_adapter":
+                self.engine.drop_adapter(args[0])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            self._update_queued()
+            if not self.engine.has_work:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs, stats = self.engine.step()
+            except Exception as exc:  # fail every in-flight request rather than hang them
+                log.exception("engine step failed; failing in-flight requests")
+                for request_id in list(self._streams):
+                    self.engine.abort_request(request_id)
+                    self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
+                continue
+            for output in outputs:
+                self._deliver(output.request_id, output)
+            self._update_queued()
+            if self.on_stats is not None:
+                try:
+                    self.on_stats(stats)
+                except Exception:
+                    log.exception("stats callback failed")
+
+    def _update_queued(self) -> None:
+        """Waiting = the engine's waiting queue plus adds not yet taken from the inbox."""
+        with self._lock:
+            self._num_queued = self.engine.num_waiting + self._inbox.qsize()

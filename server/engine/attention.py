@@ -1,0 +1,84 @@
+"""Paged attention over the engine's KV cache, plugged into transformers' attention interface.
+
+The engine runs the model's own forward (so every transformers architecture whose attention goes
+through `ALL_ATTENTION_FUNCTIONS` works) on one packed row of tokens from many sequences, each at
+its own position. This function writes the step's K/V into the paged cache and attends each query
+to its own sequence's cached keys. Registering it with no mask function makes transformers skip
+building masks: the metadata carries everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "pica_paged"
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner; shapes: T step tokens, S sequences."""
+
+    kv_caches: list[torch.Tensor]
+    """Per layer [2, num_blocks * block_size, Hkv, D]."""
+    slot_mapping: torch.Tensor
+    """[T] flat KV index where each step token's K/V is written."""
+    query_index: torch.Tensor
+    """[S, Qmax] step-token index of each sequence's queries (padding repeats a valid one)."""
+    kv_index: torch.Tensor
+    """[S, Kmax] flat KV index of each sequence's context positions (padding points at 0)."""
+    query_positions: torch.Tensor
+    """[S, Qmax] absolute positions of the queries (-1 for padding)."""
+    context_lens: torch.Tensor
+    """[S] tokens in each sequence's cache after this step's writes."""
+    token_gather: torch.Tensor
+    """[T] index into the flattened [S * Qmax] outputs giving each step token's output."""
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[S, 1, Qmax, Kmax] bool: causal within the sequence, inside its context (and window)."""
+        kpos = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)
+        qpos = self.query_positions[:, :, None]
+        allowed = (kpos[None, None, :] <= qpos) & (kpos[None, None, :] < self.context_lens[:, None, None])
+        if sliding_window is not None:
+            allowed &= qpos - kpos[None, None, :] < sliding_window
+        allowed |= (qpos < 0) & (kpos[None, None, :] == 0)  # padding queries see one key: no NaN rows
+        return allowed[:, None]
+
+
+def paged_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None,
+    pica_attention: AttentionMetadata | None = None, **kwargs,
+):
+    """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
+    meta = pica_attention
+    kv = meta.kv_caches[module.layer_idx]
+    kv[0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(kv.dtype))
+    kv[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(kv.dtype))
+    q = query[0].transpose(0, 1)[meta.query_index].transpose(1, 2)  # [S, H, Qmax, D]
+    k = kv[0][meta.kv_index].transpose(1, 2)  # [S, Hkv, Kmax, D]
+    v = kv[1][meta.kv_index].transpose(1, 2)
+    mask = meta.mask(sliding_window)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    else:
+        out = attention_reference(q, k, v, mask, scaling, softcap)
+    num_seqs, num_heads, max_q, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[meta.token_gather]  # [T, H, D]
+    return out[None], None
+
+
+def attention_reference(q, k, v, mask, scaling, softcap=None):
+    """Semantics: softmax(mask(softcap(q k^T * scaling))) v per sequence, with GQA head sharing."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2)).float() * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype)) @ v
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)

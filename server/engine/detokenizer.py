@@ -1,0 +1,60 @@
+"""Incremental detokenization with stop strings.
+
+Decoding a window of recent ids (a few prompt ids as left context, as tokenizers that drop a
+leading space need) turns each new token into new text without re-decoding the whole output.
+Text is held back while it ends in an incomplete UTF-8 character or could still grow into a stop
+string, so a streamed delta is never taken back.
+"""
+
+from __future__ import annotations
+
+_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self.text = ""
+        self._num_emitted = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add_token(self, token_id: int) -> bool:
+        """Append one generated token; True if the text now contains a stop string (text is cut before it)."""
+        self._ids.append(token_id)
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return False  # nothing printable yet (or an incomplete UTF-8 sequence)
+        old_len = len(self.text)
+        self.text += full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        if not self.stop:
+            return False
+        start = max(0, old_len - max(len(s) for s in self.stop) + 1)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def take_delta(self, final: bool = False) -> str:
+        """Text not yet returned, minus a tail that may still become a stop string (unless final)."""
+        end = len(self.text) if final else len(self.text) - self._held_back()
+        delta = self.text[self._num_emitted : end] if end > self._num_emitted else ""
+        self._num_emitted += len(delta)
+        return delta
+
+    def _held_back(self) -> int:
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest

@@ -1,0 +1,200 @@
+"""The engine: turns requests into tokens, one `step()` at a time (schedule -> run -> postprocess).
+
+Requests for different adapters share every batch. This class is synchronous and single-threaded;
+AsyncEngine drives it from a background thread for the HTTP server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cache.host_cache import AdapterHandle
+from cache.slot_table import SlotTable
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.model_runner import ModelRunner
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence, TokenLogprob
+from server.engine.stats import FinishedRequest, StepStats
+
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request (deltas since the previous output)."""
+
+    request_id: str
+    adapter_id: str | None
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Facts discovered at start-up (not written back into config)."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+def discover_limits(loaded, cfg: EngineConfig) -> ModelLimits:
+    text_cfg = loaded.model.config.get_text_config()
+    max_len = cfg.max_model_len or min(getattr(text_cfg, "max_position_embeddings", 2048), DEFAULT_MAX_MODEL_LEN_CAP)
+    eos: set[int] = set()
+    for source in (getattr(loaded.model, "generation_config", None), text_cfg):
+        value = getattr(source, "eos_token_id", None)
+        eos.update([value] if isinstance(value, int) else (value or []))
+    if loaded.tokenizer.eos_token_id is not None:
+        eos.add(loaded.tokenizer.eos_token_id)
+    return ModelLimits(max_len, loaded.model.get_output_embeddings().weight.shape[0], frozenset(eos))
+
+
+class Engine:
+    def __init__(self, loaded, basis, cfg: EngineConfig):
+        self.cfg = cfg
+        self.tokenizer = loaded.tokenizer
+        self.limits = discover_limits(loaded, cfg)
+        self.runner = ModelRunner(loaded, basis, cfg, self.limits.max_model_len)
+        self.slots = SlotTable(cfg.max_gpu_adapters)
+        self.blocks = BlockManager(self.runner.num_kv_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots)
+        self._seqs: dict[str, Sequence] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (a 400 at the HTTP edge) for a request the engine cannot serve."""
+        limit = self.limits.max_model_len
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.limits.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.limits.vocab_size})")
+        if len(prompt_token_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"together more than this model's context length {limit}"
+            )
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterHandle | None = None
+    ) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_token_ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
+        seq = Sequence(request_id, list(prompt_token_ids), params, adapter, detok)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request and free its KV blocks and slot pin at once; False if it is not here."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self.runner.sampler.forget(request_id)
+        return True
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        """A deleted adapter leaves the GPU slots it does not hold pinned; running requests finish."""
+        self.slots.drop(adapter_id)
+
+    def step(self) -> tuple[list[RequestOutput], StepStats]:
+        start = time.perf_counter()
+        hits, misses, evictions = self.slots.stats.hits, self.slots.stats.misses, self.slots.stats.evictions
+        sched = self.scheduler.schedule()
+        swap_seconds = tuple(self.runner.load_adapter(slot, handle.cores) for slot, handle in sched.slot_loads)
+        outputs: list[RequestOutput] = []
+        ttft, itl, finished = [], [], []
+        prefill_tokens = decode_tokens = 0
+        if sched.scheduled:
+            logits = self.runner.run(sched.scheduled)
+            sampling = [item.seq for item in sched.scheduled if item.samples]
+            tokens, logprobs = self.runner.sampler(logits, sampling)
+            now = time.monotonic()
+            for item in sched.scheduled:
+                item.seq.num_computed_tokens += item.num_tokens
+                if item.num_tokens == 1 and item.seq.num_output_tokens > 0:
+                    decode_tokens += 1
+                else:
+                    prefill_tokens += item.num_tokens
+            for seq, token, logprob in zip(sampling, tokens, logprobs):
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                    ttft.append(now - seq.arrival_time)
+                else:
+                    itl.append(now - seq.last_token_time)
+                seq.last_token_time = now
+                outputs.append(self._postprocess(seq, token, logprob))
+                if seq.is_finished:
+                    finished.append(FinishedRequest(seq.adapter_id, seq.finish_reason, seq.num_prompt_tokens,
+                                                    seq.num_output_tokens, now - seq.arrival_time))
+        stats = StepStats(
+            step_seconds=time.perf_counter() - start,
+            batch_size=len(sched.scheduled),
+            num_prefill_tokens=prefill_tokens,
+            num_decode_tokens=decode_tokens,
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_preempted=sched.num_preempted,
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_total=self.blocks.num_blocks,
+            gpu_slot_hits=self.slots.stats.hits - hits,
+            gpu_slot_misses=self.slots.stats.misses - misses,
+            gpu_slot_evictions=self.slots.stats.evictions - evictions,
+            gpu_slots_resident=self.slots.num_resident,
+            swap_seconds=swap_seconds,
+            ttft_seconds=tuple(ttft),
+            itl_seconds=tuple(itl),
+            finished=tuple(finished),
+        )
+        return outputs, stats
+
+    def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.params
+        reason = None
+        if (token in self.limits.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = "stop"
+        elif seq.detokenizer.add_token(token):
+            reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.limits.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.runner.sampler.forget(seq.request_id)
+            del self._seqs[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            adapter_id=seq.adapter_id,
+            text=seq.detokenizer.take_delta(final=reason is not None),
+            token_ids=(token,),
+            logprobs=(logprob,) if logprob is not None else (),
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+        )

@@ -1,0 +1,144 @@
+"""Runs one engine step on the device: the only module that builds device tensors.
+
+It owns the paged KV cache (capacity computed at start from free memory), the adapted model and
+its slot stacks, and turns a scheduler output into packed inputs: token ids, positions, per-token
+adapter slots and attention metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adapters.layer import attach_adapters
+from server.config import EngineConfig
+from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata
+from server.engine.sampler import Sampler
+from server.engine.scheduler import ScheduledSeq
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def kv_cache_spec(model, block_size: int, dtype: torch.dtype) -> KVCacheSpec:
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return KVCacheSpec(cfg.num_hidden_layers, num_kv_heads, head_dim, block_size, dtype)
+
+
+class ModelRunner:
+    def __init__(self, loaded, basis, cfg: EngineConfig, max_model_len: int):
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.model = loaded.model
+        self.block_size = cfg.block_size
+        self.max_model_len = max_model_len
+        self.adapted = attach_adapters(
+            loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens
+        )
+        self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
+        self.num_kv_blocks = self._kv_capacity(cfg)
+        num_kv_slots = self.num_kv_blocks * cfg.block_size
+        self.kv_caches = [
+            torch.zeros(2, num_kv_slots, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(self.spec.num_layers)
+        ]
+        self.sampler = Sampler(self.device)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
+                 self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
+
+    def _kv_capacity(self, cfg: EngineConfig) -> int:
+        """Blocks that fit: the override, else the CPU budget, else GPU memory left after weights and a
+        reserve for one step's activations (a full prefill chunk, or a full decode batch's KV gather)."""
+        blocks_per_seq = math.ceil(self.max_model_len / cfg.block_size)
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        if self.device.type != "cuda":
+            fit = int(cfg.cpu_kv_cache_gib * 2**30 // self.spec.bytes_per_block)
+            num_blocks = min(fit, cfg.max_num_seqs * blocks_per_seq)
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            spec = self.spec
+            gather = 2 * cfg.max_num_seqs * self.max_model_len * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
+            hidden = self.model.config.get_text_config().hidden_size
+            activations = 16 * cfg.max_num_batched_tokens * hidden * spec.dtype.itemsize + 4 * gather
+            budget = total * cfg.gpu_memory_utilization - (total - free) - activations
+            num_blocks = int(budget // spec.bytes_per_block)
+        if num_blocks < blocks_per_seq:
+            raise RuntimeError(
+                f"KV cache fits {num_blocks} blocks, fewer than one {self.max_model_len}-token sequence needs "
+                f"({blocks_per_seq}); lower max_model_len or give the server more memory"
+            )
+        return num_blocks
+
+    def load_adapter(self, slot: int, cores: dict) -> float:
+        """Copy an adapter's cores into a slot; returns the seconds the copy took."""
+        start = time.perf_counter()
+        self.adapted.slot_stacks.write(slot, cores, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # adapter activation is rare; time it honestly
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """Forward the step's tokens; returns logits [num_sampling_seqs, V] in scheduled order."""
+        bs = self.block_size
+        token_ids, positions, token_slots, slot_mapping = [], [], [], []
+        query_starts, query_lens, context_lens, block_tables, logits_rows = [], [], [], [], []
+        for item in scheduled:
+            seq, start, n = item.seq, item.start, item.num_tokens
+            query_starts.append(len(token_ids))
+            token_ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            token_slots += [seq.slot] * n
+            table = seq.block_table
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            query_lens.append(n)
+            context_lens.append(start + n)
+            block_tables.append(table)
+            if item.samples:
+                logits_rows.append(len(token_ids) - 1)
+
+        dev = self.device
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=dev)  # noqa: E731
+        num_seqs, max_q, max_k = len(scheduled), max(query_lens), max(context_lens)
+        max_blocks = max(len(t) for t in block_tables)
+        tables = as_long([t + [0] * (max_blocks - len(t)) for t in block_tables])  # [S, max_blocks]
+        q_start, q_len, ctx = as_long(query_starts), as_long(query_lens), as_long(context_lens)
+        kpos = torch.arange(max_k, device=dev)
+        kv_index = tables.gather(1, (kpos // bs).expand(num_seqs, -1)) * bs + kpos % bs  # [S, Kmax]
+        qi = torch.arange(max_q, device=dev)[None, :]
+        query_index = q_start[:, None] + torch.minimum(qi, q_len[:, None] - 1)  # [S, Qmax]
+        query_positions = torch.where(qi < q_len[:, None], ctx[:, None] - q_len[:, None] + qi, -1)
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_len)  # [T]
+        token_gather = seq_of_token * max_q + torch.arange(len(token_ids), device=dev) - q_start[seq_of_token]
+        meta = AttentionMetadata(
+            self.kv_caches, as_long(slot_mapping), query_index, kv_index, query_positions, ctx, token_gather
+        )
+        self.adapted.slot_index.set(token_slots)
+        out = self.model(
+            input_ids=as_long(token_ids)[None],
+            position_ids=as_long(positions)[None],
+            pica_attention=meta,
+            logits_to_keep=as_long(logits_rows),
+            use_cache=False,
+        )
+        return out.logits[0]

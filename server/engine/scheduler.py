@@ -1,0 +1,141 @@
+"""Decides, each step, which sequences run and how many tokens each computes (pure Python).
+
+Running sequences go first, oldest first: a decoding sequence computes one token, a prefilling one
+a chunk of its prompt, all under one token budget. Waiting sequences are then admitted in arrival
+order while budget, sequence count, KV blocks and a GPU slot for their adapter allow. When KV
+blocks run out, the youngest running sequence is preempted (its blocks freed, recomputed later).
+
+Fairness: arrival order is kept. When the oldest waiting request cannot get an adapter slot (all
+pinned by running requests), only requests for the base model, which need no slot, may pass it;
+requests for other adapters wait behind it, so it cannot starve.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from cache.slot_table import SlotTable
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import BASE_SLOT, Sequence, SeqStatus
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    seq: Sequence
+    start: int
+    """Position of the first token computed this step."""
+    num_tokens: int
+    samples: bool
+    """True when this chunk reaches the end of the sequence, so its last logits give the next token."""
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    slot_loads: list[tuple[int, object]] = field(default_factory=list)
+    """(slot, AdapterHandle) to copy into the slot stacks before this step's forward."""
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, slots: SlotTable):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.blocks = blocks
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        kept: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if num_tokens == 0:
+                kept.append(seq)
+                continue
+            while not self.blocks.can_allocate(seq, num_tokens):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            self.blocks.allocate(seq, num_tokens)
+            out.scheduled.append(self._chunk(seq, num_tokens))
+            budget -= num_tokens
+            kept.append(seq)
+        self.running = kept
+        if out.num_preempted == 0:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        slot_blocked = False
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            key = seq.adapter_key
+            if key is not None and (slot_blocked or not self.slots.can_admit(key)):
+                slot_blocked = True
+                continue
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.can_allocate(seq, num_tokens):
+                break  # memory is granted in arrival order
+            if key is not None:
+                seq.slot, needs_load = self.slots.admit(key)
+                if needs_load:
+                    out.slot_loads.append((seq.slot, seq.adapter))
+            self.blocks.allocate(seq, num_tokens)
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(self._chunk(seq, num_tokens))
+            budget -= num_tokens
+
+    @staticmethod
+    def _chunk(seq: Sequence, num_tokens: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(seq, start, num_tokens, samples=start + num_tokens == len(seq.token_ids))
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        if seq.slot != BASE_SLOT:
+            self.slots.release(seq.slot)
+            seq.slot = BASE_SLOT
+        seq.num_computed_tokens = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's KV and slot; it recomputes its tokens when readmitted first in line."""
+        self._release(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        if seq in self.running:
+            self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish (or abort) a sequence and free everything it holds, at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason

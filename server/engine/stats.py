@@ -1,0 +1,40 @@
+"""Plain per-step statistics the engine emits; the metrics module turns them into Prometheus metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    adapter_id: str | None
+    finish_reason: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    e2e_seconds: float
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step_seconds: float
+    batch_size: int
+    """Sequences that computed tokens this step."""
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    gpu_slot_hits: int
+    """GPU slot lookups this step that found the adapter resident."""
+    gpu_slot_misses: int
+    gpu_slot_evictions: int
+    gpu_slots_resident: int
+    swap_seconds: tuple[float, ...]
+    """Host-to-GPU adapter activations this step."""
+    ttft_seconds: tuple[float, ...]
+    """Time to first token of requests that got it this step."""
+    itl_seconds: tuple[float, ...]
+    """Gaps between consecutive tokens produced this step."""
+    finished: tuple[FinishedRequest, ...]

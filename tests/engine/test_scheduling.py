@@ -1,0 +1,130 @@
+import asyncio
+
+import pytest
+import torch
+
+from cache.host_cache import HostCache
+from server.engine.async_engine import AsyncEngine, QueueFullError
+from server.engine.sampling import SamplingParams
+from tests.engine.conftest import run_to_completion
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def test_fewer_slots_than_adapters_in_flight_all_complete(world_factory):
+    world = world_factory(num_adapters=6)
+    engine = world.engine(max_gpu_adapters=2, max_num_seqs=8)
+    for i in range(12):
+        engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=4, **GREEDY), world.handle(f"a{i % 6}"))
+    tokens, finish, stats = run_to_completion(engine)
+    assert len(finish) == 12 and set(finish.values()) == {"length"}
+    assert max(s.batch_size for s in stats) <= 8
+    for i in range(12):
+        assert tokens[f"r{i}"] == world.greedy(f"a{i % 6}", [5 + i, 6, 7], 4)
+
+
+def test_slot_blocked_head_is_not_starved(world_factory):
+    world = world_factory(num_adapters=2)
+    engine = world.engine(max_gpu_adapters=1, max_num_seqs=8)
+    first_step = {}
+    engine.add_request("long-a0", [3, 4], SamplingParams(max_tokens=6, **GREEDY), world.handle("a0"))
+    engine.step()
+    engine.add_request("head-a1", [3, 4], SamplingParams(max_tokens=2, **GREEDY), world.handle("a1"))
+    engine.add_request("later-a0", [3, 4], SamplingParams(max_tokens=2, **GREEDY), world.handle("a0"))
+    engine.add_request("later-base", [3, 4], SamplingParams(max_tokens=2, **GREEDY), None)
+    step = 1
+    while engine.has_work:
+        outputs, _ = engine.step()
+        for out in outputs:
+            first_step.setdefault(out.request_id, step)
+        step += 1
+    # the base request passes the blocked head; the a0 request does not
+    assert first_step["later-base"] < first_step["head-a1"] < first_step["later-a0"]
+
+
+def test_abort_frees_kv_and_slot_pins(world_factory):
+    world = world_factory(num_adapters=2)
+    engine = world.engine()
+    engine.add_request("x", list(range(3, 40)), SamplingParams(max_tokens=50, **GREEDY), world.handle("a0"))
+    engine.add_request("y", [3, 4, 5], SamplingParams(max_tokens=50, **GREEDY), world.handle("a1"))
+    for _ in range(4):
+        engine.step()
+    assert engine.blocks.num_used_blocks > 0 and engine.slots.num_pinned == 2
+    assert engine.abort_request("x") and engine.abort_request("y")
+    assert not engine.abort_request("y")
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert engine.slots.num_pinned == 0 and not engine.has_work
+
+
+def test_async_stream_cancel_frees_everything(world_factory):
+    world = world_factory(num_adapters=1)
+    engine = world.engine()
+    async_engine = AsyncEngine(engine, max_queue=4)
+    async_engine.start()
+
+    async def main():
+        received = 0
+        stream = async_engine.generate("s", [3, 4, 5], SamplingParams(max_tokens=100, **GREEDY), world.handle("a0"))
+        async for _ in stream:
+            received += 1
+            if received == 2:
+                break
+        await stream.aclose()
+        for _ in range(100):
+            if not engine.has_work:
+                break
+            await asyncio.sleep(0.02)
+        return received
+
+    try:
+        assert asyncio.run(main()) == 2
+        assert not engine.has_work
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and engine.slots.num_pinned == 0
+    finally:
+        async_engine.shutdown()
+
+
+def test_async_queue_full_and_bad_request(world_factory):
+    world = world_factory(num_adapters=0)
+    async_engine = AsyncEngine(world.engine(max_model_len=64), max_queue=1)  # not started: nothing drains
+
+    async def first(prompt, max_tokens=4):
+        stream = async_engine.generate(f"id{len(prompt)}", prompt, SamplingParams(max_tokens=max_tokens))
+        return await asyncio.wait_for(stream.__anext__(), 0.2)
+
+    async def main():
+        with pytest.raises(ValueError, match="more than this model's context length 64"):
+            await first([3] * 60, max_tokens=10)
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            await first([])
+        with pytest.raises(asyncio.TimeoutError):
+            await first([3, 4])  # accepted, queued (never runs here)
+        with pytest.raises(QueueFullError, match="queue is full"):
+            await first([3, 4, 5])
+
+    asyncio.run(main())
+
+
+def test_host_cache_evicts_and_reloads_from_disk(tmp_path, world_factory):
+    from adapters.format import AdapterExpectation, load_adapter_dir
+    from tests.helpers import write_random_adapter
+
+    world = world_factory(num_adapters=0)
+    expect = AdapterExpectation.from_basis(world.basis)
+    for i in range(3):
+        write_random_adapter(tmp_path / "store" / f"d{i}", world.basis, r=4, seed=i)
+    reads = []
+
+    def load(adapter_id):
+        reads.append(adapter_id)
+        return load_adapter_dir(tmp_path / "store" / adapter_id, expect)
+
+    host = HostCache(load, max_adapters=2, dtype=torch.float32, pin_memory=False)
+    h0 = host.get("d0")
+    host.get("d1")
+    assert host.get("d0") is h0  # hit
+    host.get("d2")  # evicts d1 (least recently used)
+    assert "d1" not in host and "d0" in host and host.stats.evictions == 1
+    again = host.get("d1")  # reloaded from disk
+    assert reads == ["d0", "d1", "d2", "d1"] and (host.stats.hits, host.stats.misses) == (1, 4)
+    assert torch.equal(again.cores["q_proj"], load("d1").group_cores()["q_proj"])
