@@ -7,7 +7,16 @@ import logging
 import sys
 from pathlib import Path
 
-from server.config import DEFAULT_TARGET_MODULES, DTYPES, SVD_METHODS, ModelConfig, default_cache_dir
+from server.config import (
+    DEFAULT_TARGET_MODULES,
+    DTYPES,
+    SVD_METHODS,
+    AppConfig,
+    EngineConfig,
+    ModelConfig,
+    ServerConfig,
+    default_cache_dir,
+)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -72,10 +81,64 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group("engine")
+    defaults = EngineConfig()
+    for name, help_text in (
+        ("max_num_seqs", "sequences in the running batch"),
+        ("max_num_batched_tokens", "token budget of one step"),
+        ("max_model_len", "prompt + output limit (default: the model's, capped at 8192)"),
+        ("block_size", "tokens per KV block"),
+        ("num_kv_blocks", "KV capacity override"),
+        ("max_gpu_adapters", "GPU slots for adapters"),
+        ("max_host_adapters", "adapters kept in host RAM"),
+        ("max_rank", "largest adapter r served (default: --rank-max)"),
+        ("max_queue", "waiting requests before 429"),
+    ):
+        e.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)
+    e.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    e.add_argument("--cpu-kv-cache-gib", type=float, default=defaults.cpu_kv_cache_gib)
+    h = p.add_argument_group("http")
+    h.add_argument("--host", default="127.0.0.1")
+    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--api-key", default=None, help="bearer key for /v1 routes (default $PICA_API_KEY)")
+    h.add_argument("--admin-key", default=None, help="bearer key for adapter writes (default $PICA_ADMIN_KEY)")
+    h.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default <cache-dir>/adapters)")
+    h.add_argument("--served-model-name", default=None, help="base model name in the API")
+    h.add_argument("--max-upload-mb", type=int, default=512)
+
+
+def app_config(args) -> AppConfig:
+    engine_fields = [f for f in EngineConfig.__dataclass_fields__]
+    engine = EngineConfig(**{f: getattr(args, f) for f in engine_fields})
+    server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
+                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20)
+    if args.api_key:
+        server_kw["api_key"] = args.api_key
+    if args.admin_key:
+        server_kw["admin_key"] = args.admin_key
+    return AppConfig(model=model_config(args), engine=engine, server=ServerConfig(**server_kw))
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from server.http.app import build_app
+
+    cfg = app_config(args)
+    uvicorn.run(build_app(cfg), host=cfg.server.host, port=cfg.server.port, log_level=args.log_level.lower())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pica-serve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP server (the demo model when no --model is given)")
+    add_model_args(p)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("precompute", help="compute and cache the frozen basis of a model")
     add_model_args(p)

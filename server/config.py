@@ -101,3 +101,42 @@ class EngineConfig:
                 problems.append(f"{name} must be >= 1, got {value}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP server settings. Keys default to $PICA_API_KEY / $PICA_ADMIN_KEY."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = field(default_factory=lambda: os.environ.get("PICA_API_KEY") or None)
+    """When set, every /v1 route needs `Authorization: Bearer <api_key>`."""
+    admin_key: str | None = field(default_factory=lambda: os.environ.get("PICA_ADMIN_KEY") or None)
+    """When set, adapter uploads and deletes need it (instead of the api key)."""
+    adapter_dir: Path | None = None
+    """The adapter store; None = <cache_dir>/adapters."""
+    served_model_name: str | None = None
+    """Name of the base model in the OpenAI API; None = the model path or the demo model's name."""
+    max_upload_bytes: int = 512 * 2**20
+    max_unpacked_bytes: int = 1024 * 2**20
+    max_adapter_labels: int = 100
+    """Adapters that get their own metrics label; the rest are counted as 'other'."""
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.max_upload_bytes < 1 or self.max_unpacked_bytes < 1:
+            raise ValueError("upload limits must be positive")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything `pica-serve serve` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.server.adapter_dir or self.model.cache_dir / "adapters"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,13 +38,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def served_name(model: str | None) -> str:
+    """The base model's public name: a hub id as given, a local folder by its last component (never a path)."""
+    if model is None:
+        return DEMO_NAME
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load model and tokenizer through transformers' Auto classes (the same path for users and tests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     source = cfg.model or str(ensure_demo_model(cfg.cache_dir))
-    name = cfg.model or DEMO_NAME
+    name = served_name(cfg.model)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -49,11 +49,9 @@ class AsyncEngine:
     def num_active(self) -> int:
         return len(self._streams)
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter=None
-    ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs until it finishes. Raises ValueError for a request the engine
-        cannot serve and QueueFullError when the queue is full, before anything is queued."""
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter=None) -> "RequestStream":
+        """Queue a request and return its stream. Raises ValueError for a request the engine cannot serve
+        and QueueFullError when the queue is full, before anything is queued."""
         self.engine.check_request(prompt_token_ids, params)
         out_queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -65,20 +63,12 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
         self._inbox.put(("add", request_id, prompt_token_ids, params, adapter))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await out_queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
+        return RequestStream(self, request_id, out_queue)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its KV blocks and slot pin are freed at the next step boundary."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
 
     def drop_adapter(self, adapter_id: str) -> None:
         self._inbox.put(("drop_adapter", adapter_id))
@@ -146,3 +136,34 @@ class AsyncEngine:
         """Waiting = the engine's waiting queue plus adds not yet taken from the inbox."""
         with self._lock:
             self._num_queued = self.engine.num_waiting + self._inbox.qsize()
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; `cancel()` (idempotent) aborts it unless it finished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, out_queue: asyncio.Queue):
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = out_queue
+        self.finished = False
+        self._cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if not self.finished and not self._cancelled:
+            self._cancelled = True
+            self._engine.abort(self.request_id)

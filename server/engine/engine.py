@@ -69,6 +69,7 @@ class Engine:
         self.blocks = BlockManager(self.runner.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots)
         self._seqs: dict[str, Sequence] = {}
+        self._aborted: list[FinishedRequest] = []  # reported with the next step's stats
 
     @property
     def has_work(self) -> bool:
@@ -114,6 +115,8 @@ class Engine:
             return False
         self.scheduler.finish(seq, "abort")
         self.runner.sampler.forget(request_id)
+        self._aborted.append(FinishedRequest(seq.adapter_id, "abort", seq.num_prompt_tokens, seq.num_output_tokens,
+                                             time.monotonic() - seq.arrival_time))
         return True
 
     def drop_adapter(self, adapter_id: str) -> None:
@@ -126,7 +129,8 @@ class Engine:
         sched = self.scheduler.schedule()
         swap_seconds = tuple(self.runner.load_adapter(slot, handle.cores) for slot, handle in sched.slot_loads)
         outputs: list[RequestOutput] = []
-        ttft, itl, finished = [], [], []
+        ttft, itl, finished = [], [], self._aborted
+        self._aborted = []
         prefill_tokens = decode_tokens = 0
         if sched.scheduled:
             logits = self.runner.run(sched.scheduled)

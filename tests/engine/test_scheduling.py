@@ -64,12 +64,13 @@ def test_async_stream_cancel_frees_everything(world_factory):
 
     async def main():
         received = 0
-        stream = async_engine.generate("s", [3, 4, 5], SamplingParams(max_tokens=100, **GREEDY), world.handle("a0"))
-        async for _ in stream:
+        stream = async_engine.submit("s", [3, 4, 5], SamplingParams(max_tokens=100, **GREEDY), world.handle("a0"))
+        iterator = aiter(stream)
+        async for _ in iterator:
             received += 1
             if received == 2:
                 break
-        await stream.aclose()
+        await iterator.aclose()  # what a client disconnect does to a streaming response
         for _ in range(100):
             if not engine.has_work:
                 break
@@ -89,8 +90,8 @@ def test_async_queue_full_and_bad_request(world_factory):
     async_engine = AsyncEngine(world.engine(max_model_len=64), max_queue=1)  # not started: nothing drains
 
     async def first(prompt, max_tokens=4):
-        stream = async_engine.generate(f"id{len(prompt)}", prompt, SamplingParams(max_tokens=max_tokens))
-        return await asyncio.wait_for(stream.__anext__(), 0.2)
+        stream = async_engine.submit(f"id{len(prompt)}", prompt, SamplingParams(max_tokens=max_tokens))
+        return await asyncio.wait_for(aiter(stream).__anext__(), 0.2)
 
     async def main():
         with pytest.raises(ValueError, match="more than this model's context length 64"):

@@ -1,0 +1,64 @@
+"""`build_app(config)`: the FastAPI application. The model loads in the background at start-up, so
+/health answers at once and /ready (and every /v1 route) says 503 until the engine runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from server.config import AppConfig
+from server.http.errors import install_error_handlers
+from server.http.routes import adapters, generate, openai_api, ops
+from server.http.state import build_state
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def build_app(config: AppConfig) -> FastAPI:
+    metrics = Metrics(config.server.max_adapter_labels)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        loading = loop.run_in_executor(None, build_state, config, metrics)
+
+        def loaded(future):
+            if future.exception() is not None:
+                app.state.load_error = str(future.exception())
+                log.error("start-up failed: %s", future.exception(), exc_info=future.exception())
+            else:
+                app.state.server_state = future.result()
+
+        loading.add_done_callback(loaded)
+        yield
+        if not loading.done():
+            await asyncio.wait_for(asyncio.shield(loading), timeout=None)
+        if app.state.server_state is not None:
+            app.state.server_state.async_engine.shutdown()
+
+    app = FastAPI(
+        title="pica-serve",
+        version="0.1.0",
+        description="Serves thousands of PiCa adapters on one base model. OpenAI-compatible; `model` names the adapter.",
+        lifespan=lifespan,
+    )
+    app.state.config = config
+    app.state.metrics = metrics
+    app.state.server_state = None
+    app.state.load_error = None
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    for router in (ops.router, generate.router, openai_api.router, adapters.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,121 @@
+"""Adapter management: upload, list, inspect, delete.
+
+Upload (multipart/form-data): an `adapter_id` field plus the folder's two files
+(`adapter_config.json`, `adapter_model.safetensors`, recognised by file name) or one archive of the
+folder (.tar.gz/.tgz/.tar/.zip). Everything is validated against this server's base model and basis
+before anything is stored.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from adapters.archive import ArchiveError, ArchiveTooLarge, unpack_adapter_archive
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError
+from adapters.store import AdapterIdError, AdapterInfo, check_adapter_id
+from server.http.deps import get_state, require_admin_key, require_api_key
+from server.http.errors import APIError
+from server.http.schemas import AdapterList, AdapterOut, ErrorResponse
+from server.http.state import ServerState
+
+router = APIRouter(tags=["adapters"], dependencies=[Depends(require_api_key)])
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+
+
+def adapter_out(info: AdapterInfo) -> AdapterOut:
+    return AdapterOut(id=info.id, method=info.method, r=info.r, groups=info.target_modules, num_params=info.num_params,
+                      size_bytes=info.size_bytes, checksum=info.checksum, created=info.created, base_model=info.base_model)
+
+
+async def read_upload(request: Request, state: ServerState) -> tuple[str, dict[str, bytes]]:
+    limits = state.config.server
+    length = request.headers.get("content-length")
+    if length is None:
+        raise APIError(411, "uploads must send a Content-Length header")
+    if not length.isdigit() or int(length) > limits.max_upload_bytes:
+        raise APIError(413, f"upload is larger than the limit of {limits.max_upload_bytes} bytes")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "upload must be multipart/form-data with an adapter_id field and the adapter files")
+    try:
+        form = await request.form(max_files=4, max_fields=8, max_part_size=limits.max_upload_bytes)
+    except Exception as exc:  # malformed multipart bodies
+        raise APIError(400, f"could not parse the multipart upload: {exc}") from exc
+    adapter_id = form.get("adapter_id")
+    if not isinstance(adapter_id, str) or not adapter_id:
+        raise APIError(400, "missing form field adapter_id", "adapter_id")
+    uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    files = {(u.filename or "").rsplit("/", 1)[-1]: await u.read() for u in uploads}
+    await form.close()
+    if len(files) == 1 and next(iter(files)).lower().endswith(ARCHIVE_SUFFIXES):
+        name, data = next(iter(files.items()))
+        try:
+            files = unpack_adapter_archive(name, data, limits.max_unpacked_bytes)
+        except ArchiveTooLarge as exc:
+            raise APIError(413, str(exc), "files") from exc
+        except ArchiveError as exc:
+            raise APIError(400, str(exc), "files") from exc
+    missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in files]
+    if missing:
+        raise APIError(400, f"upload lacks {missing}: send both files by these names, or one archive of the folder", "files")
+    return adapter_id, files
+
+
+@router.post("/v1/adapters", status_code=201, response_model=AdapterOut, dependencies=[Depends(require_admin_key)],
+             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 411, 413, 503)})
+async def upload_adapter(request: Request, state: ServerState = Depends(get_state)):
+    """Upload an adapter (see the module docstring); 201 with its summary."""
+    adapter_id, files = await read_upload(request, state)
+    if adapter_id == state.model_name:
+        raise APIError(400, f"adapter id {adapter_id!r} is the base model's name", "adapter_id")
+    try:
+        check_adapter_id(adapter_id)
+    except AdapterIdError as exc:
+        raise APIError(400, str(exc), "adapter_id") from exc
+    if adapter_id in state.store:
+        raise APIError(409, f"adapter {adapter_id!r} already exists; delete it first to replace it", "adapter_id")
+    try:
+        info = await run_in_threadpool(state.store.put, adapter_id, files[CONFIG_FILE], files[WEIGHTS_FILE])
+    except AdapterValidationError as exc:
+        raise APIError(400, "invalid adapter: " + "; ".join(exc.problems), "files") from exc
+    except FileExistsError as exc:
+        raise APIError(409, f"adapter {adapter_id!r} already exists; delete it first to replace it", "adapter_id") from exc
+    return adapter_out(info)
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+async def list_adapters(state: ServerState = Depends(get_state)):
+    infos = []
+    for adapter_id in state.store.ids():
+        try:
+            infos.append(adapter_out(state.store.info(adapter_id)))
+        except KeyError:  # deleted meanwhile
+            continue
+    return AdapterList(data=infos)
+
+
+def stored_info(state: ServerState, adapter_id: str) -> AdapterInfo:
+    try:
+        return state.store.info(adapter_id)
+    except KeyError:
+        raise APIError(404, f"adapter {adapter_id!r} not found", "adapter_id") from None
+
+
+@router.get("/v1/adapters/{adapter_id}", response_model=AdapterOut, responses={404: {"model": ErrorResponse}})
+async def get_adapter(adapter_id: str, state: ServerState = Depends(get_state)):
+    return adapter_out(stored_info(state, adapter_id))
+
+
+@router.delete("/v1/adapters/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)],
+               responses={404: {"model": ErrorResponse}})
+async def delete_adapter(adapter_id: str, state: ServerState = Depends(get_state)):
+    """Delete an adapter. Requests already running on it finish; new ones get 404."""
+    stored_info(state, adapter_id)
+    try:
+        state.store.delete(adapter_id)
+    except KeyError:
+        raise APIError(404, f"adapter {adapter_id!r} not found", "adapter_id") from None
+    state.host_cache.invalidate(adapter_id)
+    state.async_engine.drop_adapter(adapter_id)
+    return Response(status_code=204)

@@ -1,0 +1,205 @@
+"""OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models.
+
+`model` names an adapter id, or the base model's name for no adapter. `n` > 1 and lists of prompts
+run as separate engine requests in the same batch (seeded requests use seed + i for choice i).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+
+from server.http.deps import get_state, require_api_key
+from server.http.errors import APIError
+from server.http.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.http.sse import DONE, sse_event, sse_response
+from server.http.state import ServerState, collect, merge_streams, sampling_params, usage
+
+router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503)}
+FALLBACK_CHAT_FORMAT = "{role}: {content}\n"
+
+
+def refuse_unsupported(body) -> None:
+    for field in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, field):
+            raise APIError(400, f"{field} is not supported; leave it at 0", field)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    if getattr(body, "echo", False):
+        raise APIError(400, "echo is not supported", "echo")
+    if getattr(body, "suffix", None):
+        raise APIError(400, "suffix is not supported", "suffix")
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != body.n:
+        raise APIError(400, "best_of is not supported (use n)", "best_of")
+    if getattr(body, "tools", None):
+        raise APIError(400, "tools are not supported", "tools")
+
+
+def submit_all(state: ServerState, prompts: list[list[int]], body, max_tokens, logprobs, adapter):
+    """One engine request per (prompt, choice); if any is refused, none stays queued."""
+    streams = []
+    try:
+        for prompt in prompts:
+            for i in range(body.n):
+                streams.append(state.submit(prompt, sampling_params(body, max_tokens, logprobs, seed_offset=i), adapter))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
+
+
+def completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.tokenize(prompt)]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [state.tokenize(p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+def completion_logprobs(state: ServerState, logprobs, offset: int) -> dict:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for lp in logprobs:
+        text = state.token_text(lp.token_id)
+        offsets.append(offset)
+        offset += len(text)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top.append({state.token_text(t): v for t, v in lp.top})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+@router.post("/v1/completions", responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)):
+    """OpenAI text completion (streaming with `stream: true`)."""
+    refuse_unsupported(body)
+    adapter = await state.resolve_adapter(body.model, "model")
+    prompts = completion_prompts(state, body.prompt)
+    streams = submit_all(state, prompts, body, body.max_tokens, body.logprobs, adapter)
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    base = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model}
+    if body.stream:
+
+        async def events():
+            offsets = [0] * len(streams)
+            prompt_tokens = {}
+            completion_tokens = [0] * len(streams)
+            async for index, out in merge_streams(streams):
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = completion_logprobs(state, out.logprobs, offsets[index])
+                offsets[index] += len(out.text)
+                prompt_tokens[index // body.n] = out.num_prompt_tokens
+                completion_tokens[index] = out.num_output_tokens
+                choice = {"index": index, "text": out.text, "logprobs": logprobs,
+                          "finish_reason": out.finish_reason if out.finished else None}
+                yield sse_event({**base, "choices": [choice]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse_event({**base, "choices": [], "usage": usage(sum(prompt_tokens.values()), sum(completion_tokens))})
+            yield DONE
+
+        return sse_response(events())
+    results = await collect(streams, request)
+    choices = [
+        {"index": i, "text": r.text, "finish_reason": r.finish_reason,
+         "logprobs": completion_logprobs(state, r.logprobs, 0) if body.logprobs is not None else None}
+        for i, r in enumerate(results)
+    ]
+    prompt_tokens = sum(results[p * body.n].num_prompt_tokens for p in range(len(prompts)))
+    return {**base, "choices": choices, "usage": usage(prompt_tokens, sum(r.num_output_tokens for r in results))}
+
+
+def message_text(message) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"only text content parts are supported, got {part.type!r}", "messages")
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def chat_prompt(state: ServerState, messages) -> list[int]:
+    """The tokenizer's chat template; without one, `role: content` lines ending in `assistant:`."""
+    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
+    tokenizer = state.loaded.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "".join(FALLBACK_CHAT_FORMAT.format(**m) for m in plain) + "assistant:"
+    return state.tokenize(text)
+
+
+def chat_logprobs(state: ServerState, logprobs) -> dict:
+    def entry(token_id, logprob):
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                        for lp in logprobs]}
+
+
+@router.post("/v1/chat/completions", responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)):
+    """OpenAI chat completion (streaming with `stream: true`), using the tokenizer's chat template."""
+    refuse_unsupported(body)
+    adapter = await state.resolve_adapter(body.model, "model")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    streams = submit_all(state, [chat_prompt(state, body.messages)], body,
+                         body.max_completion_tokens or body.max_tokens, logprobs, adapter)
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+
+        async def events():
+            for i in range(len(streams)):
+                yield sse_event({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]})
+            prompt_tokens, completion_tokens = 0, [0] * len(streams)
+            async for index, out in merge_streams(streams):
+                prompt_tokens = out.num_prompt_tokens
+                completion_tokens[index] = out.num_output_tokens
+                delta = {"content": out.text} if out.text or not out.finished else {}
+                choice = {"index": index, "delta": delta,
+                          "logprobs": chat_logprobs(state, out.logprobs) if logprobs is not None else None,
+                          "finish_reason": out.finish_reason if out.finished else None}
+                yield sse_event({**base, "choices": [choice]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse_event({**base, "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens))})
+            yield DONE
+
+        return sse_response(events())
+    results = await collect(streams, request)
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+         "logprobs": chat_logprobs(state, r.logprobs) if logprobs is not None else None}
+        for i, r in enumerate(results)
+    ]
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": choices,
+            "usage": usage(results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results))}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(state: ServerState = Depends(get_state)):
+    """The base model and every stored adapter (`parent` is the base model)."""
+    cards = [ModelCard(id=state.model_name, created=state.started_at, root=state.model_name)]
+    for adapter_id in state.store.ids():
+        try:
+            info = state.store.info(adapter_id)
+        except KeyError:  # deleted meanwhile
+            continue
+        cards.append(ModelCard(id=adapter_id, created=info.created, parent=state.model_name,
+                               root=state.model_name, method=info.method))
+    return ModelList(data=cards)

@@ -1,0 +1,33 @@
+"""Operations endpoints, open without a key: /health (liveness), /ready (readiness), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.http.errors import error_body
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/health")
+async def health():
+    """The process is up (the model may still be loading)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    """200 once the model and basis are loaded and the engine runs; 503 before (or if loading failed)."""
+    state = request.app.state.server_state
+    if state is None:
+        error = request.app.state.load_error
+        message = f"model failed to load: {error}" if error else "the model is still loading"
+        return JSONResponse(error_body(503, message), status_code=503)
+    return {"status": "ready", "model": state.model_name, "basis_checksum": state.basis.checksum}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,189 @@
+"""The services behind the routes, built once at start-up, and the generation helpers routes share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from adapters.format import AdapterExpectation
+from adapters.store import AdapterIdError, AdapterStore, check_adapter_id
+from cache.basis_cache import Basis, BasisCache
+from cache.host_cache import AdapterHandle, HostCache
+from server.config import AppConfig
+from server.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
+from server.engine.engine import Engine, RequestOutput
+from server.engine.sampling import SamplingParams
+from server.http.errors import APIError
+from server.metrics import Metrics
+from server.model_loader import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass
+class ServerState:
+    config: AppConfig
+    loaded: LoadedModel
+    basis: Basis
+    engine: Engine
+    async_engine: AsyncEngine
+    store: AdapterStore
+    host_cache: HostCache
+    metrics: Metrics
+    model_name: str
+    started_at: int
+
+    async def resolve_adapter(self, adapter_id: str | None, param: str) -> AdapterHandle | None:
+        """None for the base model; else the adapter's host-resident version (404 if unknown)."""
+        if adapter_id is None or adapter_id == self.model_name:
+            return None
+        try:
+            check_adapter_id(adapter_id)
+        except AdapterIdError as exc:
+            raise APIError(404, f"model or adapter {adapter_id!r} not found", param, "not_found_error") from exc
+        in_host = adapter_id in self.host_cache
+        start = time.perf_counter()
+        try:
+            handle = await run_in_threadpool(self.host_cache.get, adapter_id)
+        except KeyError:
+            raise APIError(404, f"model or adapter {adapter_id!r} not found", param, "not_found_error") from None
+        if not in_host:
+            self.metrics.observe_disk_load(time.perf_counter() - start)
+        return handle
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterHandle | None) -> RequestStream:
+        """Queue a request; 400 for one the engine cannot serve, 429 when the queue is full."""
+        try:
+            return self.async_engine.submit(uuid.uuid4().hex, prompt_ids, params, adapter)
+        except QueueFullError as exc:
+            raise APIError(429, str(exc)) from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def token_text(self, token_id: int) -> str:
+        return self.loaded.tokenizer.decode([token_id])
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sampling_params(body, max_tokens: int | None, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > 8:
+        raise APIError(400, "at most 8 stop strings are allowed", "stop")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=None if body.seed is None else body.seed + seed_offset,
+            stop=tuple(stop),
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+
+
+@dataclass
+class Collected:
+    text: str
+    token_ids: list[int]
+    logprobs: list
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+async def collect(streams: list[RequestStream], request: Request) -> list[Collected]:
+    """Run requests to completion; a client that disconnects first cancels them all."""
+    results = [Collected("", [], [], None, 0, 0) for _ in streams]
+
+    async def gather() -> None:
+        async for index, out in merge_streams(streams):
+            _accumulate(results[index], out)
+
+    task = asyncio.ensure_future(gather())
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                raise APIError(499, "client disconnected")
+        task.result()
+        return results
+    finally:
+        if not task.done():
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+def _accumulate(result: Collected, out: RequestOutput) -> None:
+    result.text += out.text
+    result.token_ids += out.token_ids
+    result.logprobs += out.logprobs
+    result.finish_reason = out.finish_reason
+    result.num_prompt_tokens = out.num_prompt_tokens
+    result.num_output_tokens = out.num_output_tokens
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as (index, output), for n > 1 or a list of prompts."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream):
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield index, item
+            if item.finished:
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
+    """Load the model once, its basis from the cache (computing it if missing), and start the engine."""
+    loaded = load_model(config.model)
+    basis = BasisCache(config.model.basis_dir).load_or_compute(
+        loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method
+    )
+    expect = AdapterExpectation.from_basis(basis)
+    store = AdapterStore(config.adapter_dir, expect)
+    host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
+    engine = Engine(loaded, basis, config.engine)
+    async_engine = AsyncEngine(engine, config.engine.max_queue, on_stats=metrics.observe_step)
+    async_engine.start()
+    name = config.server.served_model_name or loaded.name
+    state = ServerState(config, loaded, basis, engine, async_engine, store, host_cache, metrics, name, int(time.time()))
+    metrics.on_ready(state, loaded.load_seconds, basis)
+    log.info("ready: %s with %d stored adapters", name, len(store))
+    return state

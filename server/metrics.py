@@ -1,0 +1,125 @@
+"""Every Prometheus metric of the server, under the `pica_` prefix, in one registry per app.
+
+The engine and caches only emit plain stats (StepStats, cache counters); this module turns them
+into metrics. Adapter labels are bounded: the first `max_adapter_labels` adapter ids seen get their
+own label, later ones count as "other", the base model is "base".
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from server.engine.stats import StepStats
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class _CacheCollector:
+    """Reads residency and host-cache counters at scrape time."""
+
+    def __init__(self, metrics: "Metrics"):
+        self.metrics = metrics
+
+    def collect(self):
+        state = self.metrics.state
+        if state is None:
+            return
+        host = state.host_cache.stats
+        for name, value, doc in (
+            ("pica_adapter_cache_hits", host.hits, "Adapter cache lookups that found the adapter in the tier"),
+            ("pica_adapter_cache_misses", host.misses, "Adapter cache lookups that had to load from the tier below"),
+            ("pica_adapter_cache_evictions", host.evictions, "Adapters evicted from the tier"),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["tier"])
+            family.add_metric(["host"], value)
+            family.add_metric(["gpu"], getattr(self.metrics, f"_gpu_{name.rsplit('_', 1)[1]}"))
+            yield family
+        adapters = GaugeMetricFamily("pica_adapters", "Adapters per residency tier", labels=["tier"])
+        adapters.add_metric(["store"], len(state.store))
+        adapters.add_metric(["host"], len(state.host_cache))
+        adapters.add_metric(["gpu"], state.engine.slots.num_resident)
+        yield adapters
+
+
+class Metrics:
+    def __init__(self, max_adapter_labels: int = 100):
+        self.registry = CollectorRegistry()
+        self.state = None  # set once the model is loaded
+        self._max_labels = max_adapter_labels
+        self._labels: set[str] = set()
+        self._lock = threading.Lock()
+        self._gpu_hits = self._gpu_misses = self._gpu_evictions = 0
+        r = self.registry
+        self.http_requests = Counter("pica_http_requests", "HTTP requests by route and status", ["endpoint", "status"], registry=r)
+        self.adapter_requests = Counter(
+            "pica_adapter_requests", "Finished generation requests by adapter and finish reason", ["adapter", "finish_reason"], registry=r
+        )
+        self.ttft = Histogram("pica_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pica_inter_token_latency_seconds", "Time between tokens of a request", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("pica_e2e_request_latency_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("pica_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("pica_generation_tokens", "Generated tokens of finished requests", registry=r)
+        self.running = Gauge("pica_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("pica_requests_waiting", "Requests waiting for a batch slot, KV memory or an adapter slot", registry=r)
+        self.batch_size = Histogram("pica_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
+        self.step_tokens = Counter("pica_step_tokens", "Tokens computed by engine steps", ["phase"], registry=r)
+        self.preemptions = Counter("pica_preemptions", "Sequences preempted for KV memory", registry=r)
+        self.kv_usage = Gauge("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use", registry=r)
+        self.swap = Histogram(
+            "pica_adapter_swap_seconds", "Adapter activation latency by path", ["path"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.basis_seconds = Gauge("pica_basis_seconds", "Basis load or compute time at start", ["source"], registry=r)
+        self.model_load_seconds = Gauge("pica_model_load_seconds", "Base model load time at start", registry=r)
+        self.ready = Gauge("pica_ready", "1 once the model and basis are loaded", registry=r)
+        r.register(_CacheCollector(self))
+
+    def adapter_label(self, adapter_id: str | None) -> str:
+        if adapter_id is None:
+            return "base"
+        with self._lock:
+            if adapter_id in self._labels:
+                return adapter_id
+            if len(self._labels) < self._max_labels:
+                self._labels.add(adapter_id)
+                return adapter_id
+        return "other"
+
+    def on_ready(self, state, model_load_seconds: float, basis) -> None:
+        self.state = state
+        self.model_load_seconds.set(model_load_seconds)
+        self.basis_seconds.labels(basis.source).set(basis.seconds)
+        self.ready.set(1)
+
+    def observe_step(self, stats: StepStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        if stats.batch_size:
+            self.batch_size.observe(stats.batch_size)
+        self.step_tokens.labels("prefill").inc(stats.num_prefill_tokens)
+        self.step_tokens.labels("decode").inc(stats.num_decode_tokens)
+        self.preemptions.inc(stats.num_preempted)
+        self.kv_usage.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+        self._gpu_hits += stats.gpu_slot_hits
+        self._gpu_misses += stats.gpu_slot_misses
+        self._gpu_evictions += stats.gpu_slot_evictions
+        for seconds in stats.swap_seconds:
+            self.swap.labels("host_to_gpu").observe(seconds)
+        for seconds in stats.ttft_seconds:
+            self.ttft.observe(seconds)
+        for seconds in stats.itl_seconds:
+            self.itl.observe(seconds)
+        for done in stats.finished:
+            self.adapter_requests.labels(self.adapter_label(done.adapter_id), done.finish_reason).inc()
+            self.prompt_tokens.inc(done.num_prompt_tokens)
+            self.generation_tokens.inc(done.num_output_tokens)
+            self.e2e.observe(done.e2e_seconds)
+
+    def observe_disk_load(self, seconds: float) -> None:
+        self.swap.labels("disk_to_host").observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
