@@ -16,6 +16,7 @@ from server.config import (
     ModelConfig,
     ServerConfig,
     default_cache_dir,
+    env_default,
 )
 
 
@@ -152,8 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's default can come from $PICA_<OPTION> (argparse still converts and checks it)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                apply_env_defaults(sub)
+        elif action.option_strings and action.dest not in ("help", "api_key", "admin_key"):
+            value = env_default(action.dest)
+            if value is not None:
+                action.default = value
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    apply_env_defaults(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

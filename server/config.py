@@ -15,6 +15,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SVD_METHODS = ("gram", "svd")
 
 
+def env_default(option: str) -> str | None:
+    """The value of $PICA_<OPTION> (e.g. PICA_MAX_GPU_ADAPTERS for --max-gpu-adapters), if set."""
+    return os.environ.get("PICA_" + option.upper().replace("-", "_")) or None
+
+
 def default_cache_dir() -> Path:
     """Root for the demo model and the basis cache: $PICA_CACHE_DIR, else ~/.cache/pica-serve."""
     env = os.environ.get("PICA_CACHE_DIR")

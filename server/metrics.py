@@ -76,6 +76,10 @@ class Metrics:
         self.model_load_seconds = Gauge("pica_model_load_seconds", "Base model load time at start", registry=r)
         self.ready = Gauge("pica_ready", "1 once the model and basis are loaded", registry=r)
         r.register(_CacheCollector(self))
+        for path in ("disk_to_host", "host_to_gpu"):  # known label values are exported from the start
+            self.swap.labels(path)
+        for phase in ("prefill", "decode"):
+            self.step_tokens.labels(phase)
 
     def adapter_label(self, adapter_id: str | None) -> str:
         if adapter_id is None:

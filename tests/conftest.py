@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from server.config import ModelConfig
+from server.http.app import build_app
+from tests.helpers import app_config, build_tiny_model
+from tests.server.live import LiveServer
 
 torch.set_num_threads(2)
 
@@ -21,3 +24,16 @@ def model_config_for(tmp_path):
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.INFO)
+
+
+@pytest.fixture(scope="module")
+def server_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("srv")
+    build_tiny_model(root / "model", "llama", seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def live(server_root):
+    with LiveServer(build_app(app_config(server_root))) as server:
+        yield server

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from adapters.format import AdapterConfig, AdapterExpectation, load_adapter_dir, save_adapter_dir
+from server.config import AppConfig, EngineConfig, ModelConfig, ServerConfig
 from server.demo_model import build_byte_tokenizer
 
 ARCHS = ("llama", "qwen2")
@@ -62,3 +63,11 @@ def write_random_adapter(path: Path, basis, r: int, groups=None, seed: int = 0, 
 def make_adapter(tmp_path: Path, basis, r: int, seed: int = 0, groups=None, scale: float = 0.5):
     folder = write_random_adapter(tmp_path / f"adapter-{seed}-{r}", basis, r, groups, seed, scale)
     return load_adapter_dir(folder, AdapterExpectation.from_basis(basis))
+
+
+def app_config(root, **server_kw) -> AppConfig:
+    return AppConfig(
+        model=ModelConfig(model=str(root / "model"), device="cpu", rank_max=8, cache_dir=root / "cache"),
+        engine=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, max_gpu_adapters=2),
+        server=ServerConfig(**{"adapter_dir": root / "adapters", "api_key": None, "admin_key": None, **server_kw}),
+    )

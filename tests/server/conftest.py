@@ -2,32 +2,7 @@ import pytest
 import torch
 
 from adapters.merge import merge_adapter
-from server.config import AppConfig, EngineConfig, ModelConfig, ServerConfig
-from server.http.app import build_app
 from server.model_loader import load_model
-from tests.helpers import build_tiny_model
-from tests.server.live import LiveServer
-
-
-def app_config(root, **server_kw) -> AppConfig:
-    return AppConfig(
-        model=ModelConfig(model=str(root / "model"), device="cpu", rank_max=8, cache_dir=root / "cache"),
-        engine=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, max_gpu_adapters=2),
-        server=ServerConfig(**{"adapter_dir": root / "adapters", "api_key": None, "admin_key": None, **server_kw}),
-    )
-
-
-@pytest.fixture(scope="module")
-def server_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("srv")
-    build_tiny_model(root / "model", "llama", seed=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def live(server_root):
-    with LiveServer(build_app(app_config(server_root))) as server:
-        yield server
 
 
 class Oracle:

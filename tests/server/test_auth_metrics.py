@@ -3,7 +3,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.http.app import build_app
-from tests.server.conftest import app_config
+from tests.helpers import app_config
 from tests.server.live import LiveServer
 from tests.server.test_http_errors import error_of
 from tests.server.test_http_generate import upload

@@ -59,3 +59,16 @@ def test_merge_refuses_invalid_adapter(tmp_path, capsys):
     assert code == 2
     assert "r=99 exceeds the basis rank 8" in err and "not a readable safetensors file" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_options_default_from_pica_env(monkeypatch):
+    from server.cli import app_config, apply_env_defaults, build_parser
+
+    monkeypatch.setenv("PICA_MAX_GPU_ADAPTERS", "7")
+    monkeypatch.setenv("PICA_MODEL", "/models/x")
+    monkeypatch.setenv("PICA_PORT", "9001")
+    parser = build_parser()
+    apply_env_defaults(parser)
+    cfg = app_config(parser.parse_args(["serve"]))
+    assert (cfg.engine.max_gpu_adapters, cfg.model.model, cfg.server.port) == (7, "/models/x", 9001)
+    assert app_config(parser.parse_args(["serve", "--port", "9002"])).server.port == 9002

@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 import server.http.app as app_module
 from server.http.app import build_app
 from tests.helpers import random_adapter_tensors
-from tests.server.conftest import app_config
+from tests.helpers import app_config
 from tests.server.live import LiveServer
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from server.http.app import build_app
 from tests.helpers import write_random_adapter
-from tests.server.conftest import app_config
+from tests.helpers import app_config
 from tests.server.live import LiveServer
 
 PROMPT = "The quick brown fox"
