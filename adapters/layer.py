@@ -13,36 +13,60 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters.ops import expand, shrink
+from adapters.ops import expand_add, shrink
 from adapters.targets import find_target_linears
 
 BASE_SLOT = -1
 
 
 class SlotIndex:
-    """Per-token adapter slot for the current step, shared by every adapted layer."""
+    """Per-token adapter slot for the current step, shared by every adapted layer.
+
+    Besides `token_slots`, it holds the step's tokens grouped by slot (for the grouped shrink
+    kernel): `token_order` (token indices sorted by slot), `seg_start` / `seg_slot` (one segment per
+    distinct slot, base tokens included) and `num_segments`, all in one preallocated device buffer,
+    so CUDA graphs captured on it stay valid.
+    """
 
     def __init__(self, max_tokens: int, device: torch.device):
-        self._buffer = torch.full((max_tokens,), BASE_SLOT, dtype=torch.long, device=device)
+        self.max_tokens = max_tokens
+        self._slots = torch.full((max_tokens,), BASE_SLOT, dtype=torch.long, device=device)
+        self._groups = torch.zeros(3 * max_tokens + 2, dtype=torch.int32, device=device)
+        m = max_tokens
+        self.token_order = self._groups[:m]
+        self.seg_start = self._groups[m : 2 * m + 1]
+        self.seg_slot = self._groups[2 * m + 1 : 3 * m + 1]
+        self.num_segments = self._groups[3 * m + 1 :]
         self.num_tokens = 0
         self.any_adapter = False
 
     @property
     def token_slots(self) -> torch.Tensor:
-        return self._buffer[: self.num_tokens]
+        return self._slots[: self.num_tokens]
 
     def set(self, token_slots: list[int]) -> None:
         """Set the slots of the next forward's tokens (flattened in [batch, seq] order)."""
-        n = len(token_slots)
-        if n > self._buffer.numel():  # grows only when a larger step than ever before arrives
-            self._buffer = torch.full((n,), BASE_SLOT, dtype=torch.long, device=self._buffer.device)
-        self._buffer[:n].copy_(torch.tensor(token_slots, dtype=torch.long), non_blocking=True)
+        n, m = len(token_slots), self.max_tokens
+        if n > m:
+            raise ValueError(f"{n} tokens in one forward, more than the {m} this index holds")
+        order = sorted(range(n), key=token_slots.__getitem__)
+        seg_start, seg_slot = [], []
+        for i, t in enumerate(order):
+            if not seg_slot or token_slots[t] != seg_slot[-1]:
+                seg_start.append(i)
+                seg_slot.append(token_slots[t])
+        seg_start.append(n)
+        g = len(seg_slot)
+        packed = order + [0] * (m - n) + seg_start + [0] * (m - g) + seg_slot + [0] * (m - g) + [g]
+        self._groups.copy_(torch.tensor(packed, dtype=torch.int32), non_blocking=True)
+        self._slots[:n].copy_(torch.tensor(token_slots, dtype=torch.long), non_blocking=True)
         self.num_tokens = n
         self.any_adapter = any(s != BASE_SLOT for s in token_slots)
 
 
 class SlotStacks:
-    """Per-group preallocated adapter cores: group -> [num_slots, r_max_g, in_g], zero-padded."""
+    """Per-group preallocated adapter cores: group -> [num_slots, r_max_g, in_g], zero-padded,
+    with each slot's rank per group (0 where the adapter leaves the group alone)."""
 
     def __init__(self, group_shapes: dict[str, tuple[int, int]], num_slots: int, dtype, device):
         self.num_slots = num_slots
@@ -50,28 +74,29 @@ class SlotStacks:
             g: torch.zeros(num_slots, r, in_features, dtype=dtype, device=device)
             for g, (r, in_features) in group_shapes.items()
         }
+        self.ranks = {g: torch.zeros(num_slots, dtype=torch.int32, device=device) for g in group_shapes}
 
     def write(self, slot: int, cores: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
-        """Copy an adapter's cores into `slot` (groups it does not adapt are zeroed)."""
+        """Copy an adapter's cores into `slot` (groups it does not adapt get rank 0 and zeros)."""
         for g, stack in self.stacks.items():
-            stack[slot].zero_()
             core = cores.get(g)
+            rank = 0 if core is None else core.shape[0]
+            stack[slot, rank:].zero_()
             if core is not None:
-                stack[slot, : core.shape[0]].copy_(core, non_blocking=non_blocking)
-
-    def clear(self, slot: int) -> None:
-        for stack in self.stacks.values():
-            stack[slot].zero_()
+                stack[slot, :rank].copy_(core, non_blocking=non_blocking)
+            self.ranks[g][slot] = rank
 
 
 class AdaptedLinear(nn.Module):
     """An nn.Linear plus the slot-indexed PiCa delta U (core[slot] x)."""
 
-    def __init__(self, base: nn.Linear, u: torch.Tensor, stack: torch.Tensor, slot_index: SlotIndex):
+    def __init__(self, base: nn.Linear, u: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor,
+                 slot_index: SlotIndex):
         super().__init__()
         self.base = base
         self.register_buffer("u", u, persistent=False)  # [out, r_max_g]
         self.stack = stack  # [num_slots, r_max_g, in], shared by the group's layers
+        self.slot_rank = slot_rank  # [num_slots] int32, shared too
         self.slot_index = slot_index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +104,8 @@ class AdaptedLinear(nn.Module):
         if not self.slot_index.any_adapter:
             return y
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        z = shrink(x2, self.stack, self.slot_index.token_slots)  # [T, r]
-        return y + expand(z, self.u).view_as(y)
+        z = shrink(x2, self.stack, self.slot_rank, self.slot_index)  # [T, r]
+        return expand_add(y.reshape(-1, y.shape[-1]), z, self.u).view_as(y)
 
 
 @dataclass
@@ -91,6 +116,14 @@ class AdaptedModel:
     slot_index: SlotIndex
     slot_stacks: SlotStacks
     layers: dict[str, AdaptedLinear]
+
+    def detach(self) -> nn.Module:
+        """Put the plain nn.Linear modules back (benchmarks reuse one loaded model)."""
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, layer.base)
+        self.layers = {}
+        return self.model
 
 
 def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096) -> AdaptedModel:
@@ -107,7 +140,7 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     for name, linear in linears.items():
         group = name.rsplit(".", 1)[-1]
         u = basis.u[name][:, : group_rank[group]].to(device=device, dtype=dtype)
-        layer = AdaptedLinear(linear, u, stacks.stacks[group], slot_index)
+        layer = AdaptedLinear(linear, u, stacks.stacks[group], stacks.ranks[group], slot_index)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer

@@ -42,4 +42,21 @@ def expand(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.linear(z, u)
 
 
-shrink = shrink_torch
+def expand_add(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """y + z @ U^T in one fused kernel (addmm): y [T, out], z [T, r], U [out, r]."""
+    return torch.addmm(y, z, u.t())
+
+
+def shrink(x: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor, slot_index) -> torch.Tensor:
+    """z [T, r] for the step's tokens: the Triton grouped kernel on CUDA, the batched torch op elsewhere."""
+    if x.is_cuda and KERNELS_AVAILABLE:
+        return grouped_shrink(x, stack, slot_rank, slot_index)
+    return shrink_torch(x, stack, slot_index.token_slots)
+
+
+try:  # Triton is only needed (and usually only installed) where CUDA is
+    from adapters.shrink_kernel import grouped_shrink
+
+    KERNELS_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the machine
+    KERNELS_AVAILABLE = False

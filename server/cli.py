@@ -98,6 +98,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     ):
         e.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)
     e.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (debugging, comparisons)")
     e.add_argument("--cpu-kv-cache-gib", type=float, default=defaults.cpu_kv_cache_gib)
     h = p.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1")
@@ -110,8 +111,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def app_config(args) -> AppConfig:
-    engine_fields = [f for f in EngineConfig.__dataclass_fields__]
-    engine = EngineConfig(**{f: getattr(args, f) for f in engine_fields})
+    engine_fields = [f for f in EngineConfig.__dataclass_fields__ if f != "cuda_graphs"]
+    engine = EngineConfig(**{f: getattr(args, f) for f in engine_fields}, cuda_graphs=not args.enforce_eager)
     server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
                      served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20)
     if args.api_key:

@@ -90,6 +90,8 @@ class EngineConfig:
     """Largest adapter r served (stack padding); None = the basis rank_max."""
     max_queue: int = 1024
     """Waiting requests accepted before new ones are refused (HTTP 429)."""
+    cuda_graphs: bool = True
+    """On CUDA, capture decode steps as CUDA graphs (batch buckets up to max_num_seqs)."""
 
     def __post_init__(self):
         problems = [

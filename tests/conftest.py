@@ -4,9 +4,7 @@ import pytest
 import torch
 
 from server.config import ModelConfig
-from server.http.app import build_app
-from tests.helpers import app_config, build_tiny_model
-from tests.server.live import LiveServer
+from tests.helpers import build_tiny_model
 
 torch.set_num_threads(2)
 
@@ -16,7 +14,8 @@ def model_config_for(tmp_path):
     """ModelConfig for a model folder, with the basis cache inside the test's temp dir."""
 
     def make(model_dir, rank_max=16, **kw):
-        return ModelConfig(model=str(model_dir), device="cpu", rank_max=rank_max, cache_dir=tmp_path / "cache", **kw)
+        kw.setdefault("device", "cpu")
+        return ModelConfig(model=str(model_dir), rank_max=rank_max, cache_dir=tmp_path / "cache", **kw)
 
     return make
 
@@ -35,5 +34,9 @@ def server_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(server_root):
+    from server.http.app import build_app  # imported here: GPU-only test runs need no HTTP stack
+    from tests.helpers import app_config
+    from tests.server.live import LiveServer
+
     with LiveServer(build_app(app_config(server_root))) as server:
         yield server

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -71,3 +74,19 @@ def app_config(root, **server_kw) -> AppConfig:
         engine=EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, max_gpu_adapters=2),
         server=ServerConfig(**{"adapter_dir": root / "adapters", "api_key": None, "admin_key": None, **server_kw}),
     )
+
+
+def run_kernel_check(script: Path, expect: str) -> None:
+    """Run a Triton kernel check script: natively on a GPU, else in Triton's interpreter (which must be
+    chosen before the kernel module is imported, hence a subprocess)."""
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert expect in result.stdout

@@ -48,15 +48,35 @@ class AttentionMetadata:
         return allowed[:, None]
 
 
+@dataclass
+class DecodeMetadata:
+    """A decode-only step on CUDA: one query per sequence; static shapes, so CUDA graphs capture it."""
+
+    kv_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    """[S] flat KV index of each sequence's new token."""
+    block_tables: torch.Tensor
+    """[S, max_blocks] int32."""
+    context_lens: torch.Tensor
+    """[S] int32, including the new token."""
+    block_size: int
+
+
 def paged_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None,
-    pica_attention: AttentionMetadata | None = None, **kwargs,
+    pica_attention: AttentionMetadata | DecodeMetadata | None = None, **kwargs,
 ):
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
     meta = pica_attention
     kv = meta.kv_caches[module.layer_idx]
     kv[0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(kv.dtype))
     kv[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(kv.dtype))
+    if isinstance(meta, DecodeMetadata):
+        from server.engine.decode_attention import paged_decode_attention  # Triton: CUDA machines only
+
+        out = paged_decode_attention(query[0].transpose(0, 1), kv[0], kv[1], meta.block_tables, meta.context_lens,
+                                     meta.block_size, scaling, sliding_window, softcap)
+        return out[None], None
     q = query[0].transpose(0, 1)[meta.query_index].transpose(1, 2)  # [S, H, Qmax, D]
     k = kv[0][meta.kv_index].transpose(1, 2)  # [S, Hkv, Kmax, D]
     v = kv[1][meta.kv_index].transpose(1, 2)

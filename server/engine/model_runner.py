@@ -16,11 +16,19 @@ import torch
 
 from adapters.layer import attach_adapters
 from server.config import EngineConfig
-from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata
+from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, DecodeMetadata
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledSeq
 
 log = logging.getLogger(__name__)
+
+
+def kernels_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,9 @@ class ModelRunner:
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
         self.num_kv_blocks = self._kv_capacity(cfg)
-        num_kv_slots = self.num_kv_blocks * cfg.block_size
+        self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)
+        self.scratch_block = self.num_kv_blocks  # one extra block that padded decode rows write into
+        num_kv_slots = (self.num_kv_blocks + 1) * cfg.block_size
         self.kv_caches = [
             torch.zeros(2, num_kv_slots, self.spec.num_kv_heads, self.spec.head_dim, dtype=self.dtype, device=self.device)
             for _ in range(self.spec.num_layers)
@@ -64,6 +74,13 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
                  self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
+        self.decode_kernels = self.device.type == "cuda" and kernels_available()
+        self.graphs = None
+        if self.decode_kernels and cfg.cuda_graphs:
+            from server.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
+            self.graphs.capture()
 
     def _kv_capacity(self, cfg: EngineConfig) -> int:
         """Blocks that fit: the override, else the CPU budget, else GPU memory left after weights and a
@@ -97,9 +114,53 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).synchronize()  # adapter activation is rare; time it honestly
         return time.perf_counter() - start
 
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta, logits_rows: torch.Tensor) -> torch.Tensor:
+        """The model's own forward on one packed row of tokens -> logits [1, len(logits_rows), V]."""
+        out = self.model(input_ids=token_ids[None], position_ids=positions[None], pica_attention=meta,
+                         logits_to_keep=logits_rows, use_cache=False)
+        return out.logits
+
+    def decode_inputs(self, scheduled: list[ScheduledSeq], pad_to: int):
+        """Host lists for a decode-only step, padded with dummy rows (scratch KV block, no adapter)."""
+        bs, width = self.block_size, self.max_blocks_per_seq
+        ids, positions, slot_mapping, tables, context_lens, token_slots = [], [], [], [], [], []
+        for item in scheduled:
+            seq, pos = item.seq, item.start
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
+            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+            context_lens.append(pos + 1)
+            token_slots.append(seq.slot)
+        padding = pad_to - len(scheduled)
+        ids += [0] * padding
+        positions += [0] * padding
+        slot_mapping += [self.scratch_block * bs] * padding
+        tables += [[self.scratch_block] + [0] * (width - 1)] * padding
+        context_lens += [1] * padding
+        token_slots += [-1] * padding
+        return ids, positions, slot_mapping, tables, context_lens, token_slots
+
+    def padding_decode_inputs(self, num_rows: int):
+        return self.decode_inputs([], pad_to=num_rows)
+
+    def _run_decode_eager(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        ids, positions, slot_mapping, tables, context_lens, token_slots = self.decode_inputs(scheduled, len(scheduled))
+        dev = self.device
+        meta = DecodeMetadata(self.kv_caches, torch.tensor(slot_mapping, device=dev),
+                              torch.tensor(tables, dtype=torch.int32, device=dev),
+                              torch.tensor(context_lens, dtype=torch.int32, device=dev), self.block_size)
+        self.adapted.slot_index.set(token_slots)
+        rows = torch.arange(len(scheduled), device=dev)
+        return self.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, rows)[0]
+
     @torch.no_grad()
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Forward the step's tokens; returns logits [num_sampling_seqs, V] in scheduled order."""
+        if self.decode_kernels and all(item.num_tokens == 1 and item.samples for item in scheduled):
+            if self.graphs is not None and self.graphs.bucket_for(len(scheduled)) is not None:
+                return self.graphs.run(scheduled)
+            return self._run_decode_eager(scheduled)
         bs = self.block_size
         token_ids, positions, token_slots, slot_mapping = [], [], [], []
         query_starts, query_lens, context_lens, block_tables, logits_rows = [], [], [], [], []
@@ -134,11 +195,4 @@ class ModelRunner:
             self.kv_caches, as_long(slot_mapping), query_index, kv_index, query_positions, ctx, token_gather
         )
         self.adapted.slot_index.set(token_slots)
-        out = self.model(
-            input_ids=as_long(token_ids)[None],
-            position_ids=as_long(positions)[None],
-            pica_attention=meta,
-            logits_to_keep=as_long(logits_rows),
-            use_cache=False,
-        )
-        return out.logits[0]
+        return self.forward(as_long(token_ids), as_long(positions), meta, as_long(logits_rows))[0]

@@ -13,8 +13,8 @@ from tests.helpers import build_tiny_model, make_adapter
 class World:
     """A tiny model, its basis, N adapters and a greedy reference on the dense merged models."""
 
-    def __init__(self, tmp_path, model_config_for, num_adapters, arch="llama"):
-        self.cfg = model_config_for(build_tiny_model(tmp_path / "m", arch), rank_max=8)
+    def __init__(self, tmp_path, model_config_for, num_adapters, arch="llama", **model_kw):
+        self.cfg = model_config_for(build_tiny_model(tmp_path / "m", arch), rank_max=8, **model_kw)
         self.loaded = load_model(self.cfg)
         self.basis = BasisCache(self.cfg.basis_dir).load_or_compute(
             self.loaded.model, self.cfg.target_modules, 8, progress=False
@@ -45,7 +45,7 @@ class World:
         model = self.reference_model(adapter_id)
         ids = list(prompt)
         for _ in range(max_tokens):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(int(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].argmax()))
         return ids[len(prompt) :]
 
 
@@ -66,4 +66,4 @@ def run_to_completion(engine, max_steps=10_000):
 
 @pytest.fixture
 def world_factory(tmp_path, model_config_for):
-    return lambda num_adapters=3, arch="llama": World(tmp_path, model_config_for, num_adapters, arch)
+    return lambda num_adapters=3, arch="llama", **model_kw: World(tmp_path, model_config_for, num_adapters, arch, **model_kw)

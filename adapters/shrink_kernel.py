@@ -1,0 +1,75 @@
+"""Triton grouped shrink: z[t] = stack[slot[t]] @ x[t], reading each distinct slot's core once.
+
+Semantics: exactly `adapters.ops.shrink_reference`. Tokens arrive grouped by slot (the order and
+segment bounds are computed on the host once per step, see SlotIndex); one program owns one
+segment and one block of r, loads that block of the core once per BLOCK_T tokens and multiplies
+it with the segment's tokens. The grid is fixed by the number of tokens (programs past the last
+segment exit at once), and ranks come from a per-slot tensor, so CUDA graphs can capture it and
+replay it for any slot mapping. Base-model tokens (slot -1) form a segment of their own, and rows
+past an adapter's rank are written as zeros, so z needs no separate clearing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_shrink_kernel(
+    x_ptr, stack_ptr, z_ptr, token_order_ptr, seg_start_ptr, seg_slot_ptr, num_segments_ptr, slot_rank_ptr,
+    rank_max, stride_x, stride_stack_slot, stride_stack_r, stride_z, IN_FEATURES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    r_block = tl.program_id(1)
+    if seg >= tl.load(num_segments_ptr):
+        return
+    slot = tl.load(seg_slot_ptr + seg)
+    rank = tl.load(slot_rank_ptr + tl.maximum(slot, 0))
+    rank = tl.where(slot < 0, 0, rank)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_r = offs_r < rank
+    core = stack_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_stack_slot
+    has_rows = r_block * BLOCK_R < rank  # else: store zeros
+    t0 = start
+    while t0 < end:  # a while loop: runtime bounds work compiled and in the interpreter
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        tokens = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        if has_rows:
+            for k0 in range(0, IN_FEATURES, BLOCK_K):
+                mask_k = k0 + offs_k < IN_FEATURES
+                x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
+                                 mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+                core_tile = tl.load(core + offs_r[None, :] * stride_stack_r + (k0 + offs_k)[:, None],
+                                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+                acc += tl.dot(x_tile, core_tile, input_precision=PRECISION)
+        tl.store(z_ptr + tokens[:, None] * stride_z + offs_r[None, :], acc.to(z_ptr.dtype.element_ty),
+                 mask=mask_t[:, None] & (offs_r < rank_max)[None, :])
+        t0 += BLOCK_T
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact float32 products for float32 inputs (Triton would use tf32); the native mode otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def grouped_shrink(x: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor, groups) -> torch.Tensor:
+    """x [T, in], stack [S, R, in], slot_rank [S] int32, groups: the step's SlotIndex -> z [T, R]."""
+    num_tokens, in_features = x.shape
+    rank_max = stack.shape[1]
+    z = torch.empty(num_tokens, rank_max, dtype=x.dtype, device=x.device)
+    block_r = 16 if rank_max <= 64 else 32
+    grid = (num_tokens, triton.cdiv(rank_max, block_r))
+    _grouped_shrink_kernel[grid](
+        x, stack, z, groups.token_order, groups.seg_start, groups.seg_slot, groups.num_segments, slot_rank,
+        rank_max, x.stride(0), stack.stride(0), stack.stride(1), z.stride(0), IN_FEATURES=in_features,
+        BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=128, PRECISION=dot_precision(x.dtype), num_warps=4,
+    )
+    return z

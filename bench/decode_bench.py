@@ -1,0 +1,283 @@
+"""Mixed-adapter decode benchmark, everything side by side in one run on one GPU.
+
+    python bench/decode_bench.py --shape llama3-8b --out bench/results/decode-llama3-8b-h100.json
+
+Builds a random-weight model of the named shape (saved once with save_pretrained and loaded back
+through the server's loader, to time the model load), then measures: HF `generate` on the base
+model; our engine with no adapter; our engine with 8 and 64 distinct PiCa adapters (r=32, r=256)
+mixed in batches of 1, 16, 64, and with one adapter for the whole batch; PEFT with 8 mixed LoRA
+adapters (r=16, `adapter_names`); the adapter-aware floor (base weights + KV + U_r + each distinct
+B once per layer, over the measured copy bandwidth); TTFT; adapter activation host->GPU and
+disk->GPU; basis compute vs cache load; peak GPU memory; a kernel profile of one config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.format import Adapter, AdapterConfig, AdapterExpectation, load_adapter_dir, save_adapter_dir  # noqa: E402
+from cache.basis_cache import BasisCache  # noqa: E402
+from cache.host_cache import HostCache  # noqa: E402
+from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
+from server.demo_model import build_byte_tokenizer  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.model_loader import load_model  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    "small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
+}
+
+
+class NullTokenizer:
+    """Random token ids have no text: the benchmark skips detokenization."""
+
+    eos_token_id = None
+
+    def decode(self, ids, **kwargs):
+        return ""
+
+
+def build_model_dir(shape: str, path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02, generator=gen)
+    model.save_pretrained(path)
+    build_byte_tokenizer().save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def measured_bandwidth() -> float:
+    import triton
+
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=50, return_mode="median") * 1000
+    del a, b
+    return 2 * (1 << 31) / (us * 1e-6)
+
+
+def random_adapter(basis, rank: int, seed: int) -> Adapter:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {f"B.{g}": (torch.randn(rank, info.in_features, generator=gen) * 0.01).to(torch.bfloat16)
+               for g, info in basis.groups.items()}
+    config = AdapterConfig("pica", rank, tuple(basis.groups), "bench", basis.checksum)
+    return Adapter(config, tensors, f"bench-{rank}-{seed}")
+
+
+def floor_tokens_per_s(model, basis, batch, context, rank, num_distinct, bandwidth) -> float:
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    weights += batch * cfg.hidden_size * 2  # the embedding rows read
+    kv = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+    u = sum(u.shape[0] * rank * 2 for u in basis.u.values()) if num_distinct else 0
+    b = num_distinct * sum(rank * info.in_features * 2 * len(info.layers) for info in basis.groups.values())
+    return batch / ((weights + kv + u + b) / bandwidth)
+
+
+def run_batch(engine, handles, batch, prompt_len, new_tokens, seed) -> dict:
+    rng = random.Random(seed)
+    vocab = engine.limits.vocab_size
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(batch):
+        engine.add_request(f"s{seed}-{i}", [rng.randrange(2, vocab) for _ in range(prompt_len)], params,
+                           handles[i % len(handles)] if handles else None)
+    decode_start = None  # the first step with no prefill: every request has its first token
+    decode_tokens = 0
+    while engine.has_work:
+        step_start = time.perf_counter()
+        _, stats = engine.step()
+        if stats.num_prefill_tokens == 0 and stats.batch_size:
+            decode_start = decode_start or step_start
+            decode_tokens += stats.num_decode_tokens
+    end = time.perf_counter()
+    return {"batch": batch, "decode_tok_s": decode_tokens / (end - decode_start), "ttft_s": decode_start - start,
+            "total_s": end - start, "total_tok_s": batch * new_tokens / (end - start)}
+
+
+def hf_generate(model, batch, prompt_len, new_tokens, adapter_names=None) -> dict:
+    ids = torch.randint(2, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    if adapter_names is not None:
+        kw["adapter_names"] = adapter_names
+
+    def timed(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    t_prefill, t_full = timed(1), timed(new_tokens)
+    return {"batch": batch, "decode_tok_s": batch * (new_tokens - 1) / (t_full - t_prefill), "ttft_s": t_prefill,
+            "total_tok_s": batch * new_tokens / t_full}
+
+
+def profile_steps(engine, handles, batch, prompt_len, steps=8) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(0)
+    for i in range(batch):
+        engine.add_request(f"prof-{i}", [rng.randrange(2, 1000) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True), handles[i % len(handles)])
+    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+    while engine.has_work:
+        engine.step()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) or 1
+    events.sort(key=lambda e: -e.device_time_total)
+    return [{"kernel": e.key[:120], "share": e.device_time_total / total, "us_per_step": e.device_time_total / steps,
+             "calls_per_step": e.count / steps} for e in events[:15]]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--ranks", default="32,256")
+    parser.add_argument("--num-adapters", default="8,64")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    counts = [int(n) for n in args.num_adapters.split(",")]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-bench-"))
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "command": " ".join(sys.argv)}
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    bandwidth = measured_bandwidth()
+    report["copy_bandwidth_TBps"] = bandwidth / 1e12
+    start = time.perf_counter()
+    build_model_dir(args.shape, workdir / "model")
+    report["model_build_and_save_s"] = time.perf_counter() - start
+    cfg = ModelConfig(model=str(workdir / "model"), device="cuda", dtype="bfloat16", rank_max=max(ranks),
+                      cache_dir=workdir / "cache")
+    loaded = load_model(cfg)
+    loaded = dataclasses.replace(loaded, tokenizer=NullTokenizer())
+    report["model_load_s"] = loaded.load_seconds
+    model = loaded.model
+    cache = BasisCache(cfg.basis_dir)
+    computed = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, max(ranks), progress=False)
+    loaded_basis = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, max(ranks), progress=False)
+    report["basis_compute_s"], report["basis_cache_load_s"] = computed.seconds, loaded_basis.seconds
+    report["basis_load_over_model_load"] = loaded_basis.seconds / loaded.load_seconds
+    basis = loaded_basis
+    context = args.prompt_len + args.new_tokens // 2
+
+    for batch in batches:  # HF generate on the plain base model first (our engine wraps the model)
+        emit({"system": "hf_generate_base", "adapters": 0, "rank": 0, **hf_generate(model, batch, args.prompt_len, args.new_tokens),
+              "floor_tok_s": floor_tokens_per_s(model, basis, batch, context, 0, 0, bandwidth)})
+
+    for rank in ranks:
+        torch.cuda.reset_peak_memory_stats()
+        engine = Engine(loaded, basis, EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=4096,
+                                                    max_model_len=args.prompt_len + args.new_tokens + 64,
+                                                    max_gpu_adapters=max(counts), max_rank=rank,
+                                                    gpu_memory_utilization=0.85))
+        host = HostCache(lambda _id: None, 1024, torch.bfloat16, pin_memory=True)
+        handles = [host.handle_for(f"a{i}", random_adapter(basis, rank, seed=1000 * rank + i)) for i in range(max(counts))]
+        # activation latency: host (pinned) -> GPU slot, and disk -> host -> GPU slot
+        swaps = [engine.runner.load_adapter(0, handles[0].cores) for _ in range(20)]
+        adapter_dir = workdir / f"adapter-r{rank}"
+        save_adapter_dir(adapter_dir, random_adapter(basis, rank, 7).config, random_adapter(basis, rank, 7).tensors)
+        disk_start = time.perf_counter()
+        from_disk = host.handle_for("disk", load_adapter_dir(adapter_dir, AdapterExpectation.from_basis(basis)))
+        engine.runner.load_adapter(1, from_disk.cores)
+        adapter_bytes = sum(c.numel() * c.element_size() for c in handles[0].cores.values())
+        report[f"swap_r{rank}"] = {"adapter_MB": adapter_bytes / 1e6, "host_to_gpu_ms": sorted(swaps)[10] * 1e3,
+                                   "disk_to_gpu_ms": (time.perf_counter() - disk_start) * 1e3}
+        if rank == ranks[0]:
+            for batch in batches:
+                emit({"system": "pica_engine", "adapters": 0, "rank": 0, **run_batch(engine, [], batch, args.prompt_len,
+                      args.new_tokens, seed=batch), "floor_tok_s": floor_tokens_per_s(model, basis, batch, context, 0, 0, bandwidth)})
+        for count in counts:
+            for batch in batches:
+                distinct = min(batch, count)
+                emit({"system": "pica_engine", "adapters": count, "distinct_in_batch": distinct, "rank": rank,
+                      **run_batch(engine, handles[:count], batch, args.prompt_len, args.new_tokens, seed=batch + count),
+                      "floor_tok_s": floor_tokens_per_s(model, basis, batch, context, rank, distinct, bandwidth)})
+        for batch in batches[-1:]:  # one adapter for the whole batch (what merging would speed up)
+            emit({"system": "pica_engine", "adapters": 1, "distinct_in_batch": 1, "rank": rank,
+                  **run_batch(engine, handles[:1], batch, args.prompt_len, args.new_tokens, seed=5),
+                  "floor_tok_s": floor_tokens_per_s(model, basis, batch, context, rank, 1, bandwidth)})
+        report[f"peak_gpu_memory_GiB_r{rank}"] = torch.cuda.max_memory_allocated() / 2**30
+        if rank == ranks[-1]:
+            report["profile"] = profile_steps(engine, handles[: max(counts)], max(batches), args.prompt_len)
+        engine.runner.adapted.detach()
+        model.set_attn_implementation("sdpa")
+        del engine, host, handles
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    if not args.skip_peft:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(DEFAULT_TARGET_MODULES), init_lora_weights=False)
+        peft_model = get_peft_model(model, lora, adapter_name="a0")
+        for i in range(1, 8):
+            peft_model.add_adapter(f"a{i}", lora)
+        peft_model.to(torch.bfloat16).eval()
+        for batch in batches:
+            emit({"system": "peft_mixed_lora_r16", "adapters": 8, "rank": 16,
+                  **hf_generate(peft_model, batch, args.prompt_len, args.new_tokens, [f"a{i % 8}" for i in range(batch)])})
+
+    report["rows"] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"\n{report['device']}  shape={args.shape}  prompt={args.prompt_len}  new={args.new_tokens}  "
+          f"copy BW {report['copy_bandwidth_TBps']:.2f} TB/s")
+    print(f"model load {report['model_load_s']:.1f}s  basis compute {report['basis_compute_s']:.1f}s  "
+          f"basis cache load {report['basis_cache_load_s']:.2f}s")
+    print(f"{'system':<22}{'adapters':>9}{'rank':>6}{'batch':>7}{'decode tok/s':>14}{'floor':>9}{'% floor':>9}{'TTFT s':>8}")
+    for r in rows:
+        floor = r.get("floor_tok_s")
+        pct = f"{100 * r['decode_tok_s'] / floor:.0f}%" if floor else "-"
+        print(f"{r['system']:<22}{r['adapters']:>9}{r['rank']:>6}{r['batch']:>7}{r['decode_tok_s']:>14.0f}"
+              f"{(floor or 0):>9.0f}{pct:>9}{(r['ttft_s'] or 0):>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

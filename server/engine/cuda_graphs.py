@@ -1,0 +1,87 @@
+"""CUDA graphs of whole decode steps, one per batch-size bucket (with and without adapters).
+
+A decode step of an 8B model launches hundreds of small kernels; replaying a captured graph
+removes the Python and launch time between them. Every input lives in a static buffer that the
+graph reads: token ids, positions, KV slot mapping, block tables, context lengths, and the
+per-token adapter slots with their grouping (SlotIndex). Activating an adapter only copies into
+the slot stacks, so hot-swaps never re-capture. A batch is padded up to its bucket with dummy
+sequences that write into a scratch KV block and use no adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from server.engine.attention import DecodeMetadata
+
+log = logging.getLogger(__name__)
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    buckets = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sorted(set(buckets + [max_batch]))
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int):
+        self.runner = runner
+        self.buckets = graph_buckets(max_batch)
+        dev = runner.device
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.zeros(max_batch, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(max_batch, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(max_batch, dtype=torch.long, device=dev)
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        meta = DecodeMetadata(self.runner.kv_caches, self.slot_mapping[:bucket], self.block_tables[:bucket],
+                              self.context_lens[:bucket], self.runner.block_size)
+        return self.runner.forward(self.input_ids[:bucket], self.positions[:bucket], meta, self.rows[:bucket])
+
+    def capture(self) -> None:
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        self._fill(self.runner.padding_decode_inputs(max(self.buckets)))
+        for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
+            for with_adapter in (False, True):
+                self.runner.adapted.slot_index.set([0 if with_adapter else -1] * bucket)
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm-up: Triton compiles, allocator settles
+                    self._forward(bucket)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._forward(bucket)
+                self._graphs[(bucket, with_adapter)] = (graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs (buckets %s) in %.1fs", len(self._graphs), self.buckets,
+                 time.perf_counter() - start)
+
+    def _fill(self, inputs) -> None:
+        ids, positions, slot_mapping, tables, context_lens, _ = inputs
+        n = len(ids)
+        self.input_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.tensor(slot_mapping), non_blocking=True)
+        self.block_tables[:n].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
+
+    def run(self, scheduled) -> torch.Tensor:
+        """Replay the bucket's graph for these decoding sequences; logits [len(scheduled), V]."""
+        bucket = self.bucket_for(len(scheduled))
+        inputs = self.runner.decode_inputs(scheduled, pad_to=bucket)
+        self._fill(inputs)
+        token_slots = inputs[-1]
+        self.runner.adapted.slot_index.set(token_slots)
+        graph, logits = self._graphs[(bucket, self.runner.adapted.slot_index.any_adapter)]
+        graph.replay()
+        return logits[0, : len(scheduled)]
