@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,11 +29,14 @@ class SlotIndex:
     so CUDA graphs captured on it stay valid.
     """
 
-    def __init__(self, max_tokens: int, device: torch.device):
+    def __init__(self, max_tokens: int, device: torch.device | str):
+        device = torch.device(device)
         self.max_tokens = max_tokens
-        self._slots = torch.full((max_tokens,), BASE_SLOT, dtype=torch.long, device=device)
-        self._groups = torch.zeros(3 * max_tokens + 2, dtype=torch.int32, device=device)
         m = max_tokens
+        self._slots = torch.full((m,), BASE_SLOT, dtype=torch.long, device=device)
+        self._groups = torch.zeros(3 * m + 2, dtype=torch.int32, device=device)
+        self._staging = torch.zeros(3 * m + 2, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._staging_np = self._staging.numpy()  # filled with numpy, copied to the device in one go
         self.token_order = self._groups[:m]
         self.seg_start = self._groups[m : 2 * m + 1]
         self.seg_slot = self._groups[2 * m + 1 : 3 * m + 1]
@@ -45,23 +49,27 @@ class SlotIndex:
         return self._slots[: self.num_tokens]
 
     def set(self, token_slots: list[int]) -> None:
-        """Set the slots of the next forward's tokens (flattened in [batch, seq] order)."""
+        """Set the slots of the next forward's tokens (flattened in [batch, seq] order).
+
+        Reuses one staging buffer: the previous step's copy has finished, since every step ends
+        with the sampler's host sync."""
         n, m = len(token_slots), self.max_tokens
         if n > m:
             raise ValueError(f"{n} tokens in one forward, more than the {m} this index holds")
-        order = sorted(range(n), key=token_slots.__getitem__)
-        seg_start, seg_slot = [], []
-        for i, t in enumerate(order):
-            if not seg_slot or token_slots[t] != seg_slot[-1]:
-                seg_start.append(i)
-                seg_slot.append(token_slots[t])
-        seg_start.append(n)
-        g = len(seg_slot)
-        packed = order + [0] * (m - n) + seg_start + [0] * (m - g) + seg_slot + [0] * (m - g) + [g]
-        self._groups.copy_(torch.tensor(packed, dtype=torch.int32), non_blocking=True)
-        self._slots[:n].copy_(torch.tensor(token_slots, dtype=torch.long), non_blocking=True)
+        slots = np.asarray(token_slots, dtype=np.int64)
+        order = np.argsort(slots, kind="stable")
+        sorted_slots = slots[order]
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_slots)) + 1, [n])) if n else np.zeros(1, np.int64)
+        g = len(starts) - 1
+        staging = self._staging_np
+        staging[:n] = order
+        staging[m : m + g + 1] = starts
+        staging[2 * m + 1 : 2 * m + 1 + g] = sorted_slots[starts[:-1]]
+        staging[3 * m + 1] = g
+        self._groups.copy_(self._staging, non_blocking=True)
+        self._slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
         self.num_tokens = n
-        self.any_adapter = any(s != BASE_SLOT for s in token_slots)
+        self.any_adapter = bool(n) and bool((slots != BASE_SLOT).any())
 
 
 class SlotStacks:

@@ -11,6 +11,8 @@ past an adapter's rank are written as zeros, so z needs no separate clearing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -21,9 +23,11 @@ def _grouped_shrink_kernel(
     x_ptr, stack_ptr, z_ptr, token_order_ptr, seg_start_ptr, seg_slot_ptr, num_segments_ptr, slot_rank_ptr,
     rank_max, stride_x, stride_stack_slot, stride_stack_r, stride_z, IN_FEATURES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
 ):
     seg = tl.program_id(0)
     r_block = tl.program_id(1)
+    k_first = tl.program_id(2) * K_PER_SPLIT
     if seg >= tl.load(num_segments_ptr):
         return
     slot = tl.load(seg_slot_ptr + seg)
@@ -35,7 +39,7 @@ def _grouped_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_r = offs_r < rank
     core = stack_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_stack_slot
-    has_rows = r_block * BLOCK_R < rank  # else: store zeros
+    has_rows = r_block * BLOCK_R < rank  # else: store zeros (split-K: z starts zeroed)
     t0 = start
     while t0 < end:  # a while loop: runtime bounds work compiled and in the interpreter
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -43,15 +47,19 @@ def _grouped_shrink_kernel(
         tokens = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         if has_rows:
-            for k0 in range(0, IN_FEATURES, BLOCK_K):
+            for k_step in range(0, K_PER_SPLIT, BLOCK_K):
+                k0 = k_first + k_step
                 mask_k = k0 + offs_k < IN_FEATURES
                 x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
                                  mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
                 core_tile = tl.load(core + offs_r[None, :] * stride_stack_r + (k0 + offs_k)[:, None],
                                     mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
                 acc += tl.dot(x_tile, core_tile, input_precision=PRECISION)
-        tl.store(z_ptr + tokens[:, None] * stride_z + offs_r[None, :], acc.to(z_ptr.dtype.element_ty),
-                 mask=mask_t[:, None] & (offs_r < rank_max)[None, :])
+        z_tile = z_ptr + tokens[:, None] * stride_z + offs_r[None, :]
+        if SPLIT_K == 1:
+            tl.store(z_tile, acc.to(z_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_r < rank_max)[None, :])
+        elif has_rows:
+            tl.atomic_add(z_tile, acc, mask=mask_t[:, None] & mask_r[None, :])
         t0 += BLOCK_T
 
 
@@ -60,16 +68,36 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def grouped_shrink(x: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor, groups) -> torch.Tensor:
+@dataclass(frozen=True)
+class ShrinkConfig:
+    block_r: int = 16
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+    """> 1 splits in_features over programs (more parallelism for small r) and sums with fp32 atomics."""
+
+
+def default_config(num_tokens: int, rank_max: int) -> ShrinkConfig:
+    return ShrinkConfig(block_r=16 if rank_max <= 64 else 32)
+
+
+def grouped_shrink(x: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor, groups,
+                   config: ShrinkConfig | None = None) -> torch.Tensor:
     """x [T, in], stack [S, R, in], slot_rank [S] int32, groups: the step's SlotIndex -> z [T, R]."""
     num_tokens, in_features = x.shape
     rank_max = stack.shape[1]
-    z = torch.empty(num_tokens, rank_max, dtype=x.dtype, device=x.device)
-    block_r = 16 if rank_max <= 64 else 32
-    grid = (num_tokens, triton.cdiv(rank_max, block_r))
+    cfg = config or default_config(num_tokens, rank_max)
+    k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
+    if cfg.split_k == 1:
+        z = torch.empty(num_tokens, rank_max, dtype=x.dtype, device=x.device)
+    else:
+        z = torch.zeros(num_tokens, rank_max, dtype=torch.float32, device=x.device)
+    grid = (num_tokens, triton.cdiv(rank_max, cfg.block_r), cfg.split_k)
     _grouped_shrink_kernel[grid](
         x, stack, z, groups.token_order, groups.seg_start, groups.seg_slot, groups.num_segments, slot_rank,
         rank_max, x.stride(0), stack.stride(0), stack.stride(1), z.stride(0), IN_FEATURES=in_features,
-        BLOCK_T=16, BLOCK_R=block_r, BLOCK_K=128, PRECISION=dot_precision(x.dtype), num_warps=4,
+        BLOCK_T=16, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype),
+        SPLIT_K=cfg.split_k, K_PER_SPLIT=k_per_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return z
+    return z if cfg.split_k == 1 else z.to(x.dtype)

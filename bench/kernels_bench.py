@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.layer import SlotIndex, SlotStacks  # noqa: E402
 from adapters.ops import shrink_reference, shrink_torch  # noqa: E402
-from adapters.shrink_kernel import grouped_shrink  # noqa: E402
+from adapters.shrink_kernel import ShrinkConfig, default_config, grouped_shrink  # noqa: E402
 from cache.basis import principal_basis  # noqa: E402
 
 
@@ -79,6 +79,35 @@ def shrink_variants(tokens, in_features, out_features, rank, num_adapters, num_s
     return result
 
 
+SWEEP = [ShrinkConfig(block_r=br, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
+         for br in (16, 32) for bk in (128, 256) for w, st in ((4, 3), (8, 4)) for sk in (1, 4, 8)]
+
+
+def tune_shrink(tokens, in_features, rank, num_adapters, dtype=torch.bfloat16):
+    """Time every sweep config on one shape; returns the default's and the best configs' times."""
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(1)
+    stacks = SlotStacks({"g": (rank, in_features)}, num_adapters, dtype, dev)
+    for slot in range(num_adapters):
+        stacks.write(slot, {"g": (torch.randn(rank, in_features, generator=gen) * 0.02).to(dtype)})
+    index = SlotIndex(max(tokens, 16), dev)
+    index.set([i % num_adapters for i in range(tokens)])
+    x = torch.randn(tokens, in_features, device=dev, dtype=dtype)
+    ref = grouped_shrink(x, stacks.stacks["g"], stacks.ranks["g"], index, ShrinkConfig()).float()
+    times = {}
+    for cfg in SWEEP:
+        if cfg.block_r > rank:
+            continue
+        z = grouped_shrink(x, stacks.stacks["g"], stacks.ranks["g"], index, cfg).float()
+        assert (z - ref).norm() / ref.norm() < 1e-2, cfg
+        times[cfg] = bench(lambda: grouped_shrink(x, stacks.stacks["g"], stacks.ranks["g"], index, cfg), warmup=10, rep=60)
+    best = sorted(times, key=times.get)[:3]
+    default = default_config(tokens, rank)
+    return {"tokens": tokens, "in": in_features, "rank": rank, "num_adapters": num_adapters,
+            "default": vars(default) | {"us": times.get(default)},
+            "best": [vars(c) | {"us": times[c]} for c in best]}
+
+
 def basis_routes():
     rows = []
     for out_features, in_features in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
@@ -107,6 +136,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--skip-basis", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also time shrink kernel configs")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "ceilings": device_ceilings()}
@@ -117,6 +147,13 @@ def main():
         shrink_variants(64, 14336, 4096, 256, 64, 64),
         shrink_variants(2048, 4096, 4096, 256, 16, 16),  # a prefill chunk
     ]
+    if args.sweep:
+        report["sweep"] = [tune_shrink(t, k, r, a) for t, k, r, a in (
+            (16, 4096, 32, 8), (64, 4096, 32, 8), (64, 4096, 32, 64), (64, 14336, 32, 64),
+            (64, 4096, 256, 64), (64, 14336, 256, 64), (2048, 4096, 256, 16))]
+        for row in report["sweep"]:
+            print("sweep", {k: row[k] for k in ("tokens", "in", "rank", "num_adapters")}, "default", row["default"],
+                  "best", row["best"][0])
     if not args.skip_basis:
         report["basis"] = basis_routes()
     args.out.parent.mkdir(parents=True, exist_ok=True)

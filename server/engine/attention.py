@@ -56,9 +56,9 @@ class DecodeMetadata:
     slot_mapping: torch.Tensor
     """[S] flat KV index of each sequence's new token."""
     block_tables: torch.Tensor
-    """[S, max_blocks] int32."""
+    """[S, max_blocks] integer block ids."""
     context_lens: torch.Tensor
-    """[S] int32, including the new token."""
+    """[S] integer, including the new token."""
     block_size: int
 
 

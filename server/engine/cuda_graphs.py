@@ -29,12 +29,14 @@ class DecodeGraphs:
     def __init__(self, runner, max_batch: int):
         self.runner = runner
         self.buckets = graph_buckets(max_batch)
-        dev = runner.device
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.zeros(max_batch, dtype=torch.long, device=dev)
-        self.block_tables = torch.zeros(max_batch, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.context_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        dev, b, width = runner.device, max_batch, runner.max_blocks_per_seq
+        # all static inputs in one int64 buffer, filled by one copy from a pinned staging twin
+        self._buffer = torch.zeros(b * (4 + width), dtype=torch.long, device=dev)
+        self._staging = torch.zeros_like(self._buffer, device="cpu").pin_memory()
+        self._staging_np = self._staging.numpy()
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self._buffer[: 4 * b].view(4, b)
+        self.block_tables = self._buffer[4 * b :].view(b, width)
+        self.max_batch = max_batch
         self.rows = torch.arange(max_batch, dtype=torch.long, device=dev)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -49,7 +51,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        self._fill(self.runner.padding_decode_inputs(max(self.buckets)))
+        self._fill(self.runner.decode_inputs([], pad_to=max(self.buckets)))
         for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             for with_adapter in (False, True):
                 self.runner.adapted.slot_index.set([0 if with_adapter else -1] * bucket)
@@ -67,21 +69,21 @@ class DecodeGraphs:
                  time.perf_counter() - start)
 
     def _fill(self, inputs) -> None:
-        ids, positions, slot_mapping, tables, context_lens, _ = inputs
-        n = len(ids)
-        self.input_ids[:n].copy_(torch.tensor(ids), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slot_mapping), non_blocking=True)
-        self.block_tables[:n].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        self.context_lens[:n].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
+        """Copy a step's inputs into the static buffers (one host-to-device copy; the previous one has
+        finished, since every step ends with the sampler's host sync)."""
+        n, b = len(inputs.token_ids), self.max_batch
+        columns = self._staging_np[: 4 * b].reshape(4, b)
+        for row, values in enumerate((inputs.token_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens)):
+            columns[row, :n] = values
+        self._staging_np[4 * b :].reshape(b, -1)[:n] = inputs.block_tables
+        self._buffer.copy_(self._staging, non_blocking=True)
 
     def run(self, scheduled) -> torch.Tensor:
         """Replay the bucket's graph for these decoding sequences; logits [len(scheduled), V]."""
         bucket = self.bucket_for(len(scheduled))
         inputs = self.runner.decode_inputs(scheduled, pad_to=bucket)
         self._fill(inputs)
-        token_slots = inputs[-1]
-        self.runner.adapted.slot_index.set(token_slots)
+        self.runner.adapted.slot_index.set(inputs.token_slots)
         graph, logits = self._graphs[(bucket, self.runner.adapted.slot_index.any_adapter)]
         graph.replay()
         return logits[0, : len(scheduled)]

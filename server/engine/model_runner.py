@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from adapters.layer import attach_adapters
@@ -29,6 +30,25 @@ def kernels_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step's inputs as host arrays (int64), rows past the real sequences padded."""
+
+    token_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    context_lens: np.ndarray
+    block_tables: np.ndarray  # [rows, max_blocks_per_seq]
+    token_slots: list[int]
+
+    @classmethod
+    def padding(cls, rows: int, width: int, scratch_block: int, block_size: int) -> "DecodeInputs":
+        tables = np.zeros((rows, width), dtype=np.int64)
+        tables[:, 0] = scratch_block
+        return cls(np.zeros(rows, np.int64), np.zeros(rows, np.int64), np.full(rows, scratch_block * block_size, np.int64),
+                   np.ones(rows, np.int64), tables, [-1] * rows)
 
 
 @dataclass(frozen=True)
@@ -83,22 +103,23 @@ class ModelRunner:
             self.graphs.capture()
 
     def _kv_capacity(self, cfg: EngineConfig) -> int:
-        """Blocks that fit: the override, else the CPU budget, else GPU memory left after weights and a
-        reserve for one step's activations (a full prefill chunk, or a full decode batch's KV gather)."""
+        """Blocks to allocate: the override; else what fits (GPU memory left after weights and a reserve
+        for one step's activations, or the CPU budget), capped at what max_num_seqs sequences of
+        max_model_len tokens can ever use at once."""
         blocks_per_seq = math.ceil(self.max_model_len / cfg.block_size)
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         if self.device.type != "cuda":
             fit = int(cfg.cpu_kv_cache_gib * 2**30 // self.spec.bytes_per_block)
-            num_blocks = min(fit, cfg.max_num_seqs * blocks_per_seq)
         else:
             free, total = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached, unused
             spec = self.spec
             gather = 2 * cfg.max_num_seqs * self.max_model_len * spec.num_kv_heads * spec.head_dim * spec.dtype.itemsize
             hidden = self.model.config.get_text_config().hidden_size
             activations = 16 * cfg.max_num_batched_tokens * hidden * spec.dtype.itemsize + 4 * gather
-            budget = total * cfg.gpu_memory_utilization - (total - free) - activations
-            num_blocks = int(budget // spec.bytes_per_block)
+            fit = int((total * cfg.gpu_memory_utilization - (total - free) - activations) // spec.bytes_per_block)
+        num_blocks = min(fit, cfg.max_num_seqs * blocks_per_seq)
         if num_blocks < blocks_per_seq:
             raise RuntimeError(
                 f"KV cache fits {num_blocks} blocks, fewer than one {self.max_model_len}-token sequence needs "
@@ -120,39 +141,29 @@ class ModelRunner:
                          logits_to_keep=logits_rows, use_cache=False)
         return out.logits
 
-    def decode_inputs(self, scheduled: list[ScheduledSeq], pad_to: int):
-        """Host lists for a decode-only step, padded with dummy rows (scratch KV block, no adapter)."""
-        bs, width = self.block_size, self.max_blocks_per_seq
-        ids, positions, slot_mapping, tables, context_lens, token_slots = [], [], [], [], [], []
-        for item in scheduled:
+    def decode_inputs(self, scheduled: list[ScheduledSeq], pad_to: int) -> "DecodeInputs":
+        """Host arrays for a decode-only step, padded with dummy rows (scratch KV block, no adapter)."""
+        bs = self.block_size
+        inputs = DecodeInputs.padding(pad_to, self.max_blocks_per_seq, self.scratch_block, bs)
+        for i, item in enumerate(scheduled):
             seq, pos = item.seq, item.start
-            ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
-            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
-            context_lens.append(pos + 1)
-            token_slots.append(seq.slot)
-        padding = pad_to - len(scheduled)
-        ids += [0] * padding
-        positions += [0] * padding
-        slot_mapping += [self.scratch_block * bs] * padding
-        tables += [[self.scratch_block] + [0] * (width - 1)] * padding
-        context_lens += [1] * padding
-        token_slots += [-1] * padding
-        return ids, positions, slot_mapping, tables, context_lens, token_slots
-
-    def padding_decode_inputs(self, num_rows: int):
-        return self.decode_inputs([], pad_to=num_rows)
+            inputs.token_ids[i] = seq.token_ids[pos]
+            inputs.positions[i] = pos
+            inputs.slot_mapping[i] = seq.block_table[pos // bs] * bs + pos % bs
+            inputs.context_lens[i] = pos + 1
+            inputs.block_tables[i, : len(seq.block_table)] = seq.block_table
+            inputs.block_tables[i, len(seq.block_table) :] = 0
+            inputs.token_slots[i] = seq.slot
+        return inputs
 
     def _run_decode_eager(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        ids, positions, slot_mapping, tables, context_lens, token_slots = self.decode_inputs(scheduled, len(scheduled))
-        dev = self.device
-        meta = DecodeMetadata(self.kv_caches, torch.tensor(slot_mapping, device=dev),
-                              torch.tensor(tables, dtype=torch.int32, device=dev),
-                              torch.tensor(context_lens, dtype=torch.int32, device=dev), self.block_size)
-        self.adapted.slot_index.set(token_slots)
-        rows = torch.arange(len(scheduled), device=dev)
-        return self.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta, rows)[0]
+        inputs = self.decode_inputs(scheduled, len(scheduled))
+        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        meta = DecodeMetadata(self.kv_caches, to_dev(inputs.slot_mapping), to_dev(inputs.block_tables),
+                              to_dev(inputs.context_lens), self.block_size)
+        self.adapted.slot_index.set(inputs.token_slots)
+        rows = torch.arange(len(scheduled), device=self.device)
+        return self.forward(to_dev(inputs.token_ids), to_dev(inputs.positions), meta, rows)[0]
 
     @torch.no_grad()
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
