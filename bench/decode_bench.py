@@ -184,9 +184,14 @@ def main():
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "command": " ".join(sys.argv)}
     rows = []
 
+    rows_log = args.out.with_suffix(".rows.jsonl")
+    rows_log.parent.mkdir(parents=True, exist_ok=True)
+
     def emit(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
+        with rows_log.open("a") as f:  # partial results survive a crash later in the run
+            f.write(json.dumps(row) + "\n")
 
     bandwidth = measured_bandwidth()
     report["copy_bandwidth_TBps"] = bandwidth / 1e12
