@@ -23,25 +23,23 @@ BASE_SLOT = -1
 class SlotIndex:
     """Per-token adapter slot for the current step, shared by every adapted layer.
 
-    Besides `token_slots`, it holds the step's tokens grouped by slot (for the grouped shrink
-    kernel): `token_order` (token indices sorted by slot), `seg_start` / `seg_slot` (one segment per
-    distinct slot, base tokens included) and `num_segments`, all in one preallocated device buffer,
-    so CUDA graphs captured on it stay valid.
+    Besides `token_slots`, it holds the step's tokens grouped by slot for the grouped shrink kernel:
+    `token_order` (token indices sorted by slot) cut into tiles of at most `tile_tokens` tokens of
+    one slot each (`tile_start`, `tile_end`, `tile_slot`, `num_tiles`), all in one preallocated
+    device buffer, so CUDA graphs captured on it stay valid.
     """
 
     def __init__(self, max_tokens: int, device: torch.device | str):
         device = torch.device(device)
-        self.max_tokens = max_tokens
-        m = max_tokens
+        self.max_tokens = m = max_tokens
         self._slots = torch.full((m,), BASE_SLOT, dtype=torch.long, device=device)
-        self._groups = torch.zeros(3 * m + 2, dtype=torch.int32, device=device)
-        self._staging = torch.zeros(3 * m + 2, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._groups = torch.zeros(4 * m + 1, dtype=torch.int32, device=device)
+        self._staging = torch.zeros(4 * m + 1, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._staging_np = self._staging.numpy()  # filled with numpy, copied to the device in one go
-        self.token_order = self._groups[:m]
-        self.seg_start = self._groups[m : 2 * m + 1]
-        self.seg_slot = self._groups[2 * m + 1 : 3 * m + 1]
-        self.num_segments = self._groups[3 * m + 1 :]
+        self.token_order, self.tile_start, self.tile_end, self.tile_slot = self._groups[: 4 * m].view(4, m)
+        self.num_tiles = self._groups[4 * m :]
         self.num_tokens = 0
+        self.tile_tokens = 16
         self.any_adapter = False
 
     @property
@@ -56,19 +54,26 @@ class SlotIndex:
         n, m = len(token_slots), self.max_tokens
         if n > m:
             raise ValueError(f"{n} tokens in one forward, more than the {m} this index holds")
+        tile = 16 if n <= 256 else 64  # decode-sized steps: small tiles, more programs
         slots = np.asarray(token_slots, dtype=np.int64)
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_slots)) + 1, [n])) if n else np.zeros(1, np.int64)
-        g = len(starts) - 1
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(sorted_slots)) + 1, [n])).astype(np.int64)
+        tiles_per_segment = -(-np.diff(starts) // tile)
+        segment = np.repeat(np.arange(len(tiles_per_segment)), tiles_per_segment)
+        first_tile = np.cumsum(tiles_per_segment) - tiles_per_segment
+        tile_start = starts[segment] + (np.arange(len(segment)) - first_tile[segment]) * tile
         staging = self._staging_np
+        k = len(segment)
         staging[:n] = order
-        staging[m : m + g + 1] = starts
-        staging[2 * m + 1 : 2 * m + 1 + g] = sorted_slots[starts[:-1]]
-        staging[3 * m + 1] = g
+        staging[m : m + k] = tile_start
+        staging[2 * m : 2 * m + k] = np.minimum(tile_start + tile, starts[segment + 1])
+        staging[3 * m : 3 * m + k] = sorted_slots[starts[segment]] if k else []
+        staging[4 * m] = k
         self._groups.copy_(self._staging, non_blocking=True)
         self._slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
         self.num_tokens = n
+        self.tile_tokens = tile
         self.any_adapter = bool(n) and bool((slots != BASE_SLOT).any())
 
 

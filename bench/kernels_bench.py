@@ -105,7 +105,7 @@ def tune_shrink(tokens, in_features, rank, num_adapters, dtype=torch.bfloat16):
         assert (z - ref).norm() / ref.norm() < 1e-2, cfg
         times[cfg] = bench(lambda: grouped_shrink(x, stacks.stacks["g"], stacks.ranks["g"], index, cfg), rep=60)
     best = sorted(times, key=times.get)[:3]
-    default = default_config(tokens, rank)
+    default = default_config(tokens, rank, in_features)
     return {"tokens": tokens, "in": in_features, "rank": rank, "num_adapters": num_adapters,
             "default": vars(default) | {"us": times.get(default)},
             "best": [vars(c) | {"us": times[c]} for c in best]}

@@ -4,8 +4,9 @@ Layout: `<basis_dir>/<basis_checksum[:32]>/basis.safetensors` (one float32 tenso
 [out, rank] per target linear) plus `manifest.json`. The key, `basis_checksum`, identifies the
 basis by what defines it: a fingerprint of the target weights, the target modules and the basis
 kind. It is the same on every machine, so adapters record it and are refused against another
-basis. The manifest also holds the file's sha256, so a corrupt or truncated file is detected,
-logged and recomputed, never trusted. Writes are atomic (temp file + rename).
+basis. The manifest also holds a checksum of every tensor, verified on load (on the device the
+basis is loaded to, so a GPU server checks 1.4 GB in milliseconds), so a corrupt or truncated file
+is detected, logged and recomputed, never trusted. Writes are atomic (temp file + rename).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from cache.basis import principal_basis, random_basis
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FINGERPRINT_ROWS = 64
 
 
@@ -66,6 +67,14 @@ def basis_checksum(linears: dict[str, nn.Linear], target_modules: tuple[str, ...
     return h.hexdigest()
 
 
+def tensor_checksum(t: torch.Tensor) -> int:
+    """Position-weighted sum of a float32 tensor's bits in int64 arithmetic: exact, and the same on
+    CPU and GPU (wrap-around addition does not depend on the reduction order)."""
+    bits = t.contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+    weights = torch.arange(bits.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
+    return int((bits * weights).sum())
+
+
 def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
@@ -87,8 +96,9 @@ class BasisCache:
         method: str = "gram",
         kind: str = "principal",
         progress: bool = True,
+        device: torch.device | str = "cpu",
     ) -> Basis:
-        """The basis for `model`, served from the cache when a valid entry holds >= rank_max columns.
+        """The basis for `model` on `device`, from the cache when a valid entry holds >= rank_max columns.
 
         kind is 'principal' (top singular vectors) or 'random:<seed>' (random orthonormal, for ablations).
         """
@@ -98,17 +108,17 @@ class BasisCache:
         checksum = basis_checksum(linears, target_modules, kind)
         ranks = {name: min(rank_max, lin.out_features, lin.in_features) for name, lin in linears.items()}
         entry = self.entry_dir(checksum)
-        u = self._try_load(entry, checksum, ranks)
+        u = self._try_load(entry, checksum, ranks, torch.device(device))
         source = "loaded"
         if u is None:
-            u = self._compute(linears, ranks, method, kind, progress)
+            u = self._compute(linears, ranks, method, kind, progress, torch.device(device))
             self._store(entry, checksum, kind, method, rank_max, target_modules, u, time.perf_counter() - start)
             source = "computed"
         seconds = time.perf_counter() - start
         log.info("basis %s %s in %.2fs (%d modules, rank_max %d)", checksum[:12], source, seconds, len(u), rank_max)
         return Basis(checksum, kind, rank_max, groups, u, source, seconds)
 
-    def _try_load(self, entry: Path, checksum: str, ranks: dict[str, int]) -> dict[str, torch.Tensor] | None:
+    def _try_load(self, entry: Path, checksum: str, ranks: dict[str, int], device: torch.device):
         manifest_path, tensor_path = entry / "manifest.json", entry / "basis.safetensors"
         if not manifest_path.exists():
             return None
@@ -121,16 +131,13 @@ class BasisCache:
             if short:
                 log.info("basis cache holds fewer columns than asked for (%s...); recomputing", short[0])
                 return None
-            data = tensor_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != manifest["content_sha256"]:
-                raise ValueError("basis file checksum mismatch (corrupt or truncated)")
-            tensors = load_safetensors_bytes(data)
             u = {}
-            for name, rank in ranks.items():
-                t = tensors[f"U.{name}"]
-                if t.shape[1] < rank or not torch.isfinite(t).all():
-                    raise ValueError(f"bad tensor for {name}")
-                u[name] = t[:, :rank].contiguous()
+            with safe_open(tensor_path, framework="pt", device=str(device)) as f:  # mmap, no full read
+                for name, rank in ranks.items():
+                    t = f.get_tensor(f"U.{name}")
+                    if list(t.shape) != stored[name] or tensor_checksum(t) != manifest["tensor_checksums"][name]:
+                        raise ValueError(f"checksum mismatch for {name} (corrupt or truncated file)")
+                    u[name] = t[:, :rank].contiguous() if rank < t.shape[1] else t
             return u
         except Exception as exc:  # any damage means recompute, never trust, never crash
             log.warning("basis cache entry %s is unusable (%s); recomputing", entry, exc)
@@ -138,21 +145,21 @@ class BasisCache:
 
     @staticmethod
     @torch.no_grad()
-    def _compute(linears, ranks, method, kind, progress) -> dict[str, torch.Tensor]:
+    def _compute(linears, ranks, method, kind, progress, device) -> dict[str, torch.Tensor]:
         u = {}
         for name in tqdm(sorted(linears), desc="computing basis", unit="layer", disable=not progress):
             weight = linears[name].weight
             if kind == "principal":
-                u[name] = principal_basis(weight, ranks[name], method).cpu()
+                u[name] = principal_basis(weight, ranks[name], method).to(device)
             elif kind.startswith("random:"):
-                u[name] = random_basis(weight.shape[0], ranks[name], _module_seed(int(kind[7:]), name))
+                u[name] = random_basis(weight.shape[0], ranks[name], _module_seed(int(kind[7:]), name)).to(device)
             else:
                 raise ValueError(f"unknown basis kind {kind!r}")
         return u
 
     def _store(self, entry, checksum, kind, method, rank_max, target_modules, u, seconds) -> None:
         entry.mkdir(parents=True, exist_ok=True)
-        data = save_safetensors_bytes({f"U.{name}": t for name, t in u.items()})
+        data = save_safetensors_bytes({f"U.{name}": t.cpu() for name, t in u.items()})
         atomic_write(entry / "basis.safetensors", data)
         manifest = {
             "format": FORMAT_VERSION,
@@ -162,7 +169,7 @@ class BasisCache:
             "rank_max": rank_max,
             "target_modules": list(target_modules),
             "modules": {name: list(t.shape) for name, t in u.items()},
-            "content_sha256": hashlib.sha256(data).hexdigest(),
+            "tensor_checksums": {name: tensor_checksum(t) for name, t in u.items()},
             "compute_seconds": round(seconds, 3),
         }
         atomic_write(entry / "manifest.json", json.dumps(manifest, indent=1).encode())

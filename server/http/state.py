@@ -174,7 +174,8 @@ def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
     """Load the model once, its basis from the cache (computing it if missing), and start the engine."""
     loaded = load_model(config.model)
     basis = BasisCache(config.model.basis_dir).load_or_compute(
-        loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method
+        loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
+        device=loaded.device,
     )
     expect = AdapterExpectation.from_basis(basis)
     store = AdapterStore(config.adapter_dir, expect)

@@ -37,7 +37,10 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     cases = [(1, 1, 16, 64, [16]), (7, 3, 16, 100, [16, 0, 5]), (37, 5, 48, 130, [48, 7, 0, 33, 1]),
-             (64, 9, 32, 257, [32, 32, 8, 0, 16, 32, 3, 32, 20])]
+             (64, 9, 32, 257, [32, 32, 8, 0, 16, 32, 3, 32, 20]),
+             (300, 3, 16, 40, [16, 5, 0]),  # > 256 tokens: 64-token tiles
+             (290, 2, 128, 48, [128, 70]),  # large rank, long step: split-K
+             (70, 1, 32, 64, [32])]  # one adapter for every token: many tiles of one slot
     if device == "cuda":
         cases += [(64, 64, 256, 4096, [256] * 64), (300, 16, 32, 4096, [32] * 16), (2048, 8, 256, 4096, [256, 128] * 4)]
     for i, (t, s, r, k, ranks) in enumerate(cases):

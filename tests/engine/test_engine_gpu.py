@@ -53,3 +53,16 @@ def test_cuda_engine_bf16_logprobs_match_teacher_forced_hf(world_factory):
         ref = torch.log_softmax(logits[len(prompt) - 1 : -1], -1).gather(1, torch.tensor(generated, device="cuda")[:, None])
         ours = torch.tensor([lp.logprob for lp in got[rid]], device="cuda")
         assert (ours - ref[:, 0]).abs().max() < 0.15, (rid, adapter_id)
+
+
+def test_basis_cache_checksums_agree_on_cpu_and_gpu(world_factory):
+    from cache.basis_cache import BasisCache, tensor_checksum
+
+    world = world_factory(num_adapters=0, device="cuda", dtype="float32")
+    cache = BasisCache(world.cfg.basis_dir)
+    on_gpu = cache.load_or_compute(world.loaded.model, world.cfg.target_modules, 8, progress=False, device="cuda")
+    on_cpu = cache.load_or_compute(world.loaded.model, world.cfg.target_modules, 8, progress=False, device="cpu")
+    assert on_gpu.source == on_cpu.source == "loaded"
+    for name, u in on_gpu.u.items():
+        assert u.is_cuda and tensor_checksum(u) == tensor_checksum(on_cpu.u[name])
+        assert torch.equal(u.cpu(), on_cpu.u[name])
