@@ -1,10 +1,11 @@
 """On-disk cache of the frozen per-layer bases, so a restart loads U instead of recomputing SVDs.
 
-Layout: `<basis_dir>/<basis_checksum[:32]>/basis.safetensors` (one float32 tensor `U.<module>`
-[out, rank] per target linear) plus `manifest.json`. The key, `basis_checksum`, identifies the
-basis by what defines it: a fingerprint of the target weights, the target modules and the basis
-kind. It is the same on every machine, so adapters record it and are refused against another
-basis. The manifest also holds a checksum of every tensor, verified on load (on the device the
+Layout: `<basis_dir>/<entry key>/basis.safetensors` (one float32 tensor `U.<module>` [out, rank]
+per target linear) plus `manifest.json`. `basis_checksum` identifies the basis by what defines it:
+a fingerprint of the model's linear weights and the basis kind. It does not depend on which
+modules are targeted (each layer's U depends only on its own weight), so an adapter trained on
+q_proj alone carries the same checksum as a server targeting every projection; it is the same on
+every machine, and adapters naming another one are refused. The entry key adds the targets. The manifest also holds a checksum of every tensor, verified on load (on the device the
 basis is loaded to, so a GPU server checks 1.4 GB in milliseconds), so a corrupt or truncated file
 is detected, logged and recomputed, never trusted. Writes are atomic (temp file + rename).
 """
@@ -53,11 +54,12 @@ class Basis:
         return min(self.rank_max, self.groups[group].max_rank)
 
 
-def basis_checksum(linears: dict[str, nn.Linear], target_modules: tuple[str, ...], kind: str) -> str:
-    """Identity of a basis: sampled rows of each target weight (bf16-rounded, so the load dtype
-    does not matter), the module names and shapes, the target list and the basis kind."""
+def basis_checksum(model: nn.Module, kind: str) -> str:
+    """Identity of a basis: sampled rows of every linear weight (bf16-rounded, so the load dtype does
+    not matter), with names and shapes, and the basis kind."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "kind": kind, "targets": sorted(target_modules)}).encode())
+    h.update(json.dumps({"format": FORMAT_VERSION, "kind": kind}).encode())
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     for name in sorted(linears):
         weight = linears[name].weight.detach()
         rows = torch.linspace(0, weight.shape[0] - 1, min(_FINGERPRINT_ROWS, weight.shape[0])).long()
@@ -65,6 +67,10 @@ def basis_checksum(linears: dict[str, nn.Linear], target_modules: tuple[str, ...
         h.update(f"{name}:{tuple(weight.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def entry_key(checksum: str, target_modules: tuple[str, ...]) -> str:
+    return hashlib.sha256(f"{checksum}:{','.join(sorted(target_modules))}".encode()).hexdigest()[:32]
 
 
 def tensor_checksum(t: torch.Tensor) -> int:
@@ -85,8 +91,8 @@ class BasisCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def entry_dir(self, checksum: str) -> Path:
-        return self.root / checksum[:32]
+    def entry_dir(self, checksum: str, target_modules: tuple[str, ...]) -> Path:
+        return self.root / entry_key(checksum, target_modules)
 
     def load_or_compute(
         self,
@@ -105,9 +111,9 @@ class BasisCache:
         start = time.perf_counter()
         linears = find_target_linears(model, target_modules)
         groups = group_targets(linears, target_modules)
-        checksum = basis_checksum(linears, target_modules, kind)
+        checksum = basis_checksum(model, kind)
         ranks = {name: min(rank_max, lin.out_features, lin.in_features) for name, lin in linears.items()}
-        entry = self.entry_dir(checksum)
+        entry = self.entry_dir(checksum, target_modules)
         u = self._try_load(entry, checksum, ranks, torch.device(device))
         source = "loaded"
         if u is None:
@@ -124,7 +130,8 @@ class BasisCache:
             return None
         try:
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("format") != FORMAT_VERSION or manifest.get("basis_checksum") != checksum:
+            if manifest.get("format") != FORMAT_VERSION or manifest.get("basis_checksum") != checksum or \
+                    set(manifest.get("modules", {})) != set(ranks):
                 raise ValueError("manifest does not match this model's basis")
             stored = manifest["modules"]
             short = [n for n, r in ranks.items() if n not in stored or stored[n][1] < r]

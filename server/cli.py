@@ -132,6 +132,45 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from adapters.train_data import DataError
+    from adapters.trainer import TrainConfig, train
+
+    try:
+        cfg = TrainConfig(
+            data=args.data, out=args.out, rank=args.rank, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            max_length=args.max_length, warmup_ratio=args.warmup_ratio, schedule=args.schedule,
+            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed, basis=args.basis,
+            save_every=args.save_every, resume_from=args.resume_from,
+        )
+        state, *_ = train(cfg, model_config(args))
+    except (DataError, ValueError) as exc:
+        print(f"training refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained {state.step} steps (final loss {state.losses[-1]:.4f}); adapter in {args.out}")
+    return 0
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("training")
+    t.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "completion"} or {"messages"}')
+    t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints inside)")
+    t.add_argument("--rank", type=int, default=16)
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--warmup-ratio", type=float, default=0.03)
+    t.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"))
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--basis", default="principal", choices=("principal", "random"),
+                   help="random: a seeded random orthonormal basis (the paper's ablation); servers refuse it")
+    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and every epoch end)")
+    t.add_argument("--resume-from", type=Path, default=None, help="a checkpoint folder to continue from")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pica-serve", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -145,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="compute and cache the frozen basis of a model")
     add_model_args(p)
     p.set_defaults(func=cmd_precompute)
+
+    p = sub.add_parser("train", help="train a PiCa adapter (the groups of --target-modules) the server serves")
+    add_model_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("merge", help="write a plain transformers model with an adapter folded in")
     add_model_args(p)

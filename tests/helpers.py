@@ -16,8 +16,12 @@ from server.demo_model import build_byte_tokenizer
 ARCHS = ("llama", "qwen2")
 
 
-def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers: int = 2) -> Path:
-    """Save a random tiny causal LM + byte tokenizer with save_pretrained; out != in for the MLP."""
+def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers: int = 2,
+                     init_std: float = 0.02) -> Path:
+    """Save a random tiny causal LM + byte tokenizer with save_pretrained; out != in for the MLP.
+
+    init_std 0.02 (transformers' default) gives near-uniform outputs whose logit spread a frozen
+    lm_head caps; training tests use a larger one so that confident answers are reachable."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     tokenizer = build_byte_tokenizer()
@@ -33,6 +37,7 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
     with torch.random.fork_rng():

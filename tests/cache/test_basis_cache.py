@@ -27,7 +27,7 @@ def test_miss_then_hit(tiny):
     assert first.u.keys() == second.u.keys() and len(first.u) == 2 * 7
     for name in first.u:
         assert torch.equal(first.u[name], second.u[name])
-    manifest = json.loads((BasisCache(cfg.basis_dir).entry_dir(first.checksum) / "manifest.json").read_text())
+    manifest = json.loads((BasisCache(cfg.basis_dir).entry_dir(first.checksum, cfg.target_modules) / "manifest.json").read_text())
     assert manifest["basis_checksum"] == first.checksum and manifest["rank_max"] == 16
 
 
@@ -50,7 +50,7 @@ def test_smaller_rank_reuses_file_larger_recomputes(tiny):
 def test_damaged_cache_is_detected_and_recomputed(tiny, damage, caplog):
     cfg, model = tiny
     first = load(cfg, model)
-    entry = BasisCache(cfg.basis_dir).entry_dir(first.checksum)
+    entry = BasisCache(cfg.basis_dir).entry_dir(first.checksum, cfg.target_modules)
     path = entry / "basis.safetensors"
     data = bytearray(path.read_bytes())
     if damage == "flip":
@@ -84,3 +84,13 @@ def test_random_kind_has_its_own_checksum(tiny):
     assert rand.checksum != principal.checksum and rand.kind == "random:7"
     u = next(iter(rand.u.values()))
     torch.testing.assert_close(u.T @ u, torch.eye(16), atol=1e-5, rtol=0)
+
+
+def test_checksum_does_not_depend_on_the_targets(tiny):
+    cfg, model = tiny
+    everything = load(cfg, model)
+    q_only = BasisCache(cfg.basis_dir).load_or_compute(model, ("q_proj",), 16, progress=False)
+    assert q_only.checksum == everything.checksum and set(q_only.groups) == {"q_proj"}
+    assert q_only.source == "computed"  # its own cache entry
+    for name, u in q_only.u.items():
+        assert torch.equal(u, everything.u[name])

@@ -11,6 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
+from server.chat_template import encode_chat
 from server.http.deps import get_state, require_api_key
 from server.http.errors import APIError
 from server.http.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
@@ -19,7 +20,6 @@ from server.http.state import ServerState, collect, merge_streams, sampling_para
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 422, 429, 503)}
-FALLBACK_CHAT_FORMAT = "{role}: {content}\n"
 
 
 def refuse_unsupported(body) -> None:
@@ -131,14 +131,8 @@ def message_text(message) -> str:
 
 
 def chat_prompt(state: ServerState, messages) -> list[int]:
-    """The tokenizer's chat template; without one, `role: content` lines ending in `assistant:`."""
-    plain = [{"role": m.role, "content": message_text(m)} for m in messages]
-    tokenizer = state.loaded.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = "".join(FALLBACK_CHAT_FORMAT.format(**m) for m in plain) + "assistant:"
-    return state.tokenize(text)
+    return encode_chat(state.loaded.tokenizer, [{"role": m.role, "content": message_text(m)} for m in messages],
+                       add_generation_prompt=True)
 
 
 def chat_logprobs(state: ServerState, logprobs) -> dict:
