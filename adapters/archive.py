@@ -53,30 +53,37 @@ def unpack_adapter_archive(filename: str, data: bytes, max_unpacked_bytes: int) 
     return members
 
 
+def _collect(members, limit: int) -> dict[str, bytes]:
+    """Apply every safety rule once. members yields (name, kind, size, read) with kind 'dir', 'file'
+    or 'other' (links, devices, ...), and read() returning the member's bytes."""
+    found, total = {}, 0
+    for count, (name, kind, size, read) in enumerate(members, start=1):
+        if count > MAX_MEMBERS:
+            raise ArchiveError(f"archive has more than {MAX_MEMBERS} members")
+        norm = _check_name(name)
+        if kind == "dir":
+            continue
+        if kind != "file":
+            raise ArchiveError(f"archive member {name!r} is a link or special file")
+        total += size
+        if total > limit:
+            raise ArchiveTooLarge(f"archive unpacks to more than {limit} bytes")
+        wanted = _wanted(norm)
+        if wanted is not None:
+            if wanted in found:
+                raise ArchiveError(f"archive holds {wanted} more than once")
+            found[wanted] = read()
+    return found
+
+
 def _tar_members(data: bytes, limit: int) -> dict[str, bytes]:
     try:
         archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ArchiveError(f"not a readable tar archive: {exc}") from exc
-    found, total = {}, 0
     with archive:
-        for count, member in enumerate(archive, start=1):
-            if count > MAX_MEMBERS:
-                raise ArchiveError(f"archive has more than {MAX_MEMBERS} members")
-            norm = _check_name(member.name)
-            if member.isdir():
-                continue
-            if not member.isfile():
-                raise ArchiveError(f"archive member {member.name!r} is a link or special file")
-            total += member.size
-            if total > limit:
-                raise ArchiveTooLarge(f"archive unpacks to more than {limit} bytes")
-            name = _wanted(norm)
-            if name is not None:
-                if name in found:
-                    raise ArchiveError(f"archive holds {name} more than once")
-                found[name] = archive.extractfile(member).read()
-    return found
+        return _collect(((m.name, "dir" if m.isdir() else "file" if m.isfile() else "other", m.size,
+                          lambda m=m: archive.extractfile(m).read()) for m in archive), limit)
 
 
 def _zip_members(data: bytes, limit: int) -> dict[str, bytes]:
@@ -84,27 +91,18 @@ def _zip_members(data: bytes, limit: int) -> dict[str, bytes]:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError) as exc:
         raise ArchiveError(f"not a readable zip archive: {exc}") from exc
-    found, total = {}, 0
+
+    def read(info: zipfile.ZipInfo) -> bytes:
+        with archive.open(info) as f:  # read at most the declared size + 1: zip bombs lie
+            payload = f.read(info.file_size + 1)
+        if len(payload) > info.file_size:
+            raise ArchiveError(f"archive member {info.filename!r} is larger than declared")
+        return payload
+
+    def kind(info: zipfile.ZipInfo) -> str:
+        if info.is_dir():
+            return "dir"
+        return "other" if (info.external_attr >> 16) & 0o170000 == 0o120000 else "file"
+
     with archive:
-        infos = archive.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise ArchiveError(f"archive has more than {MAX_MEMBERS} members")
-        for info in infos:
-            norm = _check_name(info.filename)
-            if info.is_dir():
-                continue
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise ArchiveError(f"archive member {info.filename!r} is a link or special file")
-            total += info.file_size
-            if total > limit:
-                raise ArchiveTooLarge(f"archive unpacks to more than {limit} bytes")
-            name = _wanted(norm)
-            if name is not None:
-                if name in found:
-                    raise ArchiveError(f"archive holds {name} more than once")
-                with archive.open(info) as f:  # read at most the declared size + 1 (zip bombs lie)
-                    payload = f.read(info.file_size + 1)
-                if len(payload) > info.file_size:
-                    raise ArchiveError(f"archive member {info.filename!r} is larger than declared")
-                found[name] = payload
-    return found
+        return _collect(((i.filename, kind(i), i.file_size, lambda i=i: read(i)) for i in archive.infolist()), limit)

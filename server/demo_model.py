@@ -39,12 +39,11 @@ def build_byte_tokenizer():
     return hf_tok
 
 
-def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
-    """Write the demo model + tokenizer to out_dir with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_config(tokenizer, config_class=None, **overrides):
+    """A small causal-LM config around the byte tokenizer (the demo model's; tests shrink it further)."""
+    from transformers import LlamaConfig
 
-    tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=256,
@@ -57,6 +56,15 @@ def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    return (config_class or LlamaConfig)(**{**fields, **overrides})
+
+
+def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write the demo model + tokenizer to out_dir with save_pretrained."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config = tiny_config(tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

@@ -11,7 +11,7 @@ import torch
 
 from adapters.format import AdapterConfig, AdapterExpectation, load_adapter_dir, save_adapter_dir
 from server.config import AppConfig, EngineConfig, ModelConfig, ServerConfig
-from server.demo_model import build_byte_tokenizer
+from server.demo_model import build_byte_tokenizer, tiny_config
 
 ARCHS = ("llama", "qwen2")
 
@@ -25,21 +25,9 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers:
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     tokenizer = build_byte_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        initializer_range=init_std,
-    )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    config = tiny_config(tokenizer, {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch], hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=512,
+                         initializer_range=init_std)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
