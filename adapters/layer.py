@@ -16,8 +16,7 @@ from torch import nn
 
 from adapters.ops import expand_add, shrink
 from adapters.targets import find_target_linears
-
-BASE_SLOT = -1
+from cache.slot_table import BASE_SLOT
 
 
 class SlotIndex:

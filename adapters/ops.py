@@ -37,13 +37,9 @@ def shrink_torch(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Tensor
     return z * (token_slots >= 0).unsqueeze(1).to(z.dtype)
 
 
-def expand(z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """z [T, r] @ U^T with U [out, r] -> [T, out]; one dense matmul, the same for every adapter."""
-    return F.linear(z, u)
-
-
 def expand_add(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """y + z @ U^T in one fused kernel (addmm): y [T, out], z [T, r], U [out, r]."""
+    """y + z @ U^T in one fused kernel (addmm): y [T, out], z [T, r], U [out, r]. The expand is the same
+    dense matmul for every adapter (U is per layer), so it needs no per-slot kernel."""
     return torch.addmm(y, z, u.t())
 
 

@@ -11,6 +11,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 AdapterKey = tuple  # (adapter_id, version)
+BASE_SLOT = -1
+"""The slot of a token that uses no adapter (the base model)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from cache.slot_table import SlotTableStats
 from server.engine.stats import StepStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -28,15 +29,15 @@ class _CacheCollector:
         state = self.metrics.state
         if state is None:
             return
-        host = state.host_cache.stats
-        for name, value, doc in (
-            ("pica_adapter_cache_hits", host.hits, "Adapter cache lookups that found the adapter in the tier"),
-            ("pica_adapter_cache_misses", host.misses, "Adapter cache lookups that had to load from the tier below"),
-            ("pica_adapter_cache_evictions", host.evictions, "Adapters evicted from the tier"),
+        host, gpu = state.host_cache.stats, self.metrics.gpu_slot_totals
+        for name, host_value, gpu_value, doc in (
+            ("pica_adapter_cache_hits", host.hits, gpu.hits, "Adapter cache lookups that found the adapter in the tier"),
+            ("pica_adapter_cache_misses", host.misses, gpu.misses, "Adapter cache lookups that had to load from the tier below"),
+            ("pica_adapter_cache_evictions", host.evictions, gpu.evictions, "Adapters evicted from the tier"),
         ):
             family = CounterMetricFamily(name, doc, labels=["tier"])
-            family.add_metric(["host"], value)
-            family.add_metric(["gpu"], getattr(self.metrics, f"_gpu_{name.rsplit('_', 1)[1]}"))
+            family.add_metric(["host"], host_value)
+            family.add_metric(["gpu"], gpu_value)
             yield family
         adapters = GaugeMetricFamily("pica_adapters", "Adapters per residency tier", labels=["tier"])
         adapters.add_metric(["store"], len(state.store))
@@ -52,7 +53,7 @@ class Metrics:
         self._max_labels = max_adapter_labels
         self._labels: set[str] = set()
         self._lock = threading.Lock()
-        self._gpu_hits = self._gpu_misses = self._gpu_evictions = 0
+        self.gpu_slot_totals = SlotTableStats()  # summed from the engine's per-step stats
         r = self.registry
         self.http_requests = Counter("pica_http_requests", "HTTP requests by route and status", ["endpoint", "status"], registry=r)
         self.adapter_requests = Counter(
@@ -107,9 +108,9 @@ class Metrics:
         self.step_tokens.labels("decode").inc(stats.num_decode_tokens)
         self.preemptions.inc(stats.num_preempted)
         self.kv_usage.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
-        self._gpu_hits += stats.gpu_slot_hits
-        self._gpu_misses += stats.gpu_slot_misses
-        self._gpu_evictions += stats.gpu_slot_evictions
+        self.gpu_slot_totals.hits += stats.gpu_slot_hits
+        self.gpu_slot_totals.misses += stats.gpu_slot_misses
+        self.gpu_slot_totals.evictions += stats.gpu_slot_evictions
         for seconds in stats.swap_seconds:
             self.swap.labels("host_to_gpu").observe(seconds)
         for seconds in stats.ttft_seconds:

@@ -9,7 +9,7 @@ building masks: the metadata carries everything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +36,16 @@ class AttentionMetadata:
     """[S] tokens in each sequence's cache after this step's writes."""
     token_gather: torch.Tensor
     """[T] index into the flattened [S * Qmax] outputs giving each step token's output."""
+    _masks: dict = field(default_factory=dict)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[S, 1, Qmax, Kmax] bool: causal within the sequence, inside its context (and window)."""
+        """[S, 1, Qmax, Kmax] bool: causal within the sequence, inside its context (and window).
+        Built once per step (and window size), not once per layer."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = self._build_mask(sliding_window)
+        return self._masks[sliding_window]
+
+    def _build_mask(self, sliding_window: int | None) -> torch.Tensor:
         kpos = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)
         qpos = self.query_positions[:, :, None]
         allowed = (kpos[None, None, :] <= qpos) & (kpos[None, None, :] < self.context_lens[:, None, None])

@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass, field
 
 from cache.host_cache import AdapterHandle
+from cache.slot_table import BASE_SLOT
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling import SamplingParams
 
-BASE_SLOT = -1
 
 
 class SeqStatus(enum.Enum):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adapters.ops import expand, shrink_reference, shrink_torch
+from adapters.ops import expand_add, shrink_reference, shrink_torch
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,rank,in_features", [(1, 1, 4, 8), (17, 5, 8, 33), (64, 16, 3, 20)])
@@ -19,6 +19,6 @@ def test_shrink_matches_reference(num_tokens, num_slots, rank, in_features):
     assert (got[slots == -1] == 0).all()
 
 
-def test_expand_is_u_times_z():
-    z, u = torch.randn(5, 3), torch.randn(7, 3)
-    torch.testing.assert_close(expand(z, u), z @ u.T)
+def test_expand_add_is_y_plus_u_times_z():
+    y, z, u = torch.randn(5, 7), torch.randn(5, 3), torch.randn(7, 3)
+    torch.testing.assert_close(expand_add(y, z, u), y + z @ u.T)
