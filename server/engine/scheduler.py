@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from server.engine.block_manager import BlockManager
 from cache.slot_table import BASE_SLOT, SlotTable
-from server.engine.sequence import Sequence, SeqStatus
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import SeqStatus, Sequence
 
 
 @dataclass(frozen=True)
