@@ -129,3 +129,20 @@ def test_host_cache_evicts_and_reloads_from_disk(tmp_path, world_factory):
     again = host.get("d1")  # reloaded from disk
     assert reads == ["d0", "d1", "d2", "d1"] and (host.stats.hits, host.stats.misses) == (1, 4)
     assert torch.equal(again.cores["q_proj"], load("d1").group_cores()["q_proj"])
+
+
+def test_reupload_while_running_keeps_each_request_on_its_version(world_factory):
+    world = world_factory(num_adapters=2)
+    engine = world.engine()
+    old = world.host.handle_for("tenant", world.adapters["a0"])  # same adapter id, two versions
+    new = world.host.handle_for("tenant", world.adapters["a1"])
+    assert old.key != new.key
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    engine.add_request("old", [3, 4, 5], params, old)
+    early = [t for _ in range(2) for out in engine.step()[0] for t in out.token_ids]
+    engine.drop_adapter("tenant")  # deleted and re-uploaded while "old" runs
+    engine.add_request("new", [3, 4, 5], params, new)
+    tokens, finish, _ = run_to_completion(engine)
+    assert early + tokens["old"] == world.greedy("a0", [3, 4, 5], 8)
+    assert tokens["new"] == world.greedy("a1", [3, 4, 5], 8)
+    assert tokens["old"] != tokens["new"]
