@@ -123,14 +123,14 @@ class AsyncEngine:
                     self.engine.abort_request(request_id)
                     self._deliver(request_id, RuntimeError(f"engine step failed: {exc}"))
                 continue
-            for output in outputs:
-                self._deliver(output.request_id, output)
-            self._update_queued()
-            if self.on_stats is not None:
+            if self.on_stats is not None:  # before delivery: a client that saw its output sees its metrics
                 try:
                     self.on_stats(stats)
                 except Exception:
                     log.exception("stats callback failed")
+            for output in outputs:
+                self._deliver(output.request_id, output)
+            self._update_queued()
 
     def _update_queued(self) -> None:
         """Waiting = the engine's waiting queue plus adds not yet taken from the inbox."""

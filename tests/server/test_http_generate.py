@@ -133,9 +133,8 @@ def test_stream_disconnect_cancels_the_request(live):
             "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
-    for _ in range(100):
-        if not engine.has_work:
-            break
+    deadline = time.monotonic() + 30  # returns as soon as the engine drains
+    while engine.has_work and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not engine.has_work, "the disconnected request kept running"
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
