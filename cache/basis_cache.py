@@ -74,9 +74,9 @@ def entry_key(checksum: str, target_modules: tuple[str, ...]) -> str:
 
 
 def tensor_checksum(t: torch.Tensor) -> int:
-    """Position-weighted sum of a float32 tensor's bits in int64 arithmetic: exact, and the same on
-    CPU and GPU (wrap-around addition does not depend on the reduction order)."""
-    bits = t.contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+    """Position-weighted sum of a tensor's bits in int64 arithmetic: exact, and the same on CPU and
+    GPU (wrap-around addition does not depend on the reduction order)."""
+    bits = t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16).reshape(-1).to(torch.int64)
     weights = torch.arange(bits.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
     return int((bits * weights).sum())
 
@@ -103,10 +103,13 @@ class BasisCache:
         kind: str = "principal",
         progress: bool = True,
         device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> Basis:
         """The basis for `model` on `device`, from the cache when a valid entry holds >= rank_max columns.
 
         kind is 'principal' (top singular vectors) or 'random:<seed>' (random orthonormal, for ablations).
+        The canonical basis is float32; a server asking for another dtype (its model's) gets a serving
+        copy in that dtype, written once next to it: half the bytes to read at every later start.
         """
         start = time.perf_counter()
         linears = find_target_linears(model, target_modules)
@@ -114,18 +117,25 @@ class BasisCache:
         checksum = basis_checksum(model, kind)
         ranks = {name: min(rank_max, lin.out_features, lin.in_features) for name, lin in linears.items()}
         entry = self.entry_dir(checksum, target_modules)
-        u = self._try_load(entry, checksum, ranks, torch.device(device))
+        device = torch.device(device)
         source = "loaded"
+        u = self._try_load(entry, checksum, ranks, device, dtype) if dtype != torch.float32 else None
         if u is None:
-            u = self._compute(linears, ranks, method, kind, progress, torch.device(device))
-            self._store(entry, checksum, kind, method, rank_max, target_modules, u, time.perf_counter() - start)
-            source = "computed"
+            u = self._try_load(entry, checksum, ranks, device)
+            if u is None:
+                u = self._compute(linears, ranks, method, kind, progress, device)
+                self._store(entry, checksum, kind, method, rank_max, target_modules, u, time.perf_counter() - start)
+                source = "computed"
+            if dtype != torch.float32:
+                u = {name: t.to(dtype) for name, t in u.items()}
+                self._store_copy(entry, u, dtype)
         seconds = time.perf_counter() - start
         log.info("basis %s %s in %.2fs (%d modules, rank_max %d)", checksum[:12], source, seconds, len(u), rank_max)
         return Basis(checksum, kind, rank_max, groups, u, source, seconds)
 
-    def _try_load(self, entry: Path, checksum: str, ranks: dict[str, int], device: torch.device):
-        manifest_path, tensor_path = entry / "manifest.json", entry / "basis.safetensors"
+    def _try_load(self, entry: Path, checksum: str, ranks: dict[str, int], device: torch.device,
+                  dtype: torch.dtype = torch.float32):
+        manifest_path, tensor_path = entry / "manifest.json", entry / _tensor_file(dtype)
         if not manifest_path.exists():
             return None
         try:
@@ -133,6 +143,10 @@ class BasisCache:
             if manifest.get("format") != FORMAT_VERSION or manifest.get("basis_checksum") != checksum or \
                     set(manifest.get("modules", {})) != set(ranks):
                 raise ValueError("manifest does not match this model's basis")
+            if dtype != torch.float32:
+                manifest = manifest.get("copies", {}).get(str(dtype).removeprefix("torch."))
+                if manifest is None:
+                    return None  # no serving copy yet: the float32 file is read and the copy written
             stored = manifest["modules"]
             short = [n for n, r in ranks.items() if n not in stored or stored[n][1] < r]
             if short:
@@ -147,7 +161,7 @@ class BasisCache:
                     u[name] = t[:, :rank].contiguous() if rank < t.shape[1] else t
             return u
         except Exception as exc:  # any damage means recompute, never trust, never crash
-            log.warning("basis cache entry %s is unusable (%s); recomputing", entry, exc)
+            log.warning("basis cache entry %s (%s) is unusable (%s); rebuilding it", entry, tensor_path.name, exc)
             return None
 
     @staticmethod
@@ -180,3 +194,17 @@ class BasisCache:
             "compute_seconds": round(seconds, 3),
         }
         atomic_write(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+    def _store_copy(self, entry: Path, u: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Write the serving copy in `dtype`, then record it in the manifest (both atomically)."""
+        atomic_write(entry / _tensor_file(dtype), save_safetensors_bytes({f"U.{n}": t.cpu() for n, t in u.items()}))
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest.setdefault("copies", {})[str(dtype).removeprefix("torch.")] = {
+            "modules": {name: list(t.shape) for name, t in u.items()},
+            "tensor_checksums": {name: tensor_checksum(t) for name, t in u.items()},
+        }
+        atomic_write(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+def _tensor_file(dtype: torch.dtype) -> str:
+    return "basis.safetensors" if dtype == torch.float32 else f"basis.{str(dtype).removeprefix('torch.')}.safetensors"

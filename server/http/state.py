@@ -175,7 +175,7 @@ def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
     loaded = load_model(config.model)
     basis = BasisCache(config.model.basis_dir).load_or_compute(
         loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
-        device=loaded.device,
+        device=loaded.device, dtype=loaded.dtype,
     )
     expect = AdapterExpectation.from_basis(basis)
     store = AdapterStore(config.adapter_dir, expect)

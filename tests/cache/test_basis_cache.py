@@ -94,3 +94,24 @@ def test_checksum_does_not_depend_on_the_targets(tiny):
     assert q_only.source == "computed"  # its own cache entry
     for name, u in q_only.u.items():
         assert torch.equal(u, everything.u[name])
+
+
+def test_serving_copy_in_the_model_dtype(tiny, caplog):
+    cfg, model = tiny
+    canonical = load(cfg, model)
+    cache = BasisCache(cfg.basis_dir)
+    first = cache.load_or_compute(model, cfg.target_modules, 16, progress=False, dtype=torch.bfloat16)
+    entry = cache.entry_dir(canonical.checksum, cfg.target_modules)
+    assert first.source == "loaded" and (entry / "basis.bfloat16.safetensors").exists()
+    second = cache.load_or_compute(model, cfg.target_modules, 8, progress=False, dtype=torch.bfloat16)
+    for name, u in second.u.items():
+        assert u.dtype == torch.bfloat16 and torch.equal(u, canonical.u[name][:, :8].to(torch.bfloat16))
+    path = entry / "basis.bfloat16.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-50] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = cache.load_or_compute(model, cfg.target_modules, 16, progress=False, dtype=torch.bfloat16)
+    assert "basis.bfloat16.safetensors) is unusable" in caplog.text and again.source == "loaded"
+    for name, u in again.u.items():
+        assert torch.equal(u, canonical.u[name].to(torch.bfloat16))  # rebuilt from the float32 file
+    assert cache.load_or_compute(model, cfg.target_modules, 16, progress=False).u.keys() == canonical.u.keys()
