@@ -85,10 +85,6 @@ class Adapter:
     def num_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
     def group_cores(self) -> dict[str, torch.Tensor]:
         return get_method(self.config.method).group_cores(self.tensors)
 

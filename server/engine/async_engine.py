@@ -45,10 +45,6 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    @property
-    def num_active(self) -> int:
-        return len(self._streams)
-
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter=None) -> "RequestStream":
         """Queue a request and return its stream. Raises ValueError for a request the engine cannot serve
         and QueueFullError when the queue is full, before anything is queued."""

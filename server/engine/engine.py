@@ -124,7 +124,6 @@ class Engine:
         self.slots.drop(adapter_id)
 
     def step(self) -> tuple[list[RequestOutput], StepStats]:
-        start = time.perf_counter()
         hits, misses, evictions = self.slots.stats.hits, self.slots.stats.misses, self.slots.stats.evictions
         sched = self.scheduler.schedule()
         swap_seconds = tuple(self.runner.load_adapter(slot, handle.cores) for slot, handle in sched.slot_loads)
@@ -155,7 +154,6 @@ class Engine:
                     finished.append(FinishedRequest(seq.adapter_id, seq.finish_reason, seq.num_prompt_tokens,
                                                     seq.num_output_tokens, now - seq.arrival_time))
         stats = StepStats(
-            step_seconds=time.perf_counter() - start,
             batch_size=len(sched.scheduled),
             num_prefill_tokens=prefill_tokens,
             num_decode_tokens=decode_tokens,
@@ -167,7 +165,6 @@ class Engine:
             gpu_slot_hits=self.slots.stats.hits - hits,
             gpu_slot_misses=self.slots.stats.misses - misses,
             gpu_slot_evictions=self.slots.stats.evictions - evictions,
-            gpu_slots_resident=self.slots.num_resident,
             swap_seconds=swap_seconds,
             ttft_seconds=tuple(ttft),
             itl_seconds=tuple(itl),

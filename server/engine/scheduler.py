@@ -37,10 +37,6 @@ class SchedulerOutput:
     """(slot, AdapterHandle) to copy into the slot stacks before this step's forward."""
     num_preempted: int = 0
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, slots: SlotTable):
@@ -125,7 +121,6 @@ class Scheduler:
         """Free the sequence's KV and slot; it recomputes its tokens when readmitted first in line."""
         self._release(seq)
         seq.status = SeqStatus.WAITING
-        seq.num_preemptions += 1
         if seq in self.running:
             self.running.remove(seq)
         self.waiting.appendleft(seq)

@@ -45,7 +45,6 @@ class Sequence:
     finish_reason: str | None = field(default=None, init=False)
     first_token_time: float | None = field(default=None, init=False)
     last_token_time: float | None = field(default=None, init=False)
-    num_preemptions: int = field(default=0, init=False)
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -57,10 +56,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def num_uncomputed_tokens(self) -> int:

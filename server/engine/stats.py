@@ -16,7 +16,6 @@ class FinishedRequest:
 
 @dataclass(frozen=True)
 class StepStats:
-    step_seconds: float
     batch_size: int
     """Sequences that computed tokens this step."""
     num_prefill_tokens: int
@@ -30,7 +29,6 @@ class StepStats:
     """GPU slot lookups this step that found the adapter resident."""
     gpu_slot_misses: int
     gpu_slot_evictions: int
-    gpu_slots_resident: int
     swap_seconds: tuple[float, ...]
     """Host-to-GPU adapter activations this step."""
     ttft_seconds: tuple[float, ...]
