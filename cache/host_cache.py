@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cache.slot_table import CacheStats
+
 
 @dataclass(frozen=True)
 class AdapterHandle:
@@ -30,13 +32,6 @@ class AdapterHandle:
 
 
 
-@dataclass
-class HostCacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-
-
 class HostCache:
     def __init__(self, load_adapter: Callable, max_adapters: int, dtype: torch.dtype, pin_memory: bool):
         """load_adapter(adapter_id) -> validated Adapter; raises KeyError when the store has no such id."""
@@ -46,7 +41,7 @@ class HostCache:
         self.pin_memory = pin_memory
         self._entries: OrderedDict[str, AdapterHandle] = OrderedDict()
         self._lock = threading.Lock()
-        self.stats = HostCacheStats()
+        self.stats = CacheStats()
 
     def __len__(self) -> int:
         return len(self._entries)

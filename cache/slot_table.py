@@ -16,7 +16,9 @@ BASE_SLOT = -1
 
 
 @dataclass
-class SlotTableStats:
+class CacheStats:
+    """Hit, miss and eviction counts of one residency tier (host cache or GPU slots)."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0
@@ -30,7 +32,7 @@ class SlotTable:
         self._num_pins = [0] * num_slots
         self._free = list(range(num_slots - 1, -1, -1))
         self._unpinned_lru: OrderedDict[int, None] = OrderedDict()  # oldest first
-        self.stats = SlotTableStats()
+        self.stats = CacheStats()
 
     def slot_of(self, key: AdapterKey) -> int | None:
         return self._slot_of.get(key)

@@ -12,7 +12,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from cache.slot_table import SlotTableStats
+from cache.slot_table import CacheStats
 from server.engine.stats import StepStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -53,7 +53,7 @@ class Metrics:
         self._max_labels = max_adapter_labels
         self._labels: set[str] = set()
         self._lock = threading.Lock()
-        self.gpu_slot_totals = SlotTableStats()  # summed from the engine's per-step stats
+        self.gpu_slot_totals = CacheStats()  # summed from the engine's per-step stats
         r = self.registry
         self.http_requests = Counter("pica_http_requests", "HTTP requests by route and status", ["endpoint", "status"], registry=r)
         self.adapter_requests = Counter(

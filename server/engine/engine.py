@@ -115,8 +115,7 @@ class Engine:
             return False
         self.scheduler.finish(seq, "abort")
         self.runner.sampler.forget(request_id)
-        self._aborted.append(FinishedRequest(seq.adapter_id, "abort", seq.num_prompt_tokens, seq.num_output_tokens,
-                                             time.monotonic() - seq.arrival_time))
+        self._aborted.append(FinishedRequest.of(seq, time.monotonic()))
         return True
 
     def drop_adapter(self, adapter_id: str) -> None:
@@ -151,8 +150,7 @@ class Engine:
                 seq.last_token_time = now
                 outputs.append(self._postprocess(seq, token, logprob))
                 if seq.is_finished:
-                    finished.append(FinishedRequest(seq.adapter_id, seq.finish_reason, seq.num_prompt_tokens,
-                                                    seq.num_output_tokens, now - seq.arrival_time))
+                    finished.append(FinishedRequest.of(seq, now))
         stats = StepStats(
             batch_size=len(sched.scheduled),
             num_prefill_tokens=prefill_tokens,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from adapters.layer import attach_adapters
+from adapters.ops import KERNELS_AVAILABLE
 from server.config import EngineConfig
 from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, DecodeMetadata
 from server.engine.sampler import Sampler
@@ -24,12 +25,9 @@ from server.engine.scheduler import ScheduledSeq
 log = logging.getLogger(__name__)
 
 
-def kernels_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def kv_slot(block_table: list[int], position: int, block_size: int) -> int:
+    """Flat index in the paged KV cache of a sequence's token at `position`."""
+    return block_table[position // block_size] * block_size + position % block_size
 
 
 @dataclass
@@ -83,8 +81,8 @@ class ModelRunner:
         )
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
-        self.num_kv_blocks = self._kv_capacity(cfg)
         self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)
+        self.num_kv_blocks = self._kv_capacity(cfg)
         self.scratch_block = self.num_kv_blocks  # one extra block that padded decode rows write into
         num_kv_slots = (self.num_kv_blocks + 1) * cfg.block_size
         self.kv_caches = [
@@ -94,7 +92,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
                  self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
-        self.decode_kernels = self.device.type == "cuda" and kernels_available()
+        self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
         self.graphs = None
         if self.decode_kernels and cfg.cuda_graphs:
             from server.engine.cuda_graphs import DecodeGraphs
@@ -106,7 +104,7 @@ class ModelRunner:
         """Blocks to allocate: the override; else what fits (GPU memory left after weights and a reserve
         for one step's activations, or the CPU budget), capped at what max_num_seqs sequences of
         max_model_len tokens can ever use at once."""
-        blocks_per_seq = math.ceil(self.max_model_len / cfg.block_size)
+        blocks_per_seq = self.max_blocks_per_seq
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
         if self.device.type != "cuda":
@@ -149,7 +147,7 @@ class ModelRunner:
             seq, pos = item.seq, item.start
             inputs.token_ids[i] = seq.token_ids[pos]
             inputs.positions[i] = pos
-            inputs.slot_mapping[i] = seq.block_table[pos // bs] * bs + pos % bs
+            inputs.slot_mapping[i] = kv_slot(seq.block_table, pos, bs)
             inputs.context_lens[i] = pos + 1
             inputs.block_tables[i, : len(seq.block_table)] = seq.block_table
             inputs.block_tables[i, len(seq.block_table) :] = 0
@@ -182,7 +180,7 @@ class ModelRunner:
             positions += range(start, start + n)
             token_slots += [seq.slot] * n
             table = seq.block_table
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            slot_mapping += [kv_slot(table, p, bs) for p in range(start, start + n)]
             query_lens.append(n)
             context_lens.append(start + n)
             block_tables.append(table)

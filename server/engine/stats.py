@@ -13,6 +13,11 @@ class FinishedRequest:
     num_output_tokens: int
     e2e_seconds: float
 
+    @classmethod
+    def of(cls, seq, now: float) -> "FinishedRequest":
+        return cls(seq.adapter_id, seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                   now - seq.arrival_time)
+
 
 @dataclass(frozen=True)
 class StepStats:
