@@ -45,16 +45,17 @@ class ServerState:
         """None for the base model; else the adapter's host-resident version (404 if unknown)."""
         if adapter_id is None or adapter_id == self.model_name:
             return None
+        not_found = APIError(404, f"model or adapter {adapter_id!r} not found", param, "not_found_error")
         try:
             check_adapter_id(adapter_id)
-        except AdapterIdError as exc:
-            raise APIError(404, f"model or adapter {adapter_id!r} not found", param, "not_found_error") from exc
+        except AdapterIdError:
+            raise not_found from None
         in_host = adapter_id in self.host_cache
         start = time.perf_counter()
         try:
             handle = await run_in_threadpool(self.host_cache.get, adapter_id)
         except KeyError:
-            raise APIError(404, f"model or adapter {adapter_id!r} not found", param, "not_found_error") from None
+            raise not_found from None
         if not in_host:
             self.metrics.observe_disk_load(time.perf_counter() - start)
         return handle

@@ -24,6 +24,14 @@ router = APIRouter(tags=["adapters"], dependencies=[Depends(require_api_key)])
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
+def already_exists(adapter_id: str) -> APIError:
+    return APIError(409, f"adapter {adapter_id!r} already exists; delete it first to replace it", "adapter_id")
+
+
+def not_found(adapter_id: str) -> APIError:
+    return APIError(404, f"adapter {adapter_id!r} not found", "adapter_id")
+
+
 def adapter_out(info: AdapterInfo) -> AdapterOut:
     return AdapterOut(id=info.id, method=info.method, r=info.r, groups=info.target_modules, num_params=info.num_params,
                       size_bytes=info.size_bytes, checksum=info.checksum, created=info.created, base_model=info.base_model)
@@ -73,14 +81,14 @@ async def upload_adapter(request: Request, state: ServerState = Depends(get_stat
         check_adapter_id(adapter_id)
     except AdapterIdError as exc:
         raise APIError(400, str(exc), "adapter_id") from exc
-    if adapter_id in state.store:
-        raise APIError(409, f"adapter {adapter_id!r} already exists; delete it first to replace it", "adapter_id")
+    if adapter_id in state.store:  # cheap early answer; the store checks again under its lock
+        raise already_exists(adapter_id)
     try:
         info = await run_in_threadpool(state.store.put, adapter_id, files[CONFIG_FILE], files[WEIGHTS_FILE])
     except AdapterValidationError as exc:
         raise APIError(400, "invalid adapter: " + "; ".join(exc.problems), "files") from exc
     except FileExistsError as exc:
-        raise APIError(409, f"adapter {adapter_id!r} already exists; delete it first to replace it", "adapter_id") from exc
+        raise already_exists(adapter_id) from exc
     return adapter_out(info)
 
 
@@ -95,27 +103,22 @@ async def list_adapters(state: ServerState = Depends(get_state)):
     return AdapterList(data=infos)
 
 
-def stored_info(state: ServerState, adapter_id: str) -> AdapterInfo:
-    try:
-        return state.store.info(adapter_id)
-    except KeyError:
-        raise APIError(404, f"adapter {adapter_id!r} not found", "adapter_id") from None
-
-
 @router.get("/v1/adapters/{adapter_id}", response_model=AdapterOut, responses={404: {"model": ErrorResponse}})
 async def get_adapter(adapter_id: str, state: ServerState = Depends(get_state)):
-    return adapter_out(stored_info(state, adapter_id))
+    try:
+        return adapter_out(state.store.info(adapter_id))
+    except KeyError:
+        raise not_found(adapter_id) from None
 
 
 @router.delete("/v1/adapters/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)],
                responses={404: {"model": ErrorResponse}})
 async def delete_adapter(adapter_id: str, state: ServerState = Depends(get_state)):
     """Delete an adapter. Requests already running on it finish; new ones get 404."""
-    stored_info(state, adapter_id)
     try:
         state.store.delete(adapter_id)
     except KeyError:
-        raise APIError(404, f"adapter {adapter_id!r} not found", "adapter_id") from None
+        raise not_found(adapter_id) from None
     state.host_cache.invalidate(adapter_id)
     state.async_engine.drop_adapter(adapter_id)
     return Response(status_code=204)
