@@ -177,7 +177,8 @@ def test_unknown_route_and_method(live):
 
 
 def test_server_still_serves_after_bad_input(live):
-    response = httpx.post(f"{live.base_url}/v1/generate", json={"prompt": "still here", "max_tokens": 3}, timeout=30)
+    response = httpx.post(f"{live.base_url}/v1/generate", json={"prompt": "still here", "max_tokens": 3, "ignore_eos": True},
+                          timeout=30)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
 
 
