@@ -1,20 +1,23 @@
 """Adapted linear layers: the base model's target linears, wrapped once at load time.
 
-Each adapted layer computes `y = W0 x + U (core[slot] x)` for its token's adapter slot. The cores
-of every resident adapter live in preallocated per-group slot stacks [num_slots, r_max, in], so
-activating an adapter is a copy_ and nothing is re-registered at request time. The per-token slot
-index is set once per step (-1 = base model) and shared by every layer.
+Each adapted layer computes `y = W0 x + U (core[slot] x)` for its token's adapter slot, as one GEMM
+`[W0 | U] @ [x ; core[slot] x]`. The cores of every resident adapter live in preallocated per-group
+slot stacks [num_slots, r_max, in], so activating an adapter is a copy_ and nothing is re-registered
+at request time. The per-token slot index is set once per step (-1 = base model) and shared by
+every layer. Layers that read the same input (q/k/v, gate/up) share one stack and one shrink launch.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from adapters.ops import expand_add, shrink
+from adapters.ops import concat_inputs, kernel_counters
 from adapters.targets import find_target_linears
 from cache.slot_table import BASE_SLOT
 
@@ -98,26 +101,74 @@ class SlotStacks:
                 stack[slot, :rank].copy_(core, non_blocking=non_blocking)
             self.ranks[g][slot] = rank
 
+    def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lay the cores of groups whose layers read one input side by side, so one kernel launch serves
+        them all: returns (stack [S, M*R, in], ranks [M, S]); each group's stack becomes a view of it."""
+        num_slots, rank, in_features = self.stacks[groups[0]].shape
+        first = self.stacks[groups[0]]
+        stack = torch.zeros(num_slots, len(groups) * rank, in_features, dtype=first.dtype, device=first.device)
+        ranks = torch.zeros(len(groups), num_slots, dtype=torch.int32, device=first.device)
+        for m, g in enumerate(groups):
+            stack[:, m * rank : (m + 1) * rank].copy_(self.stacks[g])
+            ranks[m].copy_(self.ranks[g])
+            self.stacks[g], self.ranks[g] = stack[:, m * rank : (m + 1) * rank], ranks[m]
+        return stack, ranks
+
+
+class SharedInput:
+    """The adapted layers that read one input x (q/k/v, or gate/up, of one block), with their cores in one
+    stack: the first of them to see a new x builds every member's GEMM input in one launch, the others
+    take theirs. A layer that reads its own input is a group of one."""
+
+    def __init__(self, stack: torch.Tensor, ranks: torch.Tensor, slot_index: SlotIndex):
+        self.stack = stack  # [S, M*R, in]
+        self.ranks = ranks  # [M, S] int32
+        self.slot_index = slot_index
+        num_members, rank = ranks.shape[0], stack.shape[1] // ranks.shape[0]
+        self.counters = kernel_counters(slot_index.max_tokens, num_members, rank, stack.device)
+        self._x: torch.Tensor | None = None
+        self._inputs: torch.Tensor | None = None
+        self._pending = 0
+
+    def input_for(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, in + R]: `[x | core[slot] @ x]` for this member's rows of the stack."""
+        if x is not self._x:
+            self._inputs = concat_inputs(x.reshape(-1, x.shape[-1]), self.stack, self.ranks, self.slot_index,
+                                         self.counters)
+            self._x, self._pending = x, self.ranks.shape[0]
+        inputs = self._inputs[member]
+        self._pending -= 1
+        if self._pending == 0:  # every member has its input: hold no activations past this forward
+            self._x = self._inputs = None
+        return inputs
+
 
 class AdaptedLinear(nn.Module):
-    """An nn.Linear plus the slot-indexed PiCa delta U (core[slot] x)."""
+    """An nn.Linear plus the slot-indexed PiCa delta, `y = [W0 | U] @ [x ; core[slot] x]` in one GEMM.
 
-    def __init__(self, base: nn.Linear, u: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor,
-                 slot_index: SlotIndex):
+    W0 and U live side by side in one weight, `weight_cat` [out, in + R]; the base linear keeps a view
+    of its W0 part, so the no-adapter path is the unchanged nn.Linear and nothing is stored twice."""
+
+    def __init__(self, base: nn.Linear, u: torch.Tensor, slot_index: SlotIndex):
         super().__init__()
+        out_features, in_features = base.weight.shape
+        pitch = -(-(in_features + u.shape[1]) // 64) * 64  # rows start 128-byte aligned (bf16)
+        storage = base.weight.new_empty(out_features, pitch)
+        weight_cat = storage[:, : in_features + u.shape[1]]
+        weight_cat[:, :in_features].copy_(base.weight)
+        weight_cat[:, in_features:].copy_(u)
+        base.weight = nn.Parameter(weight_cat[:, :in_features], requires_grad=base.weight.requires_grad)
         self.base = base
-        self.register_buffer("u", u, persistent=False)  # [out, r_max_g]
-        self.stack = stack  # [num_slots, r_max_g, in], shared by the group's layers
-        self.slot_rank = slot_rank  # [num_slots] int32, shared too
+        self.register_buffer("weight_cat", weight_cat, persistent=False)
         self.slot_index = slot_index
+        self.shared_input: SharedInput | None = None  # set by attach_adapters
+        self.member = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if not self.slot_index.any_adapter:
-            return y
-        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        z = shrink(x2, self.stack, self.slot_rank, self.slot_index)  # [T, r]
-        return expand_add(y.reshape(-1, y.shape[-1]), z, self.u).view_as(y)
+            return self.base(x)
+        y = F.linear(self.shared_input.input_for(self.member, x), self.weight_cat, self.base.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 @dataclass
@@ -138,6 +189,55 @@ class AdaptedModel:
         return self.model
 
 
+def _group(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
+    """The adapted layers that read the same input tensor, each list in call order (q/k/v and gate/up
+    in a Llama block), seen by running the model once on two tokens."""
+    seen: dict[int, tuple[torch.Tensor, list[str]]] = {}  # keeps each x alive, so ids are not reused
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(id(args[0]), (args[0], []))[1].append(name)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [names for _, names in seen.values()]
+
+
+def share_inputs(adapted: AdaptedModel, shared: list[list[str]]) -> None:
+    """Give every adapted layer its SharedInput. Groups whose layers read one input in every block
+    (same rank and width) get one fused stack; any other layer is a group of one."""
+    stacks = adapted.slot_stacks
+    counts = Counter(tuple(sorted(_group(n) for n in names)) for names in shared if len(names) > 1)
+    fused, taken = {}, set()
+    for groups, _ in counts.most_common():
+        shapes = {stacks.stacks[g].shape for g in groups}
+        if len(set(groups)) == len(groups) and not taken & set(groups) and len(shapes) == 1:
+            fused[groups] = stacks.fuse(groups)
+            taken |= set(groups)
+    for names in shared:
+        groups = tuple(sorted(_group(n) for n in names))
+        if groups in fused:
+            shared_input = SharedInput(*fused[groups], adapted.slot_index)
+            for name in names:
+                adapted.layers[name].shared_input = shared_input
+                adapted.layers[name].member = groups.index(_group(name))
+    for name, layer in adapted.layers.items():
+        if layer.shared_input is None:
+            g = _group(name)
+            layer.shared_input = SharedInput(stacks.stacks[g], stacks.ranks[g][None], adapted.slot_index)
+
+
 def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096) -> AdaptedModel:
     """Wrap every target linear of `model` in an AdaptedLinear reading shared slot stacks."""
     param = next(model.parameters())
@@ -150,10 +250,11 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
     for name, linear in linears.items():
-        group = name.rsplit(".", 1)[-1]
-        u = basis.u[name][:, : group_rank[group]].to(device=device, dtype=dtype)
-        layer = AdaptedLinear(linear, u, stacks.stacks[group], stacks.ranks[group], slot_index)
+        u = basis.u[name][:, : group_rank[_group(name)]].to(device=device, dtype=dtype)
+        layer = AdaptedLinear(linear, u, slot_index)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         layers[name] = layer
-    return AdaptedModel(model, slot_index, stacks, layers)
+    adapted = AdaptedModel(model, slot_index, stacks, layers)
+    share_inputs(adapted, find_shared_inputs(model, layers))
+    return adapted

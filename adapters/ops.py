@@ -1,6 +1,9 @@
-"""The two per-layer adapter ops: shrink (per-token core @ x) and expand (U @ z).
+"""The per-layer adapter op: each adapted layer's GEMM input `[x | core[slot] @ x]` (the shrink).
 
-Every fast version has a plain-torch reference with a `Semantics:` docstring; tests compare them.
+An adapted layer computes `y = W0 x + U z` with `z = core[slot] x` as one GEMM,
+`y = [W0 | U] @ [x ; z]`: the expand is the same dense matmul for every adapter (U is per layer), so
+it rides along with the base weight and needs no kernel of its own. Every fast version here has a
+plain-torch reference with a `Semantics:` docstring; tests compare them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ def shrink_reference(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Te
     return z
 
 
+def concat_inputs_reference(x: torch.Tensor, stack: torch.Tensor, num_members: int,
+                            token_slots: torch.Tensor) -> torch.Tensor:
+    """Semantics:
+        for m in range(M):
+            out[m] = concat(x, shrink_reference(x, stack[:, m*R : (m+1)*R], token_slots), dim=1)
+    x [T, in], stack [S, M*R, in] (the cores of M layers that read x) -> out [M, T, in + R].
+    """
+    rank = stack.shape[1] // num_members
+    return torch.stack([
+        torch.cat([x, shrink_reference(x, stack[:, m * rank : (m + 1) * rank], token_slots)], dim=1)
+        for m in range(num_members)
+    ])
+
+
 def shrink_torch(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
     """Same function as shrink_reference, batched with no host sync and no Python loop.
 
@@ -37,21 +54,28 @@ def shrink_torch(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Tensor
     return z * (token_slots >= 0).unsqueeze(1).to(z.dtype)
 
 
-def expand_add(y: torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """y + z @ U^T in one fused kernel (addmm): y [T, out], z [T, r], U [out, r]. The expand is the same
-    dense matmul for every adapter (U is per layer), so it needs no per-slot kernel."""
-    return torch.addmm(y, z, u.t())
-
-
-def shrink(x: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor, slot_index) -> torch.Tensor:
-    """z [T, r] for the step's tokens: the Triton grouped kernel on CUDA, the batched torch op elsewhere."""
+def concat_inputs(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, slot_index,
+                  counters: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, T, in + R] GEMM inputs of the M layers that read x: the Triton kernel on CUDA, batched torch
+    elsewhere. stack [S, M*R, in], ranks [M, S] int32, counters: the kernel's (see shrink_concat)."""
+    num_members = ranks.shape[0]
+    rank = stack.shape[1] // num_members
     if x.is_cuda and KERNELS_AVAILABLE:
-        return grouped_shrink(x, stack, slot_rank, slot_index)
-    return shrink_torch(x, stack, slot_index.token_slots)
+        out = torch.empty(num_members, x.shape[0], x.shape[1] + rank, dtype=x.dtype, device=x.device)
+        return shrink_concat(x, stack, ranks, slot_index, out, counters)
+    z = shrink_torch(x, stack, slot_index.token_slots)  # [T, M*R]
+    return torch.cat([x.expand(num_members, *x.shape), z.view(-1, num_members, rank).transpose(0, 1)], dim=2)
+
+
+def kernel_counters(max_tokens: int, num_members: int, rank: int, device: torch.device) -> torch.Tensor | None:
+    """The zeroed int32 counters the kernel's split-K needs for one SharedInput; None where torch runs."""
+    if device.type != "cuda" or not KERNELS_AVAILABLE:
+        return None
+    return torch.zeros(counters_size(max_tokens, num_members, rank), dtype=torch.int32, device=device)
 
 
 try:  # Triton is only needed (and usually only installed) where CUDA is
-    from adapters.shrink_kernel import grouped_shrink
+    from adapters.shrink_kernel import counters_size, shrink_concat
 
     KERNELS_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the machine

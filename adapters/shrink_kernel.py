@@ -1,13 +1,16 @@
-"""Triton grouped shrink: z[t] = stack[slot[t]] @ x[t], reading each distinct slot's core once per tile.
+"""Triton shrink that writes each layer's GEMM input `[x | core[slot] @ x]`, for layers sharing x at once.
 
-Semantics: exactly `adapters.ops.shrink_reference`. Tokens arrive sorted by slot and cut into
-tiles of one slot each (computed on the host once per step, see SlotIndex); one program owns one
-tile and one block of r, loads that block of the core once and multiplies it with the tile's
-tokens. In a decode step each adapter's tokens fit in one tile, so each distinct core is read once.
-The grid is fixed by the number of tokens (programs past the last tile exit at once), and ranks
-come from a per-slot tensor, so CUDA graphs can capture it and replay it for any slot mapping.
-Base-model tokens (slot -1) get tiles too, and rows past an adapter's rank are written as zeros,
-so z needs no separate clearing.
+Semantics: exactly `adapters.ops.concat_inputs_reference`. The adapted layers compute
+`y = [W0 | U] @ [x ; z]` in one GEMM (no separate expand kernel), so the shrink writes z next to a
+copy of x. Layers that read the same input (q/k/v, gate/up) keep their cores in one stack of M
+members and get all their inputs from one launch.
+
+Tokens arrive sorted by slot and cut into tiles of one slot each (computed on the host once per
+step, see SlotIndex); one program owns one tile and one block of one member's rows (one more program per tile copies x), loads that block
+of the core once and multiplies it with the tile's tokens, so in a decode step each distinct core is
+read once. The grid is fixed by the number of tokens (programs past the last tile exit at once), and
+ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot mapping.
+Base-model tokens (slot -1) get tiles too, and rows past an adapter's rank are written as zeros.
 """
 
 from __future__ import annotations
@@ -20,43 +23,70 @@ import triton.language as tl
 
 
 @triton.jit
-def _grouped_shrink_kernel(
-    x_ptr, stack_ptr, z_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr, tile_slot_ptr, num_tiles_ptr,
-    slot_rank_ptr, rank_max, stride_x, stride_stack_slot, stride_stack_r, stride_z, IN_FEATURES: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+def _shrink_concat_kernel(
+    x_ptr, stack_ptr, ranks_ptr, out_ptr, partials_ptr, counters_ptr, token_order_ptr, tile_start_ptr,
+    tile_end_ptr, tile_slot_ptr, num_tiles_ptr, stride_x, stride_stack_slot, stride_ranks_member, stride_out_member,
+    stride_out_t, IN_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, NUM_MEMBERS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    r_block = tl.program_id(1)
-    k_first = tl.program_id(2) * K_PER_SPLIT
     if tile >= tl.load(num_tiles_ptr):
         return
-    slot = tl.load(tile_slot_ptr + tile)
-    rank = tl.load(slot_rank_ptr + tl.maximum(slot, 0))
-    rank = tl.where(slot < 0, 0, rank)
+    split = tl.program_id(2)
     offs_t = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_T)
     mask_t = offs_t < tl.load(tile_end_ptr + tile)
     tokens = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
-    offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+    out = out_ptr + tokens[:, None] * stride_out_t  # [BLOCK_T, 1]
+    if tl.program_id(1) == tl.num_programs(1) - 1:  # the last row block of each tile copies x for every member
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+            mask = mask_t[:, None] & (k0 + offs_k < IN_FEATURES)[None, :]
+            x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :], mask=mask)
+            for m in range(NUM_MEMBERS):
+                tl.store(out + m * stride_out_member + (k0 + offs_k)[None, :], x_tile, mask=mask)
+        return
+    blocks_per_member: tl.constexpr = (RANK + BLOCK_R - 1) // BLOCK_R
+    member = tl.program_id(1) // blocks_per_member
+    row0 = (tl.program_id(1) % blocks_per_member) * BLOCK_R
+    slot = tl.load(tile_slot_ptr + tile)
+    rank = tl.load(ranks_ptr + member * stride_ranks_member + tl.maximum(slot, 0))
+    rank = tl.where(slot < 0, 0, rank)
+    offs_r = row0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
-    core = stack_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_stack_slot
+    core = (stack_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_stack_slot
+            + (member * RANK + offs_r).to(tl.int64)[None, :] * IN_FEATURES)  # rows of this member, [1, BLOCK_R]
+    out += member * stride_out_member
+    has_rows = row0 < rank
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    has_rows = r_block * BLOCK_R < rank  # else: store zeros (split-K: z starts zeroed)
     if has_rows:
-        for k_step in range(0, K_PER_SPLIT, BLOCK_K):
-            k0 = k_first + k_step
+        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
             mask_k = k0 + offs_k < IN_FEATURES
             x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
                              mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-            core_tile = tl.load(core + offs_r[None, :] * stride_stack_r + (k0 + offs_k)[:, None],
-                                mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+            core_tile = tl.load(core + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_r[None, :],
+                                other=0.0)  # [BLOCK_K, BLOCK_R]
             acc += tl.dot(x_tile, core_tile, input_precision=PRECISION)
-    z_tile = z_ptr + tokens[:, None] * stride_z + offs_r[None, :]
+    z = out + IN_FEATURES + offs_r[None, :]
+    mask_z = mask_t[:, None] & (offs_r < RANK)[None, :]
     if SPLIT_K == 1:
-        tl.store(z_tile, acc.to(z_ptr.dtype.element_ty), mask=mask_t[:, None] & (offs_r < rank_max)[None, :])
+        tl.store(z, acc.to(out_ptr.dtype.element_ty), mask=mask_z)
     elif has_rows:
-        tl.atomic_add(z_tile, acc, mask=mask_t[:, None] & mask_r[None, :])
+        # serial split-K: each split stores its partial sum; the last one to arrive adds them up, writes z
+        # and re-arms the counter for the next launch (no zeroing kernel, no float atomics)
+        block = tile * (tl.num_programs(1) - 1) + tl.program_id(1)
+        offs_block = tl.arange(0, BLOCK_T)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        partials = partials_ptr + block.to(tl.int64) * (SPLIT_K * BLOCK_T * BLOCK_R) + offs_block
+        tl.store(partials + split * (BLOCK_T * BLOCK_R), acc)
+        tl.debug_barrier()  # every thread's partial is stored before the counter moves
+        if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(partials + s * (BLOCK_T * BLOCK_R), cache_modifier=".cg")
+            tl.store(z, total.to(out_ptr.dtype.element_ty), mask=mask_z)
+            tl.atomic_xchg(counters_ptr + block, 0)
+    elif split == 0:
+        tl.store(z, acc.to(out_ptr.dtype.element_ty), mask=mask_z)  # no rows: zeros
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -67,38 +97,50 @@ def dot_precision(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class ShrinkConfig:
     block_r: int = 16
-    block_k: int = 128
+    block_k: int = 256
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
-    """> 1 splits in_features over programs (more parallelism for small r) and sums with fp32 atomics."""
+    """> 1 splits in_features over programs: more parallelism when few adapters and a small rank leave
+    most of the GPU idle (decode). The splits add up their partials through `counters`."""
 
 
-def default_config(num_tokens: int, rank_max: int, in_features: int = 4096) -> ShrinkConfig:
-    """Chosen from bench/kernels_bench.py --sweep on an H100 (CUDA-graph timings): small ranks need more
-    parallelism (split-K), large ranks are bandwidth-bound on the cores, long prefills split K too."""
-    if rank_max <= 64:
-        return ShrinkConfig(block_r=16 if rank_max <= 16 else 32, block_k=256 if in_features <= 8192 else 128,
-                            split_k=4 if in_features > 8192 or num_tokens <= 32 else 1)
-    return ShrinkConfig(block_r=32, block_k=128, split_k=4 if num_tokens > 256 else 1)
+def default_config(num_tokens: int, rank: int, in_features: int = 4096) -> ShrinkConfig:
+    """Chosen from bench/kernels_bench.py --sweep on an H100 (CUDA-graph timings, kernels-h100.json):
+    small ranks at decode are latency-bound (split-K over 8), large ranks bandwidth-bound on the cores."""
+    if rank <= 64 and num_tokens <= 256:
+        return ShrinkConfig(block_r=16 if rank <= 16 else 32, block_k=128 if in_features > 8192 else 256, split_k=8)
+    if num_tokens > 256:
+        return ShrinkConfig(block_r=64 if rank >= 64 else 32, block_k=128)
+    return ShrinkConfig(block_r=32, block_k=256 if in_features <= 8192 else 128)
 
 
-def grouped_shrink(x: torch.Tensor, stack: torch.Tensor, slot_rank: torch.Tensor, groups,
-                   config: ShrinkConfig | None = None) -> torch.Tensor:
-    """x [T, in], stack [S, R, in], slot_rank [S] int32, groups: the step's SlotIndex -> z [T, R]."""
+def counters_size(num_tokens: int, num_members: int, rank: int) -> int:
+    """int32 split-K counters a SharedInput keeps (zeroed once; every launch leaves them zero)."""
+    return num_tokens * num_members * triton.cdiv(rank, 16)
+
+
+def shrink_concat(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, groups, out: torch.Tensor,
+                  counters: torch.Tensor, config: ShrinkConfig | None = None) -> torch.Tensor:
+    """x [T, in], stack [S, M*R, in] (rows contiguous), ranks [M, S] int32, groups: the step's SlotIndex,
+    out [M, T, in + R] (written whole), counters: zeroed int32 [>= counters_size(T, M, R)] -> out."""
     num_tokens, in_features = x.shape
-    rank_max = stack.shape[1]
-    cfg = config or default_config(num_tokens, rank_max, in_features)
+    num_members, _, width = out.shape
+    rank = width - in_features
+    assert stack.stride(2) == 1 and stack.stride(1) == in_features and stack.shape[1] == num_members * rank
+    assert out.stride(2) == 1 and ranks.shape[0] == num_members and ranks.stride(1) == 1
+    cfg = config or default_config(num_tokens, rank, in_features)
+    blocks = num_members * triton.cdiv(rank, cfg.block_r)
+    assert cfg.block_r >= 16 and counters.numel() >= num_tokens * blocks
     k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
-    if cfg.split_k == 1:
-        z = torch.empty(num_tokens, rank_max, dtype=x.dtype, device=x.device)
-    else:
-        z = torch.zeros(num_tokens, rank_max, dtype=torch.float32, device=x.device)
-    grid = (num_tokens, triton.cdiv(rank_max, cfg.block_r), cfg.split_k)
-    _grouped_shrink_kernel[grid](
-        x, stack, z, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
-        slot_rank, rank_max, x.stride(0), stack.stride(0), stack.stride(1), z.stride(0), IN_FEATURES=in_features,
-        BLOCK_T=groups.tile_tokens, BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype),
-        SPLIT_K=cfg.split_k, K_PER_SPLIT=k_per_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    partials = (torch.empty(num_tokens * blocks * cfg.split_k * groups.tile_tokens * cfg.block_r, dtype=torch.float32,
+                            device=x.device) if cfg.split_k > 1 else counters)
+    _shrink_concat_kernel[(num_tokens, blocks + 1, cfg.split_k)](  # + 1: the x copy
+        x, stack, ranks, out, partials, counters, groups.token_order, groups.tile_start, groups.tile_end,
+        groups.tile_slot, groups.num_tiles, x.stride(0), stack.stride(0), ranks.stride(0), out.stride(0),
+        out.stride(1), IN_FEATURES=in_features, RANK=rank, BLOCK_T=groups.tile_tokens, BLOCK_R=cfg.block_r,
+        BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, K_PER_SPLIT=k_per_split, NUM_MEMBERS=num_members,
+        PRECISION=dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return z if cfg.split_k == 1 else z.to(x.dtype)
+    return out

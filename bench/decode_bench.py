@@ -8,7 +8,7 @@ model; our engine with no adapter; our engine with 8 and 64 distinct PiCa adapte
 mixed in batches of 1, 16, 64, and with one adapter for the whole batch; PEFT with 8 mixed LoRA
 adapters (r=16, `adapter_names`); the adapter-aware floor (base weights + KV + U_r + each distinct
 B once per layer, over the measured copy bandwidth); TTFT; adapter activation host->GPU and
-disk->GPU; basis compute vs cache load; peak GPU memory; a kernel profile of one config.
+disk->GPU; basis compute vs cache load; peak GPU memory; kernel profiles of the batch-64 steps.
 """
 
 from __future__ import annotations
@@ -154,25 +154,32 @@ def hf_generate(model, batch, prompt_len, new_tokens, adapter_names=None) -> dic
             "total_tok_s": batch * new_tokens / t_full}
 
 
-def profile_steps(engine, handles, batch, prompt_len, steps=8) -> list[dict]:
+def profile_steps(engine, handles, batch, prompt_len, steps=8) -> dict:
+    """Kernel time per decode step (top kernels) and wall time per step: their gap is host time."""
     from torch.profiler import ProfilerActivity, profile
 
     rng = random.Random(0)
     for i in range(batch):
         engine.add_request(f"prof-{i}", [rng.randrange(2, 1000) for _ in range(prompt_len)],
-                           SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True), handles[i % len(handles)])
+                           SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True),
+                           handles[i % len(handles)] if handles else None)
     while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
         engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
+    wall = (time.perf_counter() - start) / steps
     while engine.has_work:
         engine.step()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) or 1
     events.sort(key=lambda e: -e.device_time_total)
-    return [{"kernel": e.key[:120], "share": e.device_time_total / total, "us_per_step": e.device_time_total / steps,
-             "calls_per_step": e.count / steps} for e in events[:15]]
+    return {"adapters": len(handles), "batch": batch, "wall_ms_per_step_profiled": wall * 1e3,
+            "gpu_ms_per_step": total / steps / 1e3, "kernel_launches_per_step": sum(e.count for e in events) / steps,
+            "top": [{"kernel": e.key[:120], "share": e.device_time_total / total, "us_per_step": e.device_time_total / steps,
+                     "calls_per_step": e.count / steps} for e in events[:12]]}
 
 
 def main():
@@ -276,8 +283,11 @@ def main():
                   **run_batch(engine, handles[:1], batch, args.prompt_len, args.new_tokens, seed=5),
                   "floor_tok_s": floor_tokens_per_s(model, basis, batch, context, rank, 1, bandwidth)})
         report[f"peak_gpu_memory_GiB_r{rank}"] = torch.cuda.max_memory_allocated() / 2**30
-        if rank == ranks[-1]:
-            report["profile"] = profile_steps(engine, handles[: max(counts)], max(batches), args.prompt_len)
+        if rank == ranks[0]:
+            report.setdefault("profiles", []).append(profile_steps(engine, [], max(batches), args.prompt_len))
+        for count in counts:
+            report.setdefault("profiles", []).append(
+                dict(rank=rank, **profile_steps(engine, handles[:count], max(batches), args.prompt_len)))
         engine.runner.adapted.detach()
         model.set_attn_implementation("sdpa")
         del engine, host, handles

@@ -1,4 +1,4 @@
-"""Grouped shrink kernel vs the plain-torch reference on random slot maps (run by test_shrink_kernel.py).
+"""Shrink-concat kernel vs the plain-torch reference on random slot maps (run by test_shrink_kernel.py).
 
 Runs on CUDA when there is a GPU, else in Triton's interpreter (TRITON_INTERPRET=1 set by the caller).
 """
@@ -8,45 +8,60 @@ import sys
 import torch
 
 from adapters.layer import SlotIndex, SlotStacks
-from adapters.ops import shrink_reference
-from adapters.shrink_kernel import grouped_shrink
+from adapters.ops import concat_inputs_reference
+from adapters.shrink_kernel import ShrinkConfig, counters_size, shrink_concat
 
 
-def check(num_tokens, num_slots, rank_max, in_features, ranks, dtype, device, seed):
+def check(num_tokens, num_members, num_slots, rank_max, in_features, ranks, dtype, device, seed, config=None):
+    """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0)."""
     gen = torch.Generator().manual_seed(seed)
-    stacks = SlotStacks({"g": (rank_max, in_features)}, num_slots, dtype, device)
+    groups = [f"g{m}" for m in range(num_members)]
+    stacks = SlotStacks({g: (rank_max, in_features) for g in groups}, num_slots, dtype, device)
+    stack, member_ranks = stacks.fuse(tuple(groups)) if num_members > 1 else (stacks.stacks["g0"], None)
     for slot, r in enumerate(ranks):
-        if r:
-            stacks.write(slot, {"g": torch.randn(r, in_features, generator=gen).to(dtype)})
+        cores = {g: torch.randn(r, in_features, generator=gen).to(dtype) for m, g in enumerate(groups)
+                 if r and not (m and slot == 0)}
+        stacks.write(slot, cores)
+    member_ranks = member_ranks if member_ranks is not None else stacks.ranks["g0"][None]
     slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
     slots[0] = -1
     if num_tokens > 3:
         slots[1] = slots[3] = num_slots - 1
+    case = (num_tokens, num_members, num_slots, rank_max, in_features, dtype, config)
     index = SlotIndex(max(num_tokens, 8), device)
     index.set(slots)
     x = torch.randn(num_tokens, in_features, generator=gen).to(dtype).to(device)
-    got = grouped_shrink(x, stacks.stacks["g"], stacks.ranks["g"], index).float().cpu()
-    ref = shrink_reference(x.float().cpu(), stacks.stacks["g"].float().cpu(), torch.tensor(slots))
-    err = (got - ref).norm() / ref.norm().clamp_min(1e-6)
+    out = torch.full((num_members, num_tokens, in_features + rank_max), float("nan"), dtype=dtype, device=device)
+    counters = torch.zeros(counters_size(num_tokens, num_members, rank_max), dtype=torch.int32, device=device)
+    got = shrink_concat(x, stack, member_ranks, index, out, counters, config).float().cpu()
+    assert not counters.any(), case  # re-armed for the next launch
+    ref = concat_inputs_reference(x.float().cpu(), stack.float().cpu(), num_members, torch.tensor(slots))
+    assert torch.isfinite(got).all(), case  # every element written, rows past a rank as zeros
+    assert torch.equal(got[:, :, :in_features], ref[:, :, :in_features]), case  # x copied exactly
+    z, z_ref = got[:, :, in_features:], ref[:, :, in_features:]
+    err = (z - z_ref).norm() / z_ref.norm().clamp_min(1e-6)
     tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 1e-2
-    assert torch.isfinite(got).all() and err < tol, (num_tokens, num_slots, rank_max, in_features, dtype, float(err))
-    assert (got[torch.tensor(slots) == -1] == 0).all()
+    assert err < tol, (*case, float(err))
+    assert (z[:, torch.tensor(slots) == -1] == 0).all()
 
 
 def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
-    cases = [(1, 1, 16, 64, [16]), (7, 3, 16, 100, [16, 0, 5]), (37, 5, 48, 130, [48, 7, 0, 33, 1]),
-             (64, 9, 32, 257, [32, 32, 8, 0, 16, 32, 3, 32, 20]),
-             (300, 3, 16, 40, [16, 5, 0]),  # > 256 tokens: 64-token tiles
-             (290, 2, 128, 48, [128, 70]),  # large rank, long step: split-K
-             (70, 1, 32, 64, [32])]  # one adapter for every token: many tiles of one slot
+    cases = [(1, 1, 1, 16, 64, [16]), (7, 3, 3, 16, 100, [16, 0, 5]), (37, 2, 5, 48, 130, [48, 7, 0, 33, 1]),
+             (64, 1, 9, 32, 257, [32, 32, 8, 0, 16, 32, 3, 32, 20]),
+             (300, 2, 3, 16, 40, [16, 5, 0]),  # > 256 tokens: 64-token tiles
+             (290, 1, 2, 128, 48, [128, 70]),  # large rank, long step
+             (70, 3, 1, 32, 64, [32])]  # one adapter for every token: many tiles of one slot
     if device == "cuda":
-        cases += [(64, 64, 256, 4096, [256] * 64), (300, 16, 32, 4096, [32] * 16), (2048, 8, 256, 4096, [256, 128] * 4)]
-    for i, (t, s, r, k, ranks) in enumerate(cases):
+        cases += [(64, 3, 64, 256, 4096, [256] * 64), (64, 1, 16, 32, 14336, [32] * 16),
+                  (300, 2, 16, 32, 4096, [32] * 16), (2048, 3, 8, 256, 4096, [256, 128] * 4)]
+    configs = [None, ShrinkConfig(block_r=16, block_k=32, split_k=3), ShrinkConfig(block_r=32, block_k=16, split_k=2)]
+    for i, (t, m, s, r, k, ranks) in enumerate(cases):  # the default, and split-K on every case
         for dtype in dtypes:
-            check(t, s, r, k, ranks, dtype, device, seed=i)
-    print(f"shrink kernel ok on {device}: {len(cases) * len(dtypes)} cases")
+            for config in configs:
+                check(t, m, s, r, k, ranks, dtype, device, seed=i, config=config)
+    print(f"shrink kernel ok on {device}: {len(cases) * len(dtypes) * len(configs)} cases")
 
 
 if __name__ == "__main__":
