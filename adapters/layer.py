@@ -43,6 +43,7 @@ class SlotIndex:
         self.num_tokens = 0
         self.tile_tokens = 16
         self.any_adapter = False
+        self.version = 0  # bumped by every set(): inputs built for an earlier step are never reused
 
     @property
     def token_slots(self) -> torch.Tensor:
@@ -77,6 +78,7 @@ class SlotIndex:
         self.num_tokens = n
         self.tile_tokens = tile
         self.any_adapter = bool(n) and bool((slots != BASE_SLOT).any())
+        self.version += 1
 
 
 class SlotStacks:
@@ -127,15 +129,16 @@ class SharedInput:
         num_members, rank = ranks.shape[0], stack.shape[1] // ranks.shape[0]
         self.counters = kernel_counters(slot_index.max_tokens, num_members, rank, stack.device)
         self._x: torch.Tensor | None = None
+        self._version = -1
         self._inputs: torch.Tensor | None = None
         self._pending = 0
 
     def input_for(self, member: int, x: torch.Tensor) -> torch.Tensor:
         """[T, in + R]: `[x | core[slot] @ x]` for this member's rows of the stack."""
-        if x is not self._x:
+        if x is not self._x or self._version != self.slot_index.version:
             self._inputs = concat_inputs(x.reshape(-1, x.shape[-1]), self.stack, self.ranks, self.slot_index,
                                          self.counters)
-            self._x, self._pending = x, self.ranks.shape[0]
+            self._x, self._version, self._pending = x, self.slot_index.version, self.ranks.shape[0]
         inputs = self._inputs[member]
         self._pending -= 1
         if self._pending == 0:  # every member has its input: hold no activations past this forward
