@@ -93,6 +93,10 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
                  self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
         self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
+        if self.decode_kernels:
+            from server.engine.rms_norm import fuse_rms_norms
+
+            log.info("fused RMSNorm: %d modules swapped", fuse_rms_norms(self.model))
         self.graphs = None
         if self.decode_kernels and cfg.cuda_graphs:
             from server.engine.cuda_graphs import DecodeGraphs
