@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.ops import concat_inputs, kernel_counters
-from adapters.targets import find_target_linears
+from adapters.targets import find_target_linears, group_of
 from cache.slot_table import BASE_SLOT
 
 
@@ -192,10 +192,6 @@ class AdaptedModel:
         return self.model
 
 
-def _group(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
-
-
 def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
     """The adapted layers that read the same input tensor, each list in call order (q/k/v and gate/up
     in a Llama block), seen by running the model once on two tokens."""
@@ -221,7 +217,7 @@ def share_inputs(adapted: AdaptedModel, shared: list[list[str]]) -> None:
     """Give every adapted layer its SharedInput. Groups whose layers read one input in every block
     (same rank and width) get one fused stack; any other layer is a group of one."""
     stacks = adapted.slot_stacks
-    counts = Counter(tuple(sorted(_group(n) for n in names)) for names in shared if len(names) > 1)
+    counts = Counter(tuple(sorted(group_of(n) for n in names)) for names in shared if len(names) > 1)
     fused, taken = {}, set()
     for groups, _ in counts.most_common():
         shapes = {stacks.stacks[g].shape for g in groups}
@@ -229,15 +225,15 @@ def share_inputs(adapted: AdaptedModel, shared: list[list[str]]) -> None:
             fused[groups] = stacks.fuse(groups)
             taken |= set(groups)
     for names in shared:
-        groups = tuple(sorted(_group(n) for n in names))
+        groups = tuple(sorted(group_of(n) for n in names))
         if groups in fused:
             shared_input = SharedInput(*fused[groups], adapted.slot_index)
             for name in names:
                 adapted.layers[name].shared_input = shared_input
-                adapted.layers[name].member = groups.index(_group(name))
+                adapted.layers[name].member = groups.index(group_of(name))
     for name, layer in adapted.layers.items():
         if layer.shared_input is None:
-            g = _group(name)
+            g = group_of(name)
             layer.shared_input = SharedInput(stacks.stacks[g], stacks.ranks[g][None], adapted.slot_index)
 
 
@@ -253,7 +249,7 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
     for name, linear in linears.items():
-        u = basis.u[name][:, : group_rank[_group(name)]].to(device=device, dtype=dtype)
+        u = basis.u[name][:, : group_rank[group_of(name)]].to(device=device, dtype=dtype)
         layer = AdaptedLinear(linear, u, slot_index)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)

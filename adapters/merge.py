@@ -10,7 +10,7 @@ from torch import nn
 
 from adapters.format import Adapter
 from adapters.registry import get_method
-from adapters.targets import find_target_linears
+from adapters.targets import find_target_linears, group_of
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def merge_adapter(model: nn.Module, basis, adapter: Adapter) -> nn.Module:
     cores = method.group_cores(adapter.tensors)
     linears = find_target_linears(model, tuple(cores))
     for name, linear in linears.items():
-        core = cores[name.rsplit(".", 1)[-1]]
+        core = cores[group_of(name)]
         u = basis.u[name].to(linear.weight.device)
         delta = method.delta_weight(core.to(linear.weight.device), u)  # float32 [out, in]
         linear.weight.copy_((linear.weight.to(torch.float32) + delta).to(linear.weight.dtype))

@@ -6,9 +6,9 @@ copy of x. Layers that read the same input (q/k/v, gate/up) keep their cores in 
 members and get all their inputs from one launch.
 
 Tokens arrive sorted by slot and cut into tiles of one slot each (computed on the host once per
-step, see SlotIndex); one program owns one tile and one block of one member's rows (one more program per tile copies x), loads that block
-of the core once and multiplies it with the tile's tokens, so in a decode step each distinct core is
-read once. The grid is fixed by the number of tokens (programs past the last tile exit at once), and
+step, see SlotIndex); one program owns one tile and one block of one member's rows (one more
+program per tile copies x), loads that block of the core once and multiplies it with the tile's
+tokens, so in a decode step each distinct core is read once. The grid is fixed by the number of tokens (programs past the last tile exit at once), and
 ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot mapping.
 Base-model tokens (slot -1) get tiles too, and rows past an adapter's rank are written as zeros.
 """
@@ -134,7 +134,7 @@ def shrink_concat(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, gro
     assert cfg.block_r >= 16 and counters.numel() >= num_tokens * blocks
     k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
     partials = (torch.empty(num_tokens * blocks * cfg.split_k * groups.tile_tokens * cfg.block_r, dtype=torch.float32,
-                            device=x.device) if cfg.split_k > 1 else counters)
+                            device=x.device) if cfg.split_k > 1 else counters)  # unread without split-K
     _shrink_concat_kernel[(num_tokens, blocks + 1, cfg.split_k)](  # + 1: the x copy
         x, stack, ranks, out, partials, counters, groups.token_order, groups.tile_start, groups.tile_end,
         groups.tile_slot, groups.num_tiles, x.stride(0), stack.stride(0), ranks.stride(0), out.stride(0),

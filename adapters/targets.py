@@ -31,12 +31,17 @@ class TargetError(ValueError):
     pass
 
 
+def group_of(module_name: str) -> str:
+    """The functional group of a module: its last name component (`model.layers.3.self_attn.q_proj` -> `q_proj`)."""
+    return module_name.rsplit(".", 1)[-1]
+
+
 def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Full name -> nn.Linear for every Linear whose last name component is a target suffix."""
     found = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules
+        if isinstance(module, nn.Linear) and group_of(name) in target_modules
     }
     if not found:
         raise TargetError(f"no nn.Linear in the model matches target modules {list(target_modules)}")
@@ -47,7 +52,7 @@ def group_targets(linears: dict[str, nn.Linear], target_modules: tuple[str, ...]
     """Group target linears by suffix; refuse groups whose layers disagree on in_features."""
     by_group: dict[str, list[tuple[str, nn.Linear]]] = {}
     for name, module in linears.items():
-        by_group.setdefault(name.rsplit(".", 1)[-1], []).append((name, module))
+        by_group.setdefault(group_of(name), []).append((name, module))
     problems, groups = [], {}
     for group in target_modules:
         members = by_group.get(group)

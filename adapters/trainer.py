@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, save_adapter_dir
-from adapters.targets import find_target_linears
+from adapters.targets import find_target_linears, group_of
 from adapters.train_data import collate, load_examples
 from cache.basis_cache import BasisCache
 from server.config import ModelConfig
@@ -93,7 +93,7 @@ def attach_trainable(model: nn.Module, basis, groups: tuple[str, ...], rank: int
     params: dict[str, nn.Parameter] = {}
     device = next(model.parameters()).device
     for name, linear in find_target_linears(model, groups).items():
-        group = name.rsplit(".", 1)[-1]
+        group = group_of(name)
         key = group if share_b else name
         if key not in params:
             params[key] = nn.Parameter(torch.zeros(rank, linear.in_features, device=device, dtype=torch.float32))
