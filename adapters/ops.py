@@ -61,7 +61,9 @@ def concat_inputs(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, slo
     num_members = ranks.shape[0]
     rank = stack.shape[1] // num_members
     if x.is_cuda and KERNELS_AVAILABLE:
-        out = torch.empty(num_members, x.shape[0], x.shape[1] + rank, dtype=x.dtype, device=x.device)
+        width = x.shape[1] + rank
+        pitch = -(-width // 64) * 64  # rows 128-byte aligned: cuBLAS runs an odd K up to 15% slower unaligned
+        out = torch.empty(num_members, x.shape[0], pitch, dtype=x.dtype, device=x.device)[:, :, :width]
         return shrink_concat(x, stack, ranks, slot_index, out, counters)
     z = shrink_torch(x, stack, slot_index.token_slots)  # [T, M*R]
     return torch.cat([x.expand(num_members, *x.shape), z.view(-1, num_members, rank).transpose(0, 1)], dim=2)

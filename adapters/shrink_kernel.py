@@ -6,10 +6,11 @@ copy of x. Layers that read the same input (q/k/v, gate/up) keep their cores in 
 members and get all their inputs from one launch.
 
 Tokens arrive sorted by slot and cut into tiles of one slot each (computed on the host once per
-step, see SlotIndex); one program owns one tile and one block of one member's rows (one more
-program per tile copies x), loads that block of the core once and multiplies it with the tile's
-tokens, so in a decode step each distinct core is read once. The grid is fixed by the number of tokens (programs past the last tile exit at once), and
-ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot mapping.
+step, see SlotIndex); a program takes a tile and one block of one member's rows (one more program
+per tile copies x), loads that block of the core once and multiplies it with the tile's tokens, so
+in a decode step each distinct core is read once. The grid is fixed by the number of tokens and the
+programs loop over the step's tiles, and ranks come from a per-slot tensor, so CUDA graphs capture
+it and replay it for any slot mapping.
 Base-model tokens (slot -1) get tiles too, and rows past an adapter's rank are written as zeros.
 """
 
@@ -23,70 +24,89 @@ import triton.language as tl
 
 
 @triton.jit
+def _copy_x(x_ptr, out, tokens, mask_t, offs_k, stride_x, stride_out_member, IN_FEATURES: tl.constexpr,
+            K_PER_SPLIT: tl.constexpr, BLOCK_K: tl.constexpr, NUM_MEMBERS: tl.constexpr):
+    """One tile's x, this split's columns, into every member's input."""
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        mask = mask_t[:, None] & (k0 + offs_k < IN_FEATURES)[None, :]
+        x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :], mask=mask)
+        for m in range(NUM_MEMBERS):
+            tl.store(out + m * stride_out_member + (k0 + offs_k)[None, :], x_tile, mask=mask)
+
+
+@triton.jit
+def _store_split(acc, z, mask_z, partials_ptr, counters_ptr, block, split, SPLIT_K: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Serial split-K: each split stores its partial sum; the last one to arrive adds them up, writes z
+    and re-arms the counter for the next launch (no zeroing kernel, no float atomics)."""
+    offs_block = tl.arange(0, BLOCK_T)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+    partials = partials_ptr + block.to(tl.int64) * (SPLIT_K * BLOCK_T * BLOCK_R) + offs_block
+    tl.store(partials + split * (BLOCK_T * BLOCK_R), acc)
+    tl.debug_barrier()  # every thread's partial is stored before the counter moves
+    if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == SPLIT_K - 1:
+        total = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            total += tl.load(partials + s * (BLOCK_T * BLOCK_R), cache_modifier=".cg")
+        tl.store(z, total.to(z.dtype.element_ty), mask=mask_z)
+        tl.atomic_xchg(counters_ptr + block, 0)
+
+
+@triton.jit
 def _shrink_concat_kernel(
     x_ptr, stack_ptr, ranks_ptr, out_ptr, partials_ptr, counters_ptr, token_order_ptr, tile_start_ptr,
     tile_end_ptr, tile_slot_ptr, num_tiles_ptr, stride_x, stride_stack_slot, stride_ranks_member, stride_out_member,
     stride_out_t, IN_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, NUM_MEMBERS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    if tile >= tl.load(num_tiles_ptr):
-        return
-    split = tl.program_id(2)
-    offs_t = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < tl.load(tile_end_ptr + tile)
-    tokens = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
-    offs_k = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
-    out = out_ptr + tokens[:, None] * stride_out_t  # [BLOCK_T, 1]
-    if tl.program_id(1) == tl.num_programs(1) - 1:  # the last row block of each tile copies x for every member
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            mask = mask_t[:, None] & (k0 + offs_k < IN_FEATURES)[None, :]
-            x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :], mask=mask)
-            for m in range(NUM_MEMBERS):
-                tl.store(out + m * stride_out_member + (k0 + offs_k)[None, :], x_tile, mask=mask)
-        return
+    row_block = tl.program_id(1)
+    if TILE_MAJOR:  # tiles on the slowest grid axis
+        split, first_tile, tile_step = tl.program_id(0), tl.program_id(2), tl.num_programs(2)
+    else:
+        split, first_tile, tile_step = tl.program_id(2), tl.program_id(0), tl.num_programs(0)
+    copies_x = row_block == tl.num_programs(1) - 1  # the last row block of each tile copies x for every member
     blocks_per_member: tl.constexpr = (RANK + BLOCK_R - 1) // BLOCK_R
-    member = tl.program_id(1) // blocks_per_member
-    row0 = (tl.program_id(1) % blocks_per_member) * BLOCK_R
-    slot = tl.load(tile_slot_ptr + tile)
-    rank = tl.load(ranks_ptr + member * stride_ranks_member + tl.maximum(slot, 0))
-    rank = tl.where(slot < 0, 0, rank)
+    member = row_block // blocks_per_member
+    row0 = (row_block % blocks_per_member) * BLOCK_R
     offs_r = row0 + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < rank
-    core = (stack_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_stack_slot
-            + (member * RANK + offs_r).to(tl.int64)[None, :] * IN_FEATURES)  # rows of this member, [1, BLOCK_R]
-    out += member * stride_out_member
-    has_rows = row0 < rank
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    if has_rows:
-        for k0 in range(0, K_PER_SPLIT, BLOCK_K):
-            mask_k = k0 + offs_k < IN_FEATURES
-            x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
-                             mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-            core_tile = tl.load(core + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_r[None, :],
-                                other=0.0)  # [BLOCK_K, BLOCK_R]
-            acc += tl.dot(x_tile, core_tile, input_precision=PRECISION)
-    z = out + IN_FEATURES + offs_r[None, :]
-    mask_z = mask_t[:, None] & (offs_r < RANK)[None, :]
-    if SPLIT_K == 1:
-        tl.store(z, acc.to(out_ptr.dtype.element_ty), mask=mask_z)
-    elif has_rows:
-        # serial split-K: each split stores its partial sum; the last one to arrive adds them up, writes z
-        # and re-arms the counter for the next launch (no zeroing kernel, no float atomics)
-        block = tile * (tl.num_programs(1) - 1) + tl.program_id(1)
-        offs_block = tl.arange(0, BLOCK_T)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
-        partials = partials_ptr + block.to(tl.int64) * (SPLIT_K * BLOCK_T * BLOCK_R) + offs_block
-        tl.store(partials + split * (BLOCK_T * BLOCK_R), acc)
-        tl.debug_barrier()  # every thread's partial is stored before the counter moves
-        if tl.atomic_add(counters_ptr + block, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(partials + s * (BLOCK_T * BLOCK_R), cache_modifier=".cg")
-            tl.store(z, total.to(out_ptr.dtype.element_ty), mask=mask_z)
-            tl.atomic_xchg(counters_ptr + block, 0)
-    elif split == 0:
-        tl.store(z, acc.to(out_ptr.dtype.element_ty), mask=mask_z)  # no rows: zeros
+    offs_k = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+    tile = first_tile
+    num_tiles = tl.load(num_tiles_ptr)
+    while tile < num_tiles:  # a while loop, since Triton's interpreter takes no tensor bounds in range()
+        offs_t = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < tl.load(tile_end_ptr + tile)
+        tokens = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        out = out_ptr + tokens[:, None] * stride_out_t  # [BLOCK_T, 1]
+        if copies_x:
+            _copy_x(x_ptr, out, tokens, mask_t, offs_k, stride_x, stride_out_member, IN_FEATURES, K_PER_SPLIT,
+                    BLOCK_K, NUM_MEMBERS)
+        else:
+            slot = tl.load(tile_slot_ptr + tile)
+            rank = tl.load(ranks_ptr + member * stride_ranks_member + tl.maximum(slot, 0))
+            rank = tl.where(slot < 0, 0, rank)
+            mask_r = offs_r < rank
+            core = (stack_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_stack_slot
+                    + (member * RANK + offs_r).to(tl.int64)[None, :] * IN_FEATURES)  # rows of this member, [1, BLOCK_R]
+            has_rows = row0 < rank
+            acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+            if has_rows:
+                for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+                    mask_k = k0 + offs_k < IN_FEATURES
+                    x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
+                                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+                    core_tile = tl.load(core + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_r[None, :],
+                                        other=0.0)  # [BLOCK_K, BLOCK_R]
+                    acc += tl.dot(x_tile, core_tile, input_precision=PRECISION)
+            z = out + member * stride_out_member + IN_FEATURES + offs_r[None, :]
+            mask_z = mask_t[:, None] & (offs_r < RANK)[None, :]
+            if SPLIT_K == 1:
+                tl.store(z, acc.to(out_ptr.dtype.element_ty), mask=mask_z)
+            elif has_rows:
+                block = tile * (tl.num_programs(1) - 1) + row_block
+                _store_split(acc, z, mask_z, partials_ptr, counters_ptr, block, split, SPLIT_K, BLOCK_T, BLOCK_R)
+            elif split == 0:
+                tl.store(z, acc.to(out_ptr.dtype.element_ty), mask=mask_z)  # no rows: zeros
+        tile += tile_step
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -103,16 +123,25 @@ class ShrinkConfig:
     split_k: int = 1
     """> 1 splits in_features over programs: more parallelism when few adapters and a small rank leave
     most of the GPU idle (decode). The splits add up their partials through `counters`."""
+    tile_programs: int = 0
+    """Programs along the tiles, each looping over every tile_programs-th tile; 0: one per possible tile.
+    The grid is sized for the worst case (a tile per token), so with few adapters most of those
+    programs would only start and exit."""
+    tile_major: bool = True
+    """Tiles on the slowest grid axis: the programs of a tile are launched together, and programs
+    past the step's last tile come last instead of between the busy ones."""
 
 
-def default_config(num_tokens: int, rank: int, in_features: int = 4096) -> ShrinkConfig:
-    """Chosen from bench/kernels_bench.py --sweep on an H100 (CUDA-graph timings, kernels-h100.json):
-    small ranks at decode are latency-bound (split-K over 8), large ranks bandwidth-bound on the cores."""
-    if rank <= 64 and num_tokens <= 256:
-        return ShrinkConfig(block_r=16 if rank <= 16 else 32, block_k=128 if in_features > 8192 else 256, split_k=8)
+def default_config(num_tokens: int, rank: int, in_features: int = 4096, num_members: int = 1) -> ShrinkConfig:
+    """Chosen from bench/kernels_bench.py --sweep on an H100 (CUDA-graph timings, kernels-sweep-h100.json):
+    small ranks at decode are latency-bound (split-K, programs looping over the few tiles a step has),
+    large ranks bandwidth-bound on the cores."""
     if num_tokens > 256:
         return ShrinkConfig(block_r=64 if rank >= 64 else 32, block_k=128)
-    return ShrinkConfig(block_r=32, block_k=256 if in_features <= 8192 else 128)
+    if rank <= 64:
+        return ShrinkConfig(block_r=16 if rank <= 16 else 32, block_k=128, split_k=16 if in_features > 8192 else 8,
+                            tile_programs=16)
+    return ShrinkConfig(block_r=32, block_k=256 if num_members > 1 and in_features <= 8192 else 128, tile_major=False)
 
 
 def counters_size(num_tokens: int, num_members: int, rank: int) -> int:
@@ -129,18 +158,20 @@ def shrink_concat(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, gro
     rank = width - in_features
     assert stack.stride(2) == 1 and stack.stride(1) == in_features and stack.shape[1] == num_members * rank
     assert out.stride(2) == 1 and ranks.shape[0] == num_members and ranks.stride(1) == 1
-    cfg = config or default_config(num_tokens, rank, in_features)
+    cfg = config or default_config(num_tokens, rank, in_features, num_members)
     blocks = num_members * triton.cdiv(rank, cfg.block_r)
     assert cfg.block_r >= 16 and counters.numel() >= num_tokens * blocks
     k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
     partials = (torch.empty(num_tokens * blocks * cfg.split_k * groups.tile_tokens * cfg.block_r, dtype=torch.float32,
                             device=x.device) if cfg.split_k > 1 else counters)  # unread without split-K
-    _shrink_concat_kernel[(num_tokens, blocks + 1, cfg.split_k)](  # + 1: the x copy
+    tile_programs = min(num_tokens, cfg.tile_programs or num_tokens, 65535)  # a grid's z-size limit
+    grid = (cfg.split_k, blocks + 1, tile_programs) if cfg.tile_major else (tile_programs, blocks + 1, cfg.split_k)
+    _shrink_concat_kernel[grid](  # blocks + 1: the x copy
         x, stack, ranks, out, partials, counters, groups.token_order, groups.tile_start, groups.tile_end,
         groups.tile_slot, groups.num_tiles, x.stride(0), stack.stride(0), ranks.stride(0), out.stride(0),
         out.stride(1), IN_FEATURES=in_features, RANK=rank, BLOCK_T=groups.tile_tokens, BLOCK_R=cfg.block_r,
         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, K_PER_SPLIT=k_per_split, NUM_MEMBERS=num_members,
-        PRECISION=dot_precision(x.dtype),
+        PRECISION=dot_precision(x.dtype), TILE_MAJOR=cfg.tile_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -95,12 +95,14 @@ def torch_shrinks(tokens, in_features, rank, num_adapters, dtype=torch.bfloat16)
             "all_slots_us": bench(lambda: shrink_torch(x, stack, slot_tensor))}
 
 
-SWEEP = [ShrinkConfig(block_r=br, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
-         for br in (16, 32, 64) for bk in (128, 256) for w, st in ((4, 3), (8, 4)) for sk in (1, 4, 8)
-         if br * bk <= 8192]  # 64x256 blocks gave wrong results on Triton 3.6 (H100), see bench/results
+SMALL_RANK_SWEEP = [ShrinkConfig(block_r=br, block_k=bk, split_k=sk, tile_programs=tp)  # decode, rank <= 64
+                    for br in (16, 32) for bk in (128, 256) for sk in (8, 16) for tp in (0, 8, 16)]
+LARGE_RANK_SWEEP = [ShrinkConfig(block_r=br, block_k=bk, num_warps=w, num_stages=st, tile_major=major)
+                    for br, bk in ((16, 256), (32, 128), (32, 256), (64, 128)) for w, st in ((4, 3), (8, 4))
+                    for major in (True, False)]  # no 64x256 blocks: wrong results on Triton 3.6 (H100)
 
 
-def tune_shrink(tokens, in_features, num_members, rank, num_adapters, dtype=torch.bfloat16):
+def tune_shrink(tokens, in_features, num_members, rank, num_adapters, sweep, dtype=torch.bfloat16):
     """Time every sweep config on one shape; returns the default's and the best configs' times."""
     dev = "cuda"
     gen = torch.Generator().manual_seed(1)
@@ -113,8 +115,9 @@ def tune_shrink(tokens, in_features, num_members, rank, num_adapters, dtype=torc
     counters = torch.zeros(counters_size(tokens, num_members, rank), dtype=torch.int32, device=dev)
     ref = shrink_concat(x, stack, ranks, index, out.clone(), counters, ShrinkConfig()).float()
     times, wrong = {}, []
-    for cfg in SWEEP:
-        if cfg.block_r > rank or cfg.block_k > in_features or (cfg.split_k > 1 and (rank > 64 or tokens > 256)):
+    default = default_config(tokens, rank, in_features, num_members)
+    for cfg in [default, *sweep]:
+        if cfg in times or cfg.block_r > rank or cfg.block_k > in_features:
             continue
         got = shrink_concat(x, stack, ranks, index, out, counters, cfg).float()
         if not (got - ref).norm() / ref.norm() < 1e-2:  # kept out of the defaults; reported
@@ -122,10 +125,32 @@ def tune_shrink(tokens, in_features, num_members, rank, num_adapters, dtype=torc
             continue
         times[cfg] = bench(lambda: shrink_concat(x, stack, ranks, index, out, counters, cfg), rep=60)
     best = sorted(times, key=times.get)[:3]
-    default = default_config(tokens, rank, in_features)
     return {"tokens": tokens, "in": in_features, "members": num_members, "rank": rank, "num_adapters": num_adapters,
             "default": vars(default) | {"us": times.get(default)},
             "best": [vars(c) | {"us": times[c]} for c in best], "wrong_results": wrong}
+
+
+def gemm_k_padding(tokens=64):
+    """The [W0 | U] GEMM's cost against the base GEMM, for each width R of the appended U (r_max) and
+    for inputs whose rows are packed (in + R) or padded to 64 elements: does an odd K slow cuBLAS?"""
+    rows = []
+    for out_features, in_features in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        for rank in (0, 16, 32, 48, 64, 128, 256):
+            width = in_features + rank
+            pitch = -(-width // 64) * 64
+            weight = torch.randn(out_features, pitch, device="cuda", dtype=torch.bfloat16)[:, :width]
+            packed = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+            padded = torch.randn(tokens, pitch, device="cuda", dtype=torch.bfloat16)[:, :width]
+            rows.append({"out": out_features, "in": in_features, "rank": rank,
+                         "packed_input_us": bench(lambda: F.linear(packed, weight)),
+                         "padded_input_us": bench(lambda: F.linear(padded, weight))})
+    return rows
+
+
+def empty_launch_us():
+    """One CUDA-graph replay of a one-program kernel: the floor under every launch in a decode step."""
+    x = torch.zeros(1, device="cuda")
+    return bench(lambda: x.add_(1))
 
 
 def basis_routes():
@@ -159,7 +184,10 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also time shrink kernel configs")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "ceilings": device_ceilings()}
+              "ceilings": device_ceilings() | {"empty_launch_us": empty_launch_us()}}
+    report["gemm_k_padding"] = gemm_k_padding()
+    for row in report["gemm_k_padding"]:
+        print("gemm", row)
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = [adapted_block(64, 4096, (4096,), 256, 16, 16)]  # the issue's anchor layer
     for rank, adapters in ((32, 8), (256, 64)):
@@ -168,9 +196,11 @@ def main():
     report["blocks"].append(adapted_block(2048, 4096, qkv, 256, 16, 16))  # a prefill chunk
     report["torch_shrinks"] = [torch_shrinks(64, 4096, 256, 16), torch_shrinks(64, 4096, 256, 64)]
     if args.sweep:
-        report["sweep"] = [tune_shrink(t, k, m, r, a) for t, k, m, r, a in (
-            (64, 4096, 3, 32, 8), (64, 14336, 1, 32, 8), (64, 4096, 2, 32, 8),
-            (64, 4096, 3, 256, 64), (64, 14336, 1, 256, 64), (2048, 4096, 3, 256, 16))]
+        report["sweep"] = [
+            tune_shrink(t, k, m, r, a, SMALL_RANK_SWEEP if r <= 64 else LARGE_RANK_SWEEP) for t, k, m, r, a in (
+                (64, 4096, 3, 32, 8), (64, 4096, 1, 32, 8), (64, 14336, 1, 32, 8), (64, 4096, 2, 32, 8),
+                (64, 4096, 3, 256, 64), (64, 4096, 1, 256, 64), (64, 14336, 1, 256, 64), (64, 4096, 2, 256, 64),
+                (2048, 4096, 3, 256, 16))]
         for row in report["sweep"]:
             print("sweep", {k: row[k] for k in ("tokens", "in", "members", "rank", "num_adapters")},
                   "default", row["default"], "best", row["best"][0])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from tqdm import tqdm
@@ -152,13 +152,15 @@ class BasisCache:
             if short:
                 log.info("basis cache holds fewer columns than asked for (%s...); recomputing", short[0])
                 return None
+            # one sequential read: tensors fetched one by one through mmap, in module order (not the
+            # file's), made a cold start read the file in scattered few-MB pieces
+            tensors = load_safetensors_bytes(tensor_path.read_bytes())
             u = {}
-            with safe_open(tensor_path, framework="pt", device=str(device)) as f:  # mmap, no full read
-                for name, rank in ranks.items():
-                    t = f.get_tensor(f"U.{name}")
-                    if list(t.shape) != stored[name] or tensor_checksum(t) != manifest["tensor_checksums"][name]:
-                        raise ValueError(f"checksum mismatch for {name} (corrupt or truncated file)")
-                    u[name] = t[:, :rank].contiguous() if rank < t.shape[1] else t
+            for name, rank in ranks.items():
+                t = tensors.pop(f"U.{name}").to(device)
+                if list(t.shape) != stored[name] or tensor_checksum(t) != manifest["tensor_checksums"][name]:
+                    raise ValueError(f"checksum mismatch for {name} (corrupt or truncated file)")
+                u[name] = t[:, :rank].contiguous() if rank < t.shape[1] else t
             return u
         except Exception as exc:  # any damage means recompute, never trust, never crash
             log.warning("basis cache entry %s (%s) is unusable (%s); rebuilding it", entry, tensor_path.name, exc)

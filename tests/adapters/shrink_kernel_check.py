@@ -31,9 +31,11 @@ def check(num_tokens, num_members, num_slots, rank_max, in_features, ranks, dtyp
     index = SlotIndex(max(num_tokens, 8), device)
     index.set(slots)
     x = torch.randn(num_tokens, in_features, generator=gen).to(dtype).to(device)
-    out = torch.full((num_members, num_tokens, in_features + rank_max), float("nan"), dtype=dtype, device=device)
+    width = in_features + rank_max
+    padded = torch.full((num_members, num_tokens, width + 5), float("nan"), dtype=dtype, device=device)
     counters = torch.zeros(counters_size(num_tokens, num_members, rank_max), dtype=torch.int32, device=device)
-    got = shrink_concat(x, stack, member_ranks, index, out, counters, config).float().cpu()
+    got = shrink_concat(x, stack, member_ranks, index, padded[:, :, :width], counters, config).float().cpu()
+    assert padded[:, :, width:].isnan().all(), case  # rows pitched wider than written stay untouched
     assert not counters.any(), case  # re-armed for the next launch
     ref = concat_inputs_reference(x.float().cpu(), stack.float().cpu(), num_members, torch.tensor(slots))
     assert torch.isfinite(got).all(), case  # every element written, rows past a rank as zeros
@@ -56,7 +58,8 @@ def main():
     if device == "cuda":
         cases += [(64, 3, 64, 256, 4096, [256] * 64), (64, 1, 16, 32, 14336, [32] * 16),
                   (300, 2, 16, 32, 4096, [32] * 16), (2048, 3, 8, 256, 4096, [256, 128] * 4)]
-    configs = [None, ShrinkConfig(block_r=16, block_k=32, split_k=3), ShrinkConfig(block_r=32, block_k=16, split_k=2)]
+    configs = [None, ShrinkConfig(block_r=16, block_k=32, split_k=3, tile_major=False),
+               ShrinkConfig(block_r=32, block_k=16, split_k=2, tile_programs=2)]  # programs loop over tiles
     for i, (t, m, s, r, k, ranks) in enumerate(cases):  # the default, and split-K on every case
         for dtype in dtypes:
             for config in configs:
