@@ -238,9 +238,6 @@ def main():
                                          dtype=torch.bfloat16)
     report["basis_cache_load_s"] = loaded_basis.seconds
     report["basis_load_over_model_load"] = loaded_basis.seconds / loaded.load_seconds
-    drop_page_cache()  # the same cold load by one reader through mmap, without the threaded read-ahead
-    report["basis_cache_load_one_reader_s"] = BasisCache(cfg.basis_dir, read_threads=1).load_or_compute(
-        model, DEFAULT_TARGET_MODULES, max(ranks), progress=False, device="cuda", dtype=torch.bfloat16).seconds
     basis = loaded_basis
     context = args.prompt_len + args.new_tokens // 2
     if args.startup_only:
@@ -317,7 +314,7 @@ def main():
     print(f"\n{report['device']}  shape={args.shape}  prompt={args.prompt_len}  new={args.new_tokens}  "
           f"copy BW {report['copy_bandwidth_TBps']:.2f} TB/s")
     print(f"model load {report['model_load_s']:.1f}s  basis compute {report['basis_compute_s']:.1f}s  "
-          f"basis cache load {report['basis_cache_load_s']:.2f}s (one reader: {report['basis_cache_load_one_reader_s']:.2f}s)")
+          f"basis cache load {report['basis_cache_load_s']:.2f}s")
     print(f"{'system':<22}{'adapters':>9}{'rank':>6}{'batch':>7}{'decode tok/s':>14}{'floor':>9}{'% floor':>9}{'TTFT s':>8}")
     for r in rows:
         floor = r.get("floor_tok_s")

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,24 +81,6 @@ def tensor_checksum(t: torch.Tensor) -> int:
     return int((bits * weights).sum())
 
 
-def read_into_page_cache(path: Path, threads: int, piece: int = 16 << 20) -> None:
-    """Read a file once with several threads, so the mmap reads that follow hit the page cache: the
-    basis file is hundreds of few-MB tensors, and a cold disk serves concurrent reads faster than the
-    page faults of one reader (bench/decode_bench.py times both)."""
-    size = path.stat().st_size
-    share = max(1, -(-size // threads))
-
-    def read_share(start: int) -> None:
-        with open(path, "rb", buffering=0) as f:
-            buffer = bytearray(min(piece, share))
-            for offset in range(start, min(start + share, size), piece):
-                f.seek(offset)
-                f.readinto(buffer)
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(read_share, range(0, size, share)))
-
-
 def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
@@ -107,9 +88,8 @@ def _module_seed(seed: int, name: str) -> int:
 class BasisCache:
     """Loads the basis of a model from disk, or computes and stores it."""
 
-    def __init__(self, root: Path, read_threads: int = 8):
+    def __init__(self, root: Path):
         self.root = Path(root)
-        self.read_threads = read_threads
 
     def entry_dir(self, checksum: str, target_modules: tuple[str, ...]) -> Path:
         return self.root / entry_key(checksum, target_modules)
@@ -172,10 +152,8 @@ class BasisCache:
             if short:
                 log.info("basis cache holds fewer columns than asked for (%s...); recomputing", short[0])
                 return None
-            if self.read_threads > 1:
-                read_into_page_cache(tensor_path, self.read_threads)
             u = {}
-            with safe_open(tensor_path, framework="pt", device=str(device)) as f:  # mmap
+            with safe_open(tensor_path, framework="pt", device=str(device)) as f:  # mmap, no full read
                 for name, rank in ranks.items():
                     t = f.get_tensor(f"U.{name}")
                     if list(t.shape) != stored[name] or tensor_checksum(t) != manifest["tensor_checksums"][name]:
