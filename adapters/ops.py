@@ -62,7 +62,8 @@ def concat_inputs(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, slo
     rank = stack.shape[1] // num_members
     if x.is_cuda and KERNELS_AVAILABLE:
         width = x.shape[1] + rank
-        pitch = -(-width // 64) * 64  # rows 128-byte aligned: cuBLAS runs an odd K up to 15% slower unaligned
+        # rows padded to 64 elements: cuBLAS ran packed rows of other widths up to 25% slower (gemm_k_padding)
+        pitch = -(-width // 64) * 64
         out = torch.empty(num_members, x.shape[0], pitch, dtype=x.dtype, device=x.device)[:, :, :width]
         return shrink_concat(x, stack, ranks, slot_index, out, counters)
     z = shrink_torch(x, stack, slot_index.token_slots)  # [T, M*R]
