@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.ops import concat_inputs, kernel_counters
-from adapters.targets import find_target_linears, group_of
+from adapters.targets import find_target_linears, group_of, replace_module
 from cache.slot_table import BASE_SLOT
 
 
@@ -186,8 +186,7 @@ class AdaptedModel:
     def detach(self) -> nn.Module:
         """Put the plain nn.Linear modules back (benchmarks reuse one loaded model)."""
         for name, layer in self.layers.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, layer.base)
+            replace_module(self.model, name, layer.base)
         self.layers = {}
         return self.model
 
@@ -251,8 +250,7 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     for name, linear in linears.items():
         u = basis.u[name][:, : group_rank[group_of(name)]].to(device=device, dtype=dtype)
         layer = AdaptedLinear(linear, u, slot_index)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        replace_module(model, name, layer)
         layers[name] = layer
     adapted = AdaptedModel(model, slot_index, stacks, layers)
     share_inputs(adapted, find_shared_inputs(model, layers))

@@ -36,6 +36,12 @@ def group_of(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where `model`'s submodule called `name` (a dotted path) is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Full name -> nn.Linear for every Linear whose last name component is a target suffix."""
     found = {

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterConfig, save_adapter_dir
-from adapters.targets import find_target_linears, group_of
+from adapters.targets import find_target_linears, group_of, replace_module
 from adapters.train_data import collate, load_examples
 from cache.basis_cache import BasisCache
 from server.config import ModelConfig
@@ -98,8 +98,7 @@ def attach_trainable(model: nn.Module, basis, groups: tuple[str, ...], rank: int
         if key not in params:
             params[key] = nn.Parameter(torch.zeros(rank, linear.in_features, device=device, dtype=torch.float32))
         u = basis.u[name][:, :rank].to(device=device, dtype=torch.float32)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, PiCaTrainLinear(linear, u, params[key]))
+        replace_module(model, name, PiCaTrainLinear(linear, u, params[key]))
     return params
 
 

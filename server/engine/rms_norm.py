@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from adapters.targets import replace_module
+
 log = logging.getLogger(__name__)
 
 
@@ -83,8 +85,7 @@ def fuse_rms_norms(model: nn.Module) -> int:
         if not _agrees(module):
             log.info("keeping %s (%s): its formula differs from the fused RMSNorm", name, type(module).__name__)
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, FusedRMSNorm(module))
+        replace_module(model, name, FusedRMSNorm(module))
         swapped += 1
     return swapped
 
@@ -93,5 +94,4 @@ def restore_rms_norms(model: nn.Module) -> None:
     """Put the model's own norm modules back (benchmarks reuse one loaded model for other systems)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, FusedRMSNorm):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.norm)
+            replace_module(model, name, module.norm)
