@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.ops import concat_inputs, kernel_counters
+from adapters.ops import concat_inputs, empty_padded_rows, kernel_counters
 from adapters.targets import find_target_linears, group_of, replace_module
 from cache.slot_table import BASE_SLOT
 
@@ -155,9 +155,8 @@ class AdaptedLinear(nn.Module):
     def __init__(self, base: nn.Linear, u: torch.Tensor, slot_index: SlotIndex):
         super().__init__()
         out_features, in_features = base.weight.shape
-        pitch = -(-(in_features + u.shape[1]) // 64) * 64  # rows start 128-byte aligned (bf16)
-        storage = base.weight.new_empty(out_features, pitch)
-        weight_cat = storage[:, : in_features + u.shape[1]]
+        weight_cat = empty_padded_rows(out_features, in_features + u.shape[1], dtype=base.weight.dtype,
+                                       device=base.weight.device)
         weight_cat[:, :in_features].copy_(base.weight)
         weight_cat[:, in_features:].copy_(u)
         base.weight = nn.Parameter(weight_cat[:, :in_features], requires_grad=base.weight.requires_grad)

@@ -54,6 +54,13 @@ def shrink_torch(x: torch.Tensor, stack: torch.Tensor, token_slots: torch.Tensor
     return z * (token_slots >= 0).unsqueeze(1).to(z.dtype)
 
 
+def empty_padded_rows(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty(shape) whose rows are stored 64 elements apart at least (128 bytes in bf16): GEMM
+    operands of width in + R. cuBLAS ran packed rows of other widths up to 25% slower (gemm_k_padding)."""
+    pitch = -(-shape[-1] // 64) * 64
+    return torch.empty(*shape[:-1], pitch, dtype=dtype, device=device)[..., : shape[-1]]
+
+
 def concat_inputs(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, slot_index,
                   counters: torch.Tensor | None = None) -> torch.Tensor:
     """[M, T, in + R] GEMM inputs of the M layers that read x: the Triton kernel on CUDA, batched torch
@@ -61,10 +68,7 @@ def concat_inputs(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, slo
     num_members = ranks.shape[0]
     rank = stack.shape[1] // num_members
     if x.is_cuda and KERNELS_AVAILABLE:
-        width = x.shape[1] + rank
-        # rows padded to 64 elements: cuBLAS ran packed rows of other widths up to 25% slower (gemm_k_padding)
-        pitch = -(-width // 64) * 64
-        out = torch.empty(num_members, x.shape[0], pitch, dtype=x.dtype, device=x.device)[:, :, :width]
+        out = empty_padded_rows(num_members, x.shape[0], x.shape[1] + rank, dtype=x.dtype, device=x.device)
         return shrink_concat(x, stack, ranks, slot_index, out, counters)
     z = shrink_torch(x, stack, slot_index.token_slots)  # [T, M*R]
     return torch.cat([x.expand(num_members, *x.shape), z.view(-1, num_members, rank).transpose(0, 1)], dim=2)
