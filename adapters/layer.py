@@ -136,14 +136,27 @@ class SharedInput:
     def input_for(self, member: int, x: torch.Tensor) -> torch.Tensor:
         """[T, in + R]: `[x | core[slot] @ x]` for this member's rows of the stack."""
         if x is not self._x or self._version != self.slot_index.version:
-            self._inputs = concat_inputs(x.reshape(-1, x.shape[-1]), self.stack, self.ranks, self.slot_index,
-                                         self.counters)
-            self._x, self._version, self._pending = x, self.slot_index.version, self.ranks.shape[0]
+            self._hold(x, concat_inputs(x.reshape(-1, x.shape[-1]), self.stack, self.ranks, self.slot_index,
+                                        self.counters))
         inputs = self._inputs[member]
         self._pending -= 1
         if self._pending == 0:  # every member has its input: hold no activations past this forward
             self._x = self._inputs = None
         return inputs
+
+    def normalized_input(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """For the RMSNorm whose output these layers read: RMSNorm(h), made in the same launch as their
+        inputs. Returns a view into those inputs, which input_for then recognises."""
+        in_features = h.shape[-1]
+        inputs = concat_inputs(h.reshape(-1, in_features), self.stack, self.ranks, self.slot_index, self.counters,
+                               norm=(weight, eps))
+        x = inputs[0, :, :in_features].view(h.shape)
+        self._hold(x, inputs)
+        return x
+
+    def _hold(self, x: torch.Tensor, inputs: torch.Tensor) -> None:
+        self._x, self._inputs = x, inputs
+        self._version, self._pending = self.slot_index.version, self.ranks.shape[0]
 
 
 class AdaptedLinear(nn.Module):
@@ -190,9 +203,20 @@ class AdaptedModel:
         return self.model
 
 
+def run_probe(model: nn.Module, handles: list) -> None:
+    """Run the model once on two tokens, so that hooks see which module's output feeds which layer;
+    then remove the hooks."""
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
     """The adapted layers that read the same input tensor, each list in call order (q/k/v and gate/up
-    in a Llama block), seen by running the model once on two tokens."""
+    in a Llama block)."""
     seen: dict[int, tuple[torch.Tensor, list[str]]] = {}  # keeps each x alive, so ids are not reused
 
     def record(name):
@@ -201,13 +225,7 @@ def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[l
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_probe(model, [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()])
     return [names for _, names in seen.values()]
 
 

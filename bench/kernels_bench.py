@@ -67,6 +67,13 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots, dtyp
               "base_contiguous_us": bench(lambda: [F.linear(x, w) for w in contiguous]),
               "shrink_concat_us": bench(lambda: concat_inputs(x, stack, ranks, index, shared.counters)),
               "adapter_path_us": bench(run_layers)}
+    if len(outs) > 1:  # q/k/v and gate/up read an RMSNorm's output: the norm as its own launch, or in the shrink's
+        from server.engine.rms_norm import rms_norm
+
+        w, eps = torch.randn(in_features, generator=gen).to(dev, dtype), 1e-5
+        result["norm_then_shrink_us"] = bench(lambda: concat_inputs(rms_norm(x, w, eps), stack, ranks, index,
+                                                                    shared.counters))
+        result["norm_in_shrink_us"] = bench(lambda: concat_inputs(x, stack, ranks, index, shared.counters, (w, eps)))
     index.set([-1] * tokens)
     result["base_path_us"] = bench(run_layers)  # the base linears reading their W0 views of [W0 | U]
     result["adapter_overhead_us"] = result["adapter_path_us"] - result["base_path_us"]
@@ -213,7 +220,8 @@ def main():
             "adapter_path_us", "adapter_overhead_us", "shrink_GBps_on_cores", "shrink_rel_err_vs_fp32_reference"]
     print(" | ".join(c.replace("_us", "") for c in cols))
     for row in report["blocks"]:
-        print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+        print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols),
+              {k: round(row[k], 2) for k in ("norm_then_shrink_us", "norm_in_shrink_us") if k in row})
     for row in report["torch_shrinks"]:
         print(row)
     for row in report.get("basis", []):

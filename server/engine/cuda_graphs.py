@@ -78,6 +78,19 @@ class DecodeGraphs:
         self._staging_np[4 * b :].reshape(b, -1)[:n] = inputs.block_tables
         self._buffer.copy_(self._staging, non_blocking=True)
 
+    def replay_seconds(self, num_seqs: int, with_adapter: bool, iters: int = 20) -> float:
+        """GPU time of one decode step with no host work between steps (benchmarks): replays the bucket's
+        graph on the inputs already in the static buffers."""
+        graph, _ = self._graphs[(self.bucket_for(num_seqs), with_adapter)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+
     def run(self, scheduled) -> torch.Tensor:
         """Replay the bucket's graph for these decoding sequences; logits [len(scheduled), V]."""
         bucket = self.bucket_for(len(scheduled))

@@ -79,6 +79,13 @@ class ModelRunner:
         self.adapted = attach_adapters(
             loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens
         )
+        self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
+        if self.decode_kernels:  # before our attention is set: the probe forward runs the model's own
+            from server.engine.rms_norm import feed_adapted_layers, fuse_rms_norms
+
+            swapped = fuse_rms_norms(self.model)
+            log.info("fused RMSNorm: %d modules swapped, %d of them run inside their layers' shrink", swapped,
+                     feed_adapted_layers(self.model))
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
         self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)
@@ -92,11 +99,6 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
                  self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
-        self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
-        if self.decode_kernels:
-            from server.engine.rms_norm import fuse_rms_norms
-
-            log.info("fused RMSNorm: %d modules swapped", fuse_rms_norms(self.model))
         self.graphs = None
         if self.decode_kernels and cfg.cuda_graphs:
             from server.engine.cuda_graphs import DecodeGraphs

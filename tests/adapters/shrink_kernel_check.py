@@ -8,12 +8,14 @@ import sys
 import torch
 
 from adapters.layer import SlotIndex, SlotStacks
-from adapters.ops import concat_inputs_reference
+from adapters.ops import concat_inputs_reference, rms_norm_reference
 from adapters.shrink_kernel import ShrinkConfig, counters_size, shrink_concat
 
 
-def check(num_tokens, num_members, num_slots, rank_max, in_features, ranks, dtype, device, seed, config=None):
-    """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0)."""
+def check(num_tokens, num_members, num_slots, rank_max, in_features, ranks, dtype, device, seed, config=None,
+          with_norm=False):
+    """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0).
+    with_norm: x is RMSNorm'd by the kernel on the way (the q/k/v and gate/up inputs of a Llama block)."""
     gen = torch.Generator().manual_seed(seed)
     groups = [f"g{m}" for m in range(num_members)]
     stacks = SlotStacks({g: (rank_max, in_features) for g in groups}, num_slots, dtype, device)
@@ -27,19 +29,31 @@ def check(num_tokens, num_members, num_slots, rank_max, in_features, ranks, dtyp
     slots[0] = -1
     if num_tokens > 3:
         slots[1] = slots[3] = num_slots - 1
-    case = (num_tokens, num_members, num_slots, rank_max, in_features, dtype, config)
+    case = (num_tokens, num_members, num_slots, rank_max, in_features, dtype, config, with_norm)
     index = SlotIndex(max(num_tokens, 8), device)
     index.set(slots)
     x = torch.randn(num_tokens, in_features, generator=gen).to(dtype).to(device)
+    norm = None
+    if with_norm:
+        x = x * torch.linspace(0.1, 10, num_tokens, device=device, dtype=dtype)[:, None]  # rows of other scales
+        norm = (torch.randn(in_features, generator=gen).to(dtype).to(device), 1e-5)
     width = in_features + rank_max
     padded = torch.full((num_members, num_tokens, width + 5), float("nan"), dtype=dtype, device=device)
     counters = torch.zeros(counters_size(num_tokens, num_members, rank_max), dtype=torch.int32, device=device)
-    got = shrink_concat(x, stack, member_ranks, index, padded[:, :, :width], counters, config).float().cpu()
+    got = shrink_concat(x, stack, member_ranks, index, padded[:, :, :width], counters, config, norm).float().cpu()
     assert padded[:, :, width:].isnan().all(), case  # rows pitched wider than written stay untouched
     assert not counters.any(), case  # re-armed for the next launch
     ref = concat_inputs_reference(x.float().cpu(), stack.float().cpu(), num_members, torch.tensor(slots))
+    if with_norm:  # the reference norm in x's dtype (it rounds there), the shrink in float32
+        x_normed = rms_norm_reference(x, *norm).float().cpu()
+        ref = concat_inputs_reference(x_normed, stack.float().cpu(), num_members, torch.tensor(slots))
     assert torch.isfinite(got).all(), case  # every element written, rows past a rank as zeros
-    assert torch.equal(got[:, :, :in_features], ref[:, :, :in_features]), case  # x copied exactly
+    if with_norm and dtype != torch.float32:  # one rounding step where the float32 sums differ
+        torch.testing.assert_close(got[:, :, :in_features], ref[:, :, :in_features], rtol=2e-2, atol=2e-2)
+    elif with_norm:
+        torch.testing.assert_close(got[:, :, :in_features], ref[:, :, :in_features], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got[:, :, :in_features], ref[:, :, :in_features]), case  # x copied exactly
     z, z_ref = got[:, :, in_features:], ref[:, :, in_features:]
     err = (z - z_ref).norm() / z_ref.norm().clamp_min(1e-6)
     tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 1e-2
@@ -60,11 +74,14 @@ def main():
                   (300, 2, 16, 32, 4096, [32] * 16), (2048, 3, 8, 256, 4096, [256, 128] * 4)]
     configs = [None, ShrinkConfig(block_r=16, block_k=32, split_k=3, tile_major=False),
                ShrinkConfig(block_r=32, block_k=16, split_k=2, tile_programs=2)]  # programs loop over tiles
+    checked = 0
     for i, (t, m, s, r, k, ranks) in enumerate(cases):  # the default, and split-K on every case
         for dtype in dtypes:
             for config in configs:
-                check(t, m, s, r, k, ranks, dtype, device, seed=i, config=config)
-    print(f"shrink kernel ok on {device}: {len(cases) * len(dtypes) * len(configs)} cases")
+                for with_norm in (False, True):
+                    check(t, m, s, r, k, ranks, dtype, device, seed=i, config=config, with_norm=with_norm)
+                    checked += 1
+    print(f"shrink kernel ok on {device}: {checked} cases")
 
 
 if __name__ == "__main__":

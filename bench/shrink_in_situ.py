@@ -1,0 +1,152 @@
+"""Shrink launch configs timed inside the engine's decode step, where the cores come from HBM.
+
+    python bench/shrink_in_situ.py --out bench/results/shrink-in-situ-h100.json
+
+kernels_bench.py times a layer alone, replayed until everything sits in L2; in a real step ~500 MB
+of weights stream between two uses of the same cores, so the shrink waits on HBM instead. This
+script builds a random Llama-3-8B-shaped model in GPU memory (random orthonormal bases: timings do
+not depend on them), runs the engine with 8 adapters r=32 mixed in a batch of 64, and for each
+variant (a small-rank decode config, the RMSNorm inside the q/k/v and gate/up shrink or not)
+re-captures the decode graphs and times the batch-64 step replayed back to back (GPU only) and
+engine steps (with the host). The no-adapter step is timed the same way in each variant and, with
+the host, once per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import adapters.shrink_kernel as shrink_kernel  # noqa: E402
+from adapters.targets import find_target_linears, group_targets  # noqa: E402
+from bench.decode_bench import SHAPES, NullTokenizer, random_adapter  # noqa: E402
+from cache.basis_cache import Basis  # noqa: E402
+from cache.host_cache import HostCache  # noqa: E402
+from server.config import DEFAULT_TARGET_MODULES, EngineConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.rms_norm import FusedRMSNorm  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.model_loader import LoadedModel  # noqa: E402
+
+DEFAULT_CONFIG = shrink_kernel.default_config
+
+
+def small_rank_config(block_k: int, iterations: int, tile_programs: int = 16):
+    """Small ranks at decode: split in_features so each program runs `iterations` blocks of block_k."""
+
+    def config(num_tokens, rank, in_features=4096, num_members=1):
+        if num_tokens > 256 or rank > 64:
+            return DEFAULT_CONFIG(num_tokens, rank, in_features, num_members)
+        split_k = math.ceil(in_features / (block_k * iterations))
+        return shrink_kernel.ShrinkConfig(block_r=16 if rank <= 16 else 32, block_k=block_k, split_k=split_k,
+                                          tile_programs=tile_programs)
+
+    return config
+
+
+VARIANTS = {  # name -> (default_config replacement, RMSNorm inside the q/k/v and gate/up shrink)
+    "default": (DEFAULT_CONFIG, True),
+    "default, norm separate": (DEFAULT_CONFIG, False),
+    "block_k 256 x2": (small_rank_config(256, 2), True),
+    "block_k 128 x2": (small_rank_config(128, 2), True),
+}
+
+
+def random_model(shape: str) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return LoadedModel(model, NullTokenizer(), shape, torch.device("cuda"), torch.bfloat16, 0.0)
+
+
+def random_basis(model, rank: int) -> Basis:
+    linears = find_target_linears(model, DEFAULT_TARGET_MODULES)
+    u = {name: torch.linalg.qr(torch.randn(m.out_features, rank, device="cuda"))[0] for name, m in linears.items()}
+    return Basis("bench", "random", rank, group_targets(linears, DEFAULT_TARGET_MODULES), u, "computed", 0.0)
+
+
+def measure(engine, handles, batch, prompt_len, steps, seed) -> dict:
+    """A fresh batch (same context lengths in every variant): prefill, then time the decode step."""
+    rng = random.Random(seed)
+    for i in range(batch):
+        engine.add_request(f"{seed}-{i}", [rng.randrange(2, 1000) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True),
+                           handles[i % len(handles)] if handles else None)
+    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    graphs = engine.runner.graphs
+    result = {"engine_step_ms": wall * 1e3, "graph_ms": graphs.replay_seconds(batch, bool(handles), 50) * 1e3,
+              "graph_no_adapter_ms": graphs.replay_seconds(batch, False, 50) * 1e3}
+    while engine.has_work:
+        engine.step()
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--num-adapters", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2, help="every variant this many times, interleaved")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    loaded = random_model(args.shape)
+    basis = random_basis(loaded.model, args.rank)
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=args.batch, max_num_batched_tokens=4096,
+                                                max_model_len=args.prompt_len + args.steps + 64,
+                                                max_gpu_adapters=args.num_adapters, max_rank=args.rank,
+                                                gpu_memory_utilization=0.85))
+    host = HostCache(lambda _id: None, 1024, torch.bfloat16, pin_memory=True)
+    handles = [host.handle_for(f"a{i}", random_adapter(basis, args.rank, seed=i)) for i in range(args.num_adapters)]
+    norms = [m for m in loaded.model.modules() if isinstance(m, FusedRMSNorm)]
+    feeds = {id(m): m.feeds for m in norms}
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
+              "shape": args.shape, "rank": args.rank, "num_adapters": args.num_adapters, "batch": args.batch,
+              "norms_feeding_a_shrink": sum(f is not None for f in feeds.values()), "rows": []}
+    for round_ in range(args.rounds):
+        shrink_kernel.default_config = DEFAULT_CONFIG
+        engine.runner.graphs.capture()
+        row = {"variant": "no adapter", "round": round_, **measure(engine, [], args.batch, args.prompt_len, args.steps,
+                                                                   seed=round_)}
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        for name, (config, norm_inside) in VARIANTS.items():
+            shrink_kernel.default_config = config
+            for m in norms:
+                m.feeds = feeds[id(m)] if norm_inside else None
+            engine.runner.graphs.capture()
+            row = {"variant": name, "round": round_, **measure(engine, handles, args.batch, args.prompt_len,
+                                                                args.steps, seed=round_)}
+            row["graph_ratio"] = row["graph_no_adapter_ms"] / row["graph_ms"]
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
