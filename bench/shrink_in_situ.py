@@ -111,7 +111,7 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=2, help="every variant this many times, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="every variant this many times, interleaved")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     loaded = random_model(args.shape)
