@@ -155,18 +155,24 @@ def hf_generate(model, batch, prompt_len, new_tokens, adapter_names=None) -> dic
             "total_tok_s": batch * new_tokens / t_full}
 
 
+def start_decoding(engine, handles, batch, prompt_len, max_tokens, seed) -> None:
+    """Add `batch` random prompts (adapters round-robin over `handles`, none if empty) and step until every
+    sequence has its first token, so that the next steps are decode steps of the whole batch."""
+    rng, vocab = random.Random(seed), min(1000, engine.limits.vocab_size)
+    for i in range(batch):
+        engine.add_request(f"{seed}-{i}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                           handles[i % len(handles)] if handles else None)
+    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+        engine.step()
+
+
 def profile_steps(engine, handles, batch, prompt_len, steps=8) -> dict:
     """Kernel time per decode step (top kernels), the step's graph replayed back to back (kernels plus the
     gaps between them, no host), and wall time per step (profiled, so inflated)."""
     from torch.profiler import ProfilerActivity, profile
 
-    rng = random.Random(0)
-    for i in range(batch):
-        engine.add_request(f"prof-{i}", [rng.randrange(2, 1000) for _ in range(prompt_len)],
-                           SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True),
-                           handles[i % len(handles)] if handles else None)
-    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
-        engine.step()
+    start_decoding(engine, handles, batch, prompt_len, steps + 4, seed=0)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -28,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import adapters.shrink_kernel as shrink_kernel  # noqa: E402
 from adapters.targets import find_target_linears, group_targets  # noqa: E402
-from bench.decode_bench import SHAPES, NullTokenizer, random_adapter  # noqa: E402
+from bench.decode_bench import SHAPES, NullTokenizer, random_adapter, start_decoding  # noqa: E402
 from cache.basis_cache import Basis  # noqa: E402
 from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.rms_norm import FusedRMSNorm  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model_loader import LoadedModel  # noqa: E402
 
 DEFAULT_CONFIG = shrink_kernel.default_config
@@ -80,13 +78,7 @@ def random_basis(model, rank: int) -> Basis:
 
 def measure(engine, handles, batch, prompt_len, steps, seed) -> dict:
     """A fresh batch (same context lengths in every variant): prefill, then time the decode step."""
-    rng = random.Random(seed)
-    for i in range(batch):
-        engine.add_request(f"{seed}-{i}", [rng.randrange(2, 1000) for _ in range(prompt_len)],
-                           SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True),
-                           handles[i % len(handles)] if handles else None)
-    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
-        engine.step()
+    start_decoding(engine, handles, batch, prompt_len, steps + 8, seed)
     for _ in range(3):
         engine.step()
     torch.cuda.synchronize()
