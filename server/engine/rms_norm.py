@@ -2,9 +2,9 @@
 
 Transformers' eager RMSNorm is about eight small kernels (cast, square, mean, rsqrt, two products,
 casts); a Llama-3-8B decode step runs 65 of them, ~500 launches. This kernel does one row per
-program. Semantics: exactly `adapters.ops.rms_norm_reference`, the Llama/Qwen2/Mistral formula, including where
-it rounds to the input dtype. A module is only swapped after it computes the same thing on a test
-input, so a norm with another formula (Gemma's `1 + weight`, say) keeps its own forward.
+program. Semantics: exactly `adapters.ops.rms_norm_reference`, the Llama/Qwen2/Mistral formula,
+including where it rounds to the input dtype. A module is only swapped after it computes the same
+thing on a test input, so a norm with another formula (Gemma's `1 + weight`, say) keeps its own forward.
 
 A norm whose output is read by adapted layers (q/k/v, gate/up) runs inside their shrink in decode-sized
 steps with adapters: one launch instead of two, 64 fewer per Llama-3-8B step.
@@ -94,7 +94,8 @@ def fuse_rms_norms(model: nn.Module) -> int:
 
 def feed_adapted_layers(model: nn.Module) -> int:
     """Point each FusedRMSNorm whose output every layer of one SharedInput reads (and nothing else adapted)
-    at that SharedInput, seen on one probe forward; returns how many norms now feed their layers."""
+    at that SharedInput, seen on one probe forward with no adapter active (call it before the first
+    step); returns how many norms now feed their layers."""
     outputs: dict[int, tuple[torch.Tensor, FusedRMSNorm, torch.dtype]] = {}  # tensors kept alive: ids stay unique
     readers: dict[int, tuple[torch.Tensor, list[AdaptedLinear]]] = {}
 
