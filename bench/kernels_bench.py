@@ -21,7 +21,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.layer import AdaptedLinear, SharedInput, SlotIndex, SlotStacks  # noqa: E402
-from adapters.ops import concat_inputs, concat_inputs_reference, shrink_torch  # noqa: E402
+from adapters.ops import concat_inputs, concat_inputs_reference, empty_padded_rows, shrink_torch  # noqa: E402
 from adapters.shrink_kernel import ShrinkConfig, counters_size, default_config, shrink_concat  # noqa: E402
 from cache.basis import principal_basis  # noqa: E402
 
@@ -144,10 +144,9 @@ def gemm_k_padding(tokens=64):
     for out_features, in_features in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
         for rank in (0, 16, 32, 48, 64, 128, 256):
             width = in_features + rank
-            pitch = -(-width // 64) * 64
-            weight = torch.randn(out_features, pitch, device="cuda", dtype=torch.bfloat16)[:, :width]
+            weight = empty_padded_rows(out_features, width, dtype=torch.bfloat16, device="cuda").normal_()
             packed = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
-            padded = torch.randn(tokens, pitch, device="cuda", dtype=torch.bfloat16)[:, :width]
+            padded = empty_padded_rows(tokens, width, dtype=torch.bfloat16, device="cuda").normal_()
             rows.append({"out": out_features, "in": in_features, "rank": rank,
                          "packed_input_us": bench(lambda: F.linear(packed, weight)),
                          "padded_input_us": bench(lambda: F.linear(padded, weight))})

@@ -15,6 +15,7 @@ the host, once per round.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adapters.shrink_kernel as shrink_kernel  # noqa: E402
 from adapters.targets import find_target_linears, group_targets  # noqa: E402
 from bench.decode_bench import SHAPES, NullTokenizer, random_adapter, start_decoding  # noqa: E402
+from cache.basis import random_basis  # noqa: E402
 from cache.basis_cache import Basis  # noqa: E402
 from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig  # noqa: E402
@@ -38,15 +40,15 @@ from server.model_loader import LoadedModel  # noqa: E402
 DEFAULT_CONFIG = shrink_kernel.default_config
 
 
-def small_rank_config(block_k: int, iterations: int, tile_programs: int = 16):
-    """Small ranks at decode: split in_features so each program runs `iterations` blocks of block_k."""
+def small_rank_config(block_k: int, iterations: int):
+    """The default, but small ranks at decode split in_features so each program runs `iterations` blocks
+    of block_k."""
 
     def config(num_tokens, rank, in_features=4096, num_members=1):
+        default = DEFAULT_CONFIG(num_tokens, rank, in_features, num_members)
         if num_tokens > 256 or rank > 64:
-            return DEFAULT_CONFIG(num_tokens, rank, in_features, num_members)
-        split_k = math.ceil(in_features / (block_k * iterations))
-        return shrink_kernel.ShrinkConfig(block_r=16 if rank <= 16 else 32, block_k=block_k, split_k=split_k,
-                                          tile_programs=tile_programs)
+            return default
+        return dataclasses.replace(default, block_k=block_k, split_k=math.ceil(in_features / (block_k * iterations)))
 
     return config
 
@@ -70,9 +72,10 @@ def random_model(shape: str) -> LoadedModel:
     return LoadedModel(model, NullTokenizer(), shape, torch.device("cuda"), torch.bfloat16, 0.0)
 
 
-def random_basis(model, rank: int) -> Basis:
+def random_bases(model, rank: int) -> Basis:
+    """A Basis of random orthonormal U for every target linear (the timings do not depend on U)."""
     linears = find_target_linears(model, DEFAULT_TARGET_MODULES)
-    u = {name: torch.linalg.qr(torch.randn(m.out_features, rank, device="cuda"))[0] for name, m in linears.items()}
+    u = {name: random_basis(m.out_features, rank, seed=i) for i, (name, m) in enumerate(linears.items())}
     return Basis("bench", "random", rank, group_targets(linears, DEFAULT_TARGET_MODULES), u, "computed", 0.0)
 
 
@@ -107,7 +110,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     loaded = random_model(args.shape)
-    basis = random_basis(loaded.model, args.rank)
+    basis = random_bases(loaded.model, args.rank)
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=args.batch, max_num_batched_tokens=4096,
                                                 max_model_len=args.prompt_len + args.steps + 64,
                                                 max_gpu_adapters=args.num_adapters, max_rank=args.rank,
