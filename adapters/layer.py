@@ -144,12 +144,14 @@ class SharedInput:
             self._x = self._inputs = None
         return inputs
 
-    def normalized_input(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """For the RMSNorm whose output these layers read: RMSNorm(h), made in the same launch as their
-        inputs. Returns a view into those inputs, which input_for then recognises."""
+    def input_from(self, h: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
+                   up: torch.Tensor | None = None) -> torch.Tensor:
+        """For the op that makes these layers' input from h (their RMSNorm: `norm` = (weight, eps); a gated
+        MLP's silu(h) * up): that input, made in the same launch as their GEMM inputs. Returns a view into
+        those inputs, which input_for then recognises."""
         in_features = h.shape[-1]
         inputs = concat_inputs(h.reshape(-1, in_features), self.stack, self.ranks, self.slot_index, self.counters,
-                               norm=(weight, eps))
+                               norm=norm, up=None if up is None else up.reshape(-1, in_features))
         x = inputs[0, :, :in_features].view(h.shape)
         self._hold(x, inputs)
         return x
@@ -196,9 +198,11 @@ class AdaptedModel:
     layers: dict[str, AdaptedLinear]
 
     def detach(self) -> nn.Module:
-        """Put the plain nn.Linear modules back (benchmarks reuse one loaded model)."""
-        for name, layer in self.layers.items():
-            replace_module(self.model, name, layer.base)
+        """Put the plain nn.Linear modules back (benchmarks reuse one loaded model). Found by walking the
+        model, since wrappers put in later (GatedMLP) move the layers' paths."""
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, AdaptedLinear):
+                replace_module(self.model, name, module.base)
         self.layers = {}
         return self.model
 

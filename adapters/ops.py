@@ -34,18 +34,28 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
-def concat_inputs_reference(x: torch.Tensor, stack: torch.Tensor, num_members: int,
-                            token_slots: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Semantics: silu(gate) * up, each rounded to the inputs' dtype (a gated MLP's act_fn(gate) * up)."""
+    return F.silu(gate) * up
+
+
+def concat_inputs_reference(x: torch.Tensor, stack: torch.Tensor, num_members: int, token_slots: torch.Tensor,
+                            norm: tuple[torch.Tensor, float] | None = None, up: torch.Tensor | None = None
+                            ) -> torch.Tensor:
     """Semantics:
         if norm:
             x = rms_norm_reference(x, *norm)
+        if up:
+            x = silu_mul_reference(x, up)
         for m in range(M):
             out[m] = concat(x, shrink_reference(x, stack[:, m*R : (m+1)*R], token_slots), dim=1)
-    x [T, in], stack [S, M*R, in] (the cores of M layers that read x), norm (weight [in], eps)
+    x [T, in], stack [S, M*R, in] (the cores of M layers that read x), norm (weight [in], eps), up [T, in]
     -> out [M, T, in + R].
     """
     if norm is not None:
         x = rms_norm_reference(x, *norm)
+    if up is not None:
+        x = silu_mul_reference(x, up)
     rank = stack.shape[1] // num_members
     return torch.stack([
         torch.cat([x, shrink_reference(x, stack[:, m * rank : (m + 1) * rank], token_slots)], dim=1)
@@ -75,17 +85,20 @@ def empty_padded_rows(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def concat_inputs(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, slot_index,
-                  counters: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-    """[M, T, in + R] GEMM inputs of the M layers that read x (RMSNorm'd first where `norm` is given):
-    the Triton kernel on CUDA, batched torch elsewhere. stack [S, M*R, in], ranks [M, S] int32,
-    counters: the kernel's (see shrink_concat), norm: (weight [in], eps)."""
+                  counters: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+                  up: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, T, in + R] GEMM inputs of the M layers that read x (RMSNorm'd first where `norm` is given;
+    silu(x) * up where `up` is): the Triton kernel on CUDA, batched torch elsewhere. stack [S, M*R, in],
+    ranks [M, S] int32, counters: the kernel's (see shrink_concat), norm: (weight [in], eps), up [T, in]."""
     num_members = ranks.shape[0]
     rank = stack.shape[1] // num_members
     if x.is_cuda and KERNELS_AVAILABLE:
         out = empty_padded_rows(num_members, x.shape[0], x.shape[1] + rank, dtype=x.dtype, device=x.device)
-        return shrink_concat(x, stack, ranks, slot_index, out, counters, norm=norm)
+        return shrink_concat(x, stack, ranks, slot_index, out, counters, norm=norm, up=up)
     if norm is not None:
         x = rms_norm_reference(x, *norm)
+    if up is not None:
+        x = silu_mul_reference(x, up)
     z = shrink_torch(x, stack, slot_index.token_slots)  # [T, M*R]
     return torch.cat([x.expand(num_members, *x.shape), z.view(-1, num_members, rank).transpose(0, 1)], dim=2)
 

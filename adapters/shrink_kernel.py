@@ -5,7 +5,8 @@ Semantics: exactly `adapters.ops.concat_inputs_reference`. The adapted layers co
 copy of x. Layers that read the same input (q/k/v, gate/up) keep their cores in one stack of M
 members and get all their inputs from one launch. Where x is the output of an RMSNorm (q/k/v and
 gate/up in a Llama block), the kernel takes the norm's input and weight and normalizes on the way,
-so the norm needs no launch of its own.
+so the norm needs no launch of its own. Likewise for a gated MLP's down_proj: the kernel takes the gate
+and up projections and computes silu(gate) * up on the way.
 
 Tokens arrive sorted by slot and cut into tiles of one slot each (computed on the host once per
 step, see SlotIndex); a program takes a tile and one block of one member's rows, loads that block of
@@ -26,10 +27,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _copy_row(x_row, norm_ptr, out_row, eps, stride_out_member, IN_FEATURES: tl.constexpr, BLOCK: tl.constexpr,
-              NUM_MEMBERS: tl.constexpr, NORM: tl.constexpr):
+def _silu_mul(gate, up):
+    """silu_mul_reference: silu in float32 rounded to the gate's dtype, times up rounded again."""
+    g = gate.to(tl.float32)
+    h = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (h.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _copy_row(x_row, norm_ptr, up_row, out_row, eps, stride_out_member, IN_FEATURES: tl.constexpr,
+              BLOCK: tl.constexpr, NUM_MEMBERS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
     """One token's x into every member's input; with NORM, RMSNorm'd exactly as rms_norm_reference
-    (float32 statistics, rounded to x's dtype before the weight)."""
+    (float32 statistics, rounded to x's dtype before the weight); with GATED, silu(x) * up."""
     offs = tl.arange(0, BLOCK)
     if NORM:
         squares = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -40,6 +49,8 @@ def _copy_row(x_row, norm_ptr, out_row, eps, stride_out_member, IN_FEATURES: tl.
     for k0 in range(0, IN_FEATURES, BLOCK):
         mask = k0 + offs < IN_FEATURES
         x = tl.load(x_row + k0 + offs, mask=mask)
+        if GATED:
+            x = _silu_mul(x, tl.load(up_row + k0 + offs, mask=mask))
         if NORM:
             h = (x.to(tl.float32) * rstd).to(x.dtype)
             w = tl.load(norm_ptr + k0 + offs, mask=mask)
@@ -82,11 +93,11 @@ def _store_split(acc, squares, z, mask_z, partials_ptr, counters_ptr, block, spl
 
 @triton.jit
 def _shrink_concat_kernel(
-    x_ptr, norm_ptr, stack_ptr, ranks_ptr, out_ptr, partials_ptr, counters_ptr, token_order_ptr, tile_start_ptr,
+    x_ptr, norm_ptr, up_ptr, stack_ptr, ranks_ptr, out_ptr, partials_ptr, counters_ptr, token_order_ptr, tile_start_ptr,
     tile_end_ptr, tile_slot_ptr, num_tiles_ptr, num_tokens, eps, stride_x, stride_stack_slot, stride_ranks_member,
     stride_out_member, stride_out_t, IN_FEATURES: tl.constexpr, RANK: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-    NUM_MEMBERS: tl.constexpr, COPY_BLOCK: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_MEMBERS: tl.constexpr, COPY_BLOCK: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, PRECISION: tl.constexpr,
     TILE_MAJOR: tl.constexpr,
 ):
     row_block = tl.program_id(1)
@@ -97,8 +108,9 @@ def _shrink_concat_kernel(
     if row_block == tl.num_programs(1) - 1:  # the last row block copies x, a token per program
         token = first_tile * SPLIT_K + split
         while token < num_tokens:  # while loops, since Triton's interpreter takes no tensor bounds in range()
-            _copy_row(x_ptr + token.to(tl.int64) * stride_x, norm_ptr, out_ptr + token.to(tl.int64) * stride_out_t,
-                      eps, stride_out_member, IN_FEATURES, COPY_BLOCK, NUM_MEMBERS, NORM)
+            row = token.to(tl.int64) * stride_x
+            _copy_row(x_ptr + row, norm_ptr, up_ptr + row, out_ptr + token.to(tl.int64) * stride_out_t, eps,
+                      stride_out_member, IN_FEATURES, COPY_BLOCK, NUM_MEMBERS, NORM, GATED)
             token += tile_step * SPLIT_K
     else:
         blocks_per_member: tl.constexpr = (RANK + BLOCK_R - 1) // BLOCK_R
@@ -122,14 +134,32 @@ def _shrink_concat_kernel(
             acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
             gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)  # NORM: its diagonal is this split's sum(x^2)
             if has_rows:
+                # GATED: the gate and up tiles are loaded an iteration ahead, since arithmetic between a load
+                # and the dot keeps the compiler from pipelining that load (in the engine's step: 14 us slower
+                # per down_proj shrink than silu·mul apart, 3 us faster with the loads ahead)
+                if GATED:
+                    x_rows = tokens[:, None] * stride_x + offs_k[None, :]  # [BLOCK_T, BLOCK_K] at k0 = 0
+                    mask_x = mask_t[:, None] & (offs_k < IN_FEATURES)[None, :]
+                    gate_next = tl.load(x_ptr + x_rows, mask=mask_x, other=0.0)
+                    up_next = tl.load(up_ptr + x_rows, mask=mask_x, other=0.0)
                 for k0 in range(0, K_PER_SPLIT, BLOCK_K):
                     mask_k = k0 + offs_k < IN_FEATURES
-                    x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
-                                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+                    if GATED:
+                        ahead = (k0 + BLOCK_K < K_PER_SPLIT) & (k0 + BLOCK_K + offs_k < IN_FEATURES)  # next k0's columns
+                        gate_tile, up_tile = gate_next, up_next
+                        gate_next = tl.load(x_ptr + x_rows + k0 + BLOCK_K, mask=mask_t[:, None] & ahead[None, :],
+                                            other=0.0)
+                        up_next = tl.load(up_ptr + x_rows + k0 + BLOCK_K, mask=mask_t[:, None] & ahead[None, :],
+                                          other=0.0)
+                        x_tile = _silu_mul(gate_tile, up_tile)
+                    else:
+                        x_tile = tl.load(x_ptr + tokens[:, None] * stride_x + (k0 + offs_k)[None, :],
+                                         mask=mask_t[:, None] & mask_k[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
                     core_tile = tl.load(core + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_r[None, :],
                                         other=0.0)  # [BLOCK_K, BLOCK_R]
-                    if NORM:  # x @ (w * core) now, times 1/rms(x) once the sums are complete. x goes to the
-                        # dots as loaded: any arithmetic on it in registers stalls the pipelined loads (2x slower)
+                    if NORM:  # x @ (w * core) now, times 1/rms(x) once the sums are complete, so that x goes to
+                        # the dots as loaded (x normalized in registers made the shrink 2x slower; loading the
+                        # core and w an iteration ahead made the step 0.04 ms slower)
                         w = tl.load(norm_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
                         core_tile = (core_tile.to(tl.float32) * w[:, None]).to(core_tile.dtype)
                         gram = tl.dot(x_tile, tl.trans(x_tile), gram, input_precision=PRECISION)
@@ -176,15 +206,17 @@ class ShrinkConfig:
     past the step's last tile come last instead of between the busy ones."""
 
 
-def default_config(num_tokens: int, rank: int, in_features: int = 4096, num_members: int = 1) -> ShrinkConfig:
+def default_config(num_tokens: int, rank: int, in_features: int = 4096, num_members: int = 1,
+                   gated: bool = False) -> ShrinkConfig:
     """Chosen from bench/kernels_bench.py --sweep on an H100 (CUDA-graph timings, kernels-sweep-h100.json):
     small ranks at decode are latency-bound (split-K, programs looping over the few tiles a step has),
-    large ranks bandwidth-bound on the cores."""
+    large ranks bandwidth-bound on the cores. gated (silu·mul inside): a program per tile, since its
+    gate/up loads are pipelined by hand within a tile only."""
     if num_tokens > 256:
         return ShrinkConfig(block_r=64 if rank >= 64 else 32, block_k=128)
     if rank <= 64:
         return ShrinkConfig(block_r=16 if rank <= 16 else 32, block_k=128, split_k=16 if in_features > 8192 else 8,
-                            tile_programs=16)
+                            tile_programs=0 if gated else 16)
     return ShrinkConfig(block_r=32, block_k=256 if num_members > 1 and in_features <= 8192 else 128, tile_major=False)
 
 
@@ -202,10 +234,11 @@ def counters_size(num_tokens: int, num_members: int, rank: int) -> int:
 
 def shrink_concat(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, groups, out: torch.Tensor,
                   counters: torch.Tensor, config: ShrinkConfig | None = None,
-                  norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                  norm: tuple[torch.Tensor, float] | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in], stack [S, M*R, in] (rows contiguous), ranks [M, S] int32, groups: the step's SlotIndex,
     out [M, T, in + R] (written whole), counters: zeroed int32 [>= counters_size(T, M, R)] -> out.
-    norm: (weight [in], eps) of an RMSNorm to apply to x first (see concat_inputs_reference)."""
+    norm: (weight [in], eps) of an RMSNorm to apply to x first; up: the layers' input is silu(x) * up
+    instead of x (see concat_inputs_reference)."""
     num_tokens, in_features = x.shape
     num_members, _, width = out.shape
     rank = width - in_features
@@ -213,7 +246,8 @@ def shrink_concat(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, gro
     assert out.stride(2) == 1 and ranks.shape[0] == num_members and ranks.stride(1) == 1 and x.stride(1) == 1
     norm_weight, eps = norm if norm is not None else (x, 0.0)  # x: an unread stand-in
     assert norm is None or (eps > 0 and norm_weight.shape == (in_features,) and norm_weight.dtype == out.dtype)
-    cfg = config or default_config(num_tokens, rank, in_features, num_members)
+    assert up is None or (norm is None and up.shape == x.shape and up.stride() == x.stride() and up.dtype == x.dtype)
+    cfg = config or default_config(num_tokens, rank, in_features, num_members, gated=up is not None)
     blocks = num_members * triton.cdiv(rank, cfg.block_r)
     assert cfg.block_r >= 16 and counters.numel() >= num_tokens * blocks
     k_per_split = triton.cdiv(triton.cdiv(in_features, cfg.split_k), cfg.block_k) * cfg.block_k
@@ -222,12 +256,12 @@ def shrink_concat(x: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, gro
     tile_programs = min(num_tokens, cfg.tile_programs or num_tokens, 65535)  # a grid's z-size limit
     grid = (cfg.split_k, blocks + 1, tile_programs) if cfg.tile_major else (tile_programs, blocks + 1, cfg.split_k)
     _shrink_concat_kernel[grid](  # blocks + 1: the x copy
-        x, norm_weight, stack, ranks, out, partials, counters, groups.token_order, groups.tile_start, groups.tile_end,
+        x, norm_weight, x if up is None else up, stack, ranks, out, partials, counters, groups.token_order, groups.tile_start, groups.tile_end,
         groups.tile_slot, groups.num_tiles, num_tokens, eps, x.stride(0), stack.stride(0), ranks.stride(0),
         out.stride(0), out.stride(1), IN_FEATURES=in_features, RANK=rank, BLOCK_T=groups.tile_tokens,
         BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, K_PER_SPLIT=k_per_split,
         NUM_MEMBERS=num_members, COPY_BLOCK=min(triton.next_power_of_2(in_features), 4096), NORM=norm is not None,
-        PRECISION=dot_precision(x.dtype), TILE_MAJOR=cfg.tile_major, num_warps=cfg.num_warps,
+        GATED=up is not None, PRECISION=dot_precision(x.dtype), TILE_MAJOR=cfg.tile_major, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out

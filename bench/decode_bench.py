@@ -33,6 +33,7 @@ from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
 from server.demo_model import build_byte_tokenizer  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
+from server.engine.gated_mlp import restore_gated_mlps  # noqa: E402
 from server.engine.rms_norm import restore_rms_norms  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
@@ -300,6 +301,7 @@ def main():
                 dict(rank=rank, **profile_steps(engine, handles[:count], max(batches), args.prompt_len)))
         engine.runner.adapted.detach()
         restore_rms_norms(model)
+        restore_gated_mlps(model)
         model.set_attn_implementation("sdpa")
         del engine, host, handles
         gc.collect()

@@ -1,12 +1,13 @@
-"""Shrink launch configs timed inside the engine's decode step, where the cores come from HBM.
+"""Shrink variants timed inside the engine's decode step.
 
     python bench/shrink_in_situ.py --out bench/results/shrink-in-situ-h100.json
 
-kernels_bench.py times a layer alone, replayed until everything sits in L2; in a real step ~500 MB
-of weights stream between two uses of the same cores, so the shrink waits on HBM instead. This
+kernels_bench.py times a layer alone, replayed back to back; in a real step each shrink runs between
+other kernels, with ~500 MB of weights streamed between two uses of the same cores, and takes longer
+(~8.5 us against 5-8 us for Llama-3-8B's r=32 shrinks), so launch choices are ranked here. This
 script builds a random Llama-3-8B-shaped model in GPU memory (random orthonormal bases: timings do
 not depend on them), runs the engine with 8 adapters r=32 mixed in a batch of 64, and for each
-variant (a small-rank decode config, the RMSNorm inside the q/k/v and gate/up shrink or not)
+variant (the RMSNorm inside the q/k/v and gate/up shrink or not, silu·mul inside down_proj's or not)
 re-captures the decode graphs and times the batch-64 step replayed back to back (GPU only) and
 engine steps (with the host). The no-adapter step is timed the same way in each variant and, with
 the host, once per round.
@@ -15,9 +16,7 @@ the host, once per round.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import adapters.shrink_kernel as shrink_kernel  # noqa: E402
+import server.engine.gated_mlp as gated_mlp  # noqa: E402
 from adapters.targets import find_target_linears, group_targets  # noqa: E402
 from bench.decode_bench import SHAPES, NullTokenizer, random_adapter, start_decoding  # noqa: E402
 from cache.basis import random_basis  # noqa: E402
@@ -37,27 +36,13 @@ from server.engine.engine import Engine  # noqa: E402
 from server.engine.rms_norm import FusedRMSNorm  # noqa: E402
 from server.model_loader import LoadedModel  # noqa: E402
 
-DEFAULT_CONFIG = shrink_kernel.default_config
+GATE_INSIDE_MAX_TOKENS = gated_mlp.GATE_INSIDE_MAX_TOKENS
 
 
-def small_rank_config(block_k: int, iterations: int):
-    """The default, but small ranks at decode split in_features so each program runs `iterations` blocks
-    of block_k."""
-
-    def config(num_tokens, rank, in_features=4096, num_members=1):
-        default = DEFAULT_CONFIG(num_tokens, rank, in_features, num_members)
-        if num_tokens > 256 or rank > 64:
-            return default
-        return dataclasses.replace(default, block_k=block_k, split_k=math.ceil(in_features / (block_k * iterations)))
-
-    return config
-
-
-VARIANTS = {  # name -> (default_config replacement, RMSNorm inside the q/k/v and gate/up shrink)
-    "default": (DEFAULT_CONFIG, True),
-    "default, norm separate": (DEFAULT_CONFIG, False),
-    "block_k 256 x2": (small_rank_config(256, 2), True),
-    "block_k 128 x2": (small_rank_config(128, 2), True),
+VARIANTS = {  # name -> (RMSNorm inside the q/k/v and gate/up shrink, silu·mul inside down_proj's)
+    "default": (True, True),
+    "silu-mul separate": (True, False),
+    "norm separate": (False, True),
 }
 
 
@@ -107,6 +92,7 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3, help="every variant this many times, interleaved")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     loaded = random_model(args.shape)
@@ -121,16 +107,17 @@ def main():
     feeds = {id(m): m.feeds for m in norms}
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv),
               "shape": args.shape, "rank": args.rank, "num_adapters": args.num_adapters, "batch": args.batch,
-              "norms_feeding_a_shrink": sum(f is not None for f in feeds.values()), "rows": []}
+              "norms_feeding_a_shrink": sum(f is not None for f in feeds.values()),
+              "gated_mlps": sum(isinstance(m, gated_mlp.GatedMLP) for m in loaded.model.modules()), "rows": []}
     for round_ in range(args.rounds):
-        shrink_kernel.default_config = DEFAULT_CONFIG
         engine.runner.graphs.capture()
         row = {"variant": "no adapter", "round": round_, **measure(engine, [], args.batch, args.prompt_len, args.steps,
                                                                    seed=round_)}
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-        for name, (config, norm_inside) in VARIANTS.items():
-            shrink_kernel.default_config = config
+        for name in args.variants.split(","):
+            norm_inside, gate_inside = VARIANTS[name]
+            gated_mlp.GATE_INSIDE_MAX_TOKENS = GATE_INSIDE_MAX_TOKENS if gate_inside else 0
             for m in norms:
                 m.feeds = feeds[id(m)] if norm_inside else None
             engine.runner.graphs.capture()

@@ -81,11 +81,13 @@ class ModelRunner:
         )
         self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
         if self.decode_kernels:  # before our attention is set: the probe forward runs the model's own
+            from server.engine.gated_mlp import fuse_gated_mlps
             from server.engine.rms_norm import feed_adapted_layers, fuse_rms_norms
 
             swapped = fuse_rms_norms(self.model)
             log.info("fused RMSNorm: %d modules swapped, %d of them run inside their layers' shrink", swapped,
                      feed_adapted_layers(self.model))
+            log.info("gated MLPs whose silu·mul runs inside down_proj's shrink: %d", fuse_gated_mlps(self.model))
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
         self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)

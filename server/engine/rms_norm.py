@@ -62,7 +62,7 @@ class FusedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, eps, feeds = self.norm.weight, self.norm.variance_epsilon, self.feeds
         if feeds is not None and feeds.slot_index.any_adapter and feeds.slot_index.num_tokens <= NORM_INSIDE_MAX_TOKENS:
-            return feeds.normalized_input(x, weight, eps)
+            return feeds.input_from(x, norm=(weight, eps))
         return rms_norm(x, weight, eps)
 
 
