@@ -150,8 +150,11 @@ class SharedInput:
         MLP's silu(h) * up): that input, made in the same launch as their GEMM inputs. Returns a view into
         those inputs, which input_for then recognises."""
         in_features = h.shape[-1]
-        inputs = concat_inputs(h.reshape(-1, in_features), self.stack, self.ranks, self.slot_index, self.counters,
-                               norm=norm, up=None if up is None else up.reshape(-1, in_features))
+        h2 = h.reshape(-1, in_features)
+        up2 = None if up is None else up.reshape(-1, in_features)
+        if up2 is not None and up2.stride() != h2.stride():  # the kernel reads both with one row stride
+            h2, up2 = h2.contiguous(), up2.contiguous()
+        inputs = concat_inputs(h2, self.stack, self.ranks, self.slot_index, self.counters, norm=norm, up=up2)
         x = inputs[0, :, :in_features].view(h.shape)
         self._hold(x, inputs)
         return x
