@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.ops import concat_inputs, empty_padded_rows, kernel_counters
-from adapters.targets import find_target_linears, group_of, replace_module
+from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
 
 
@@ -203,9 +203,7 @@ class AdaptedModel:
     def detach(self) -> nn.Module:
         """Put the plain nn.Linear modules back (benchmarks reuse one loaded model). Found by walking the
         model, since wrappers put in later (GatedMLP) move the layers' paths."""
-        for name, module in list(self.model.named_modules()):
-            if isinstance(module, AdaptedLinear):
-                replace_module(self.model, name, module.base)
+        unwrap_modules(self.model, AdaptedLinear, "base")
         self.layers = {}
         return self.model
 

@@ -42,6 +42,13 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
+def unwrap_modules(model: nn.Module, wrapper: type, inner: str) -> None:
+    """Put back, for every `wrapper` module in `model`, the module it wraps (its attribute `inner`)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, wrapper):
+            replace_module(model, name, getattr(module, inner))
+
+
 def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Full name -> nn.Linear for every Linear whose last name component is a target suffix."""
     found = {

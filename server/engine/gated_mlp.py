@@ -4,23 +4,19 @@ inside down_proj's shrink in decode-sized steps with adapters.
 The shrink kernel then takes the gate and up projections and makes silu(gate) * up on the way, so the
 two elementwise launches (silu, then the product) go: 64 fewer per Llama-3-8B step with adapters, whose
 step then launches as many kernels as the base model's (947). In the engine's step (8 adapters r=32,
-batch 64, shrink-in-situ-h100.json) 9.89 against 9.97 ms. The base-model path is the module's own. An MLP is only wrapped after its forward gives exactly the result
-of that formula on a test input, so one that computes something else (another activation, say) keeps
-its own.
+batch 64, shrink-in-situ-h100.json) 9.89 against 9.97 ms. The base-model path is the module's own. An
+MLP is only wrapped after its forward gives exactly the result of that formula on a test input, so one
+that computes something else (another activation, say) keeps its own.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapters.layer import AdaptedLinear
-from adapters.targets import replace_module
-
-log = logging.getLogger(__name__)
+from adapters.targets import replace_module, unwrap_modules
 
 GATE_INSIDE_MAX_TOKENS = 256
 """Steps up to this many tokens (decode) run silu·mul inside down_proj's shrink; longer ones (prefill)
@@ -80,6 +76,4 @@ def fuse_gated_mlps(model: nn.Module) -> int:
 
 def restore_gated_mlps(model: nn.Module) -> None:
     """Put the model's own MLP modules back (benchmarks reuse one loaded model for other systems)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GatedMLP):
-            replace_module(model, name, module.mlp)
+    unwrap_modules(model, GatedMLP, "mlp")

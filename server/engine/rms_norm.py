@@ -21,7 +21,7 @@ from torch import nn
 
 from adapters.layer import AdaptedLinear, run_probe
 from adapters.shrink_kernel import NORM_INSIDE_MAX_TOKENS
-from adapters.targets import replace_module
+from adapters.targets import replace_module, unwrap_modules
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,4 @@ def feed_adapted_layers(model: nn.Module) -> int:
 
 def restore_rms_norms(model: nn.Module) -> None:
     """Put the model's own norm modules back (benchmarks reuse one loaded model for other systems)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FusedRMSNorm):
-            replace_module(model, name, module.norm)
+    unwrap_modules(model, FusedRMSNorm, "norm")
