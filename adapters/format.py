@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-KNOWN_KEYS = ("method", "r", "target_modules", "base_model", "basis_checksum", "basis_kind")
+KNOWN_KEYS = ("method", "r", "target_modules", "base_model", "basis_checksum", "basis_kind", "format_version")
+FORMAT_VERSION = 2
+"""2: PiCa holds `M.<group>` [out_features, r] (W0 + M P). 1 held the transposed `B.<group>` [r, in_features]."""
 
 
 class AdapterValidationError(ValueError):
@@ -56,6 +58,7 @@ class AdapterConfig:
             "base_model": self.base_model,
             "basis_checksum": self.basis_checksum,
             "basis_kind": self.basis_kind,
+            "format_version": FORMAT_VERSION,
         }
 
 
@@ -85,8 +88,9 @@ class Adapter:
     def num_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 
-    def group_cores(self) -> dict[str, torch.Tensor]:
-        return get_method(self.config.method).group_cores(self.tensors)
+    def slot_tensors(self) -> dict[str, torch.Tensor]:
+        """Group -> what one GPU slot holds for it (PiCa: M [out, r])."""
+        return get_method(self.config.method).slot_tensors(self.tensors, self.config.target_modules)
 
 
 def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: list[str], warnings: list[str]):
@@ -131,6 +135,10 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
     kind = raw.get("basis_kind", "principal")
     if kind != expect.basis_kind:
         problems.append(f"adapter uses a {kind!r} basis, this server serves the {expect.basis_kind!r} basis")
+    version = raw.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        problems.append(f"format_version {str(version)[:20]} is not served; this server reads format {FORMAT_VERSION} "
+                        "(PiCa as M.<group> [out_features, r])")
     base_model = raw.get("base_model")
     if problems or method is None:
         return None
@@ -153,6 +161,12 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
         expected = method.expected_tensors(config.r, groups)
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected))
+        if config.method == "pica" and any(name.startswith("B.") for name in tensors):
+            problems.append(
+                "tensors B.<group> [r, in_features] are the transposed PiCa of adapter format 1 (W0 + U B); format 2 "
+                "holds M.<group> [out_features, r] (W0 + M P, P the top right singular vectors): retrain the adapter, "
+                "or convert one from the authors' code with `pica-serve import`")
+            missing = extra = []
         if missing:
             problems.append(f"missing tensors {missing}")
         if extra:

@@ -1,14 +1,18 @@
 """Adapted linear layers: the base model's target linears, wrapped once at load time.
 
-Each adapted layer computes `y = W0 x + U (core[slot] x)` for its token's adapter slot, as one GEMM
-`[W0 | U] @ [x ; core[slot] x]`. The cores of every resident adapter live in preallocated per-group
-slot stacks [num_slots, r_max, in], so activating an adapter is a copy_ and nothing is re-registered
-at request time. The per-token slot index is set once per step (-1 = base model) and shared by
-every layer. Layers that read the same input (q/k/v, gate/up) share one stack and one shrink launch.
+Each adapted layer computes `y = W0 x + M[slot] (P x)` for its token's adapter slot. The shrink
+z = P x is the same for every adapter (P is the layer's frozen basis), so it rides in the base GEMM
+as extra output rows: `[W0; P] @ x` gives y0 and z at once. The per-adapter part is the expand
+`y += M[slot] z` (adapters.ops.expand). Layers that read one input (q/k/v, gate/up of a block)
+share one GEMM `[W_q; W_k; W_v; P_q; P_k; P_v] @ x` and one expand launch. The M's of every resident
+adapter live in preallocated per-group slot stacks [num_slots, out, r_max], so activating an
+adapter is a copy_ and nothing is re-registered at request time. The per-token slot index is set
+once per step (-1 = base model) and shared by every layer.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -17,18 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.ops import concat_inputs, empty_padded_rows, kernel_counters
+from adapters.ops import expand
 from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
+
+MAX_SHARED_MEMBERS = 3
+"""Layers of one input that share a GEMM and an expand launch (q/k/v); the kernel takes their bounds."""
 
 
 class SlotIndex:
     """Per-token adapter slot for the current step, shared by every adapted layer.
 
-    Besides `token_slots`, it holds the step's tokens grouped by slot for the grouped shrink kernel:
+    Besides `token_slots`, it holds the step's tokens grouped by slot for the grouped expand kernel:
     `token_order` (token indices sorted by slot) cut into tiles of at most `tile_tokens` tokens of
     one slot each (`tile_start`, `tile_end`, `tile_slot`, `num_tiles`), all in one preallocated
-    device buffer, so CUDA graphs captured on it stay valid.
+    device buffer, so CUDA graphs captured on it stay valid. `segments` keeps the same grouping on
+    the host (one (slot, token indices) per adapter) for the torch path.
     """
 
     def __init__(self, max_tokens: int, device: torch.device | str):
@@ -43,11 +51,20 @@ class SlotIndex:
         self.num_tokens = 0
         self.tile_tokens = 16
         self.any_adapter = False
-        self.version = 0  # bumped by every set(): inputs built for an earlier step are never reused
+        self.version = 0  # bumped by every set(): outputs computed for an earlier step are never reused
+        self._host = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64))
 
     @property
     def token_slots(self) -> torch.Tensor:
         return self._slots[: self.num_tokens]
+
+    @staticmethod
+    def tile_tokens_for(num_tokens: int) -> int:
+        return 16 if num_tokens <= 256 else 64  # decode-sized steps: small tiles, more programs
+
+    def max_tiles(self, num_tokens: int, num_slots: int) -> int:
+        """Most tiles a step of num_tokens can have (each slot's last tile may be partial)."""
+        return -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, num_slots + 1)
 
     def set(self, token_slots: list[int]) -> None:
         """Set the slots of the next forward's tokens (flattened in [batch, seq] order).
@@ -57,7 +74,7 @@ class SlotIndex:
         n, m = len(token_slots), self.max_tokens
         if n > m:
             raise ValueError(f"{n} tokens in one forward, more than the {m} this index holds")
-        tile = 16 if n <= 256 else 64  # decode-sized steps: small tiles, more programs
+        tile = self.tile_tokens_for(n)
         slots = np.asarray(token_slots, dtype=np.int64)
         order = np.argsort(slots, kind="stable")
         sorted_slots = slots[order]
@@ -78,117 +95,120 @@ class SlotIndex:
         self.num_tokens = n
         self.tile_tokens = tile
         self.any_adapter = bool(n) and bool((slots != BASE_SLOT).any())
+        self._host = (order, starts, sorted_slots[starts[:-1]])
         self.version += 1
+
+    def segments(self) -> list[tuple[int, torch.Tensor]]:
+        """(slot, token indices) for every adapter slot in the step (the torch path's grouping)."""
+        order, starts, seg_slots = self._host
+        return [(int(s), torch.from_numpy(order[starts[i] : starts[i + 1]]))
+                for i, s in enumerate(seg_slots) if s != BASE_SLOT]
 
 
 class SlotStacks:
-    """Per-group preallocated adapter cores: group -> [num_slots, r_max_g, in_g], zero-padded,
-    with each slot's rank per group (0 where the adapter leaves the group alone)."""
+    """Per-group preallocated adapter M's: group -> [num_slots, out_g, r_max_g], zero-padded, with each
+    slot's rank per group (0 where the adapter leaves the group alone)."""
 
     def __init__(self, group_shapes: dict[str, tuple[int, int]], num_slots: int, dtype, device):
+        """group_shapes: group -> (out_features, r_max)."""
         self.num_slots = num_slots
         self.stacks = {
-            g: torch.zeros(num_slots, r, in_features, dtype=dtype, device=device)
-            for g, (r, in_features) in group_shapes.items()
+            g: torch.zeros(num_slots, out_features, r, dtype=dtype, device=device)
+            for g, (out_features, r) in group_shapes.items()
         }
         self.ranks = {g: torch.zeros(num_slots, dtype=torch.int32, device=device) for g in group_shapes}
 
-    def write(self, slot: int, cores: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
-        """Copy an adapter's cores into `slot` (groups it does not adapt get rank 0 and zeros)."""
+    def write(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
+        """Copy an adapter's M's [out, r] into `slot` (groups it does not adapt get rank 0 and zeros)."""
         for g, stack in self.stacks.items():
-            core = cores.get(g)
-            rank = 0 if core is None else core.shape[0]
-            stack[slot, rank:].zero_()
-            if core is not None:
-                stack[slot, :rank].copy_(core, non_blocking=non_blocking)
+            m = tensors.get(g)
+            rank = 0 if m is None else m.shape[1]
+            stack[slot, :, rank:].zero_()
+            if m is not None:
+                stack[slot, :, :rank].copy_(m, non_blocking=non_blocking)
             self.ranks[g][slot] = rank
 
     def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lay the cores of groups whose layers read one input side by side, so one kernel launch serves
-        them all: returns (stack [S, M*R, in], ranks [M, S]); each group's stack becomes a view of it."""
-        num_slots, rank, in_features = self.stacks[groups[0]].shape
+        """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
+        returns (stack [S, sum(out), R], ranks [M, S]); each group's stack becomes a view of it."""
         first = self.stacks[groups[0]]
-        stack = torch.zeros(num_slots, len(groups) * rank, in_features, dtype=first.dtype, device=first.device)
+        num_slots, rank = first.shape[0], first.shape[2]
+        outs = [self.stacks[g].shape[1] for g in groups]
+        stack = torch.zeros(num_slots, sum(outs), rank, dtype=first.dtype, device=first.device)
         ranks = torch.zeros(len(groups), num_slots, dtype=torch.int32, device=first.device)
-        for m, g in enumerate(groups):
-            stack[:, m * rank : (m + 1) * rank].copy_(self.stacks[g])
+        offset = 0
+        for m, (g, out_features) in enumerate(zip(groups, outs)):
+            stack[:, offset : offset + out_features].copy_(self.stacks[g])
             ranks[m].copy_(self.ranks[g])
-            self.stacks[g], self.ranks[g] = stack[:, m * rank : (m + 1) * rank], ranks[m]
+            self.stacks[g], self.ranks[g] = stack[:, offset : offset + out_features], ranks[m]
+            offset += out_features
         return stack, ranks
 
 
-class SharedInput:
-    """The adapted layers that read one input x (q/k/v, or gate/up, of one block), with their cores in one
-    stack: the first of them to see a new x builds every member's GEMM input in one launch, the others
-    take theirs. A layer that reads its own input is a group of one."""
+class SharedGemm:
+    """The adapted layers that read one input x, as one GEMM `[W_1; ..; W_M; P_1; ..; P_M] @ x` whose output
+    is [T, sum(out) + M*R] = [y0 | z]; the expand then adds each token's M[slot] z into y0 in place. The
+    first member to see a new x computes every member's output; the others take their columns. Each base
+    linear keeps a view of its W rows, so nothing is stored twice. A layer that reads its own input is a
+    group of one."""
 
-    def __init__(self, stack: torch.Tensor, ranks: torch.Tensor, slot_index: SlotIndex):
-        self.stack = stack  # [S, M*R, in]
-        self.ranks = ranks  # [M, S] int32
-        self.slot_index = slot_index
-        num_members, rank = ranks.shape[0], stack.shape[1] // ranks.shape[0]
-        self.counters = kernel_counters(slot_index.max_tokens, num_members, rank, stack.device)
+    def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], stack: torch.Tensor,
+                 ranks: torch.Tensor, slot_index: SlotIndex):
+        first = linears[0].weight
+        in_features, rank = first.shape[1], stack.shape[2]
+        outs = [lin.out_features for lin in linears]
+        self.num_out = sum(outs)
+        self.bounds = [sum(outs[:m]) for m in range(len(outs) + 1)]  # member m: columns bounds[m]:bounds[m+1]
+        self.weight = torch.empty(self.num_out + len(outs) * rank, in_features, dtype=first.dtype, device=first.device)
+        has_bias = any(lin.bias is not None for lin in linears)
+        self.bias = torch.zeros(self.weight.shape[0], dtype=first.dtype, device=first.device) if has_bias else None
+        for m, (lin, p) in enumerate(zip(linears, bases)):
+            lo, hi = self.bounds[m], self.bounds[m + 1]
+            self.weight[lo:hi].copy_(lin.weight)
+            self.weight[self.num_out + m * rank : self.num_out + (m + 1) * rank].copy_(p)
+            lin.weight = nn.Parameter(self.weight[lo:hi], requires_grad=lin.weight.requires_grad)
+            if lin.bias is not None:
+                self.bias[lo:hi].copy_(lin.bias)
+                lin.bias = nn.Parameter(self.bias[lo:hi], requires_grad=lin.bias.requires_grad)
+        self.stack, self.ranks, self.slot_index = stack, ranks, slot_index
         self._x: torch.Tensor | None = None
         self._version = -1
-        self._inputs: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
         self._pending = 0
 
-    def input_for(self, member: int, x: torch.Tensor) -> torch.Tensor:
-        """[T, in + R]: `[x | core[slot] @ x]` for this member's rows of the stack."""
+    def output_for(self, member: int, x: torch.Tensor) -> torch.Tensor:
+        """This member's y [..., out] for input x (a view into the shared GEMM's output)."""
         if x is not self._x or self._version != self.slot_index.version:
-            self._hold(x, concat_inputs(x.reshape(-1, x.shape[-1]), self.stack, self.ranks, self.slot_index,
-                                        self.counters))
-        inputs = self._inputs[member]
+            x2 = x.reshape(-1, x.shape[-1])
+            if self.slot_index.any_adapter:
+                out = expand(F.linear(x2, self.weight, self.bias), self.stack, self.ranks, self.bounds,
+                             self.slot_index)
+            else:
+                bias = None if self.bias is None else self.bias[: self.num_out]
+                out = F.linear(x2, self.weight[: self.num_out], bias)
+            self._x, self._out = x, out
+            self._version, self._pending = self.slot_index.version, len(self.bounds) - 1
+        y = self._out[:, self.bounds[member] : self.bounds[member + 1]]
         self._pending -= 1
-        if self._pending == 0:  # every member has its input: hold no activations past this forward
-            self._x = self._inputs = None
-        return inputs
-
-    def input_from(self, h: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
-                   up: torch.Tensor | None = None) -> torch.Tensor:
-        """For the op that makes these layers' input from h (their RMSNorm: `norm` = (weight, eps); a gated
-        MLP's silu(h) * up): that input, made in the same launch as their GEMM inputs. Returns a view into
-        those inputs, which input_for then recognises."""
-        in_features = h.shape[-1]
-        h2 = h.reshape(-1, in_features)
-        up2 = None if up is None else up.reshape(-1, in_features)
-        if up2 is not None and up2.stride() != h2.stride():  # the kernel reads both with one row stride
-            h2, up2 = h2.contiguous(), up2.contiguous()
-        inputs = concat_inputs(h2, self.stack, self.ranks, self.slot_index, self.counters, norm=norm, up=up2)
-        x = inputs[0, :, :in_features].view(h.shape)
-        self._hold(x, inputs)
-        return x
-
-    def _hold(self, x: torch.Tensor, inputs: torch.Tensor) -> None:
-        self._x, self._inputs = x, inputs
-        self._version, self._pending = self.slot_index.version, self.ranks.shape[0]
+        if self._pending == 0:  # every member has its output: hold no activations past this forward
+            self._x = self._out = None
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class AdaptedLinear(nn.Module):
-    """An nn.Linear plus the slot-indexed PiCa delta, `y = [W0 | U] @ [x ; core[slot] x]` in one GEMM.
+    """An nn.Linear plus the slot-indexed PiCa delta, `y = W0 x + M[slot] (P x)`, computed by its SharedGemm.
 
-    W0 and U live side by side in one weight, `weight_cat` [out, in + R]; the base linear keeps a view
-    of its W0 part, so the no-adapter path is the unchanged nn.Linear and nothing is stored twice."""
+    The base linear's weight is a view of the shared GEMM's W rows; `base` stays the unchanged
+    nn.Linear, so detach() puts it back as it was."""
 
-    def __init__(self, base: nn.Linear, u: torch.Tensor, slot_index: SlotIndex):
+    def __init__(self, base: nn.Linear, shared: SharedGemm, member: int):
         super().__init__()
-        out_features, in_features = base.weight.shape
-        weight_cat = empty_padded_rows(out_features, in_features + u.shape[1], dtype=base.weight.dtype,
-                                       device=base.weight.device)
-        weight_cat[:, :in_features].copy_(base.weight)
-        weight_cat[:, in_features:].copy_(u)
-        base.weight = nn.Parameter(weight_cat[:, :in_features], requires_grad=base.weight.requires_grad)
         self.base = base
-        self.register_buffer("weight_cat", weight_cat, persistent=False)
-        self.slot_index = slot_index
-        self.shared_input: SharedInput | None = None  # set by attach_adapters
-        self.member = 0
+        self.shared = shared
+        self.member = member
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.slot_index.any_adapter:
-            return self.base(x)
-        y = F.linear(self.shared_input.input_for(self.member, x), self.weight_cat, self.base.bias)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return self.shared.output_for(self.member, x)
 
 
 @dataclass
@@ -201,8 +221,7 @@ class AdaptedModel:
     layers: dict[str, AdaptedLinear]
 
     def detach(self) -> nn.Module:
-        """Put the plain nn.Linear modules back (benchmarks reuse one loaded model). Found by walking the
-        model, since wrappers put in later (GatedMLP) move the layers' paths."""
+        """Put the plain nn.Linear modules back (benchmarks reuse one loaded model)."""
         unwrap_modules(self.model, AdaptedLinear, "base")
         self.layers = {}
         return self.model
@@ -220,7 +239,7 @@ def run_probe(model: nn.Module, handles: list) -> None:
 
 
 def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[str]]:
-    """The adapted layers that read the same input tensor, each list in call order (q/k/v and gate/up
+    """The target layers that read the same input tensor, each list in call order (q/k/v and gate/up
     in a Llama block)."""
     seen: dict[int, tuple[torch.Tensor, list[str]]] = {}  # keeps each x alive, so ids are not reused
 
@@ -234,46 +253,55 @@ def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[l
     return [names for _, names in seen.values()]
 
 
-def share_inputs(adapted: AdaptedModel, shared: list[list[str]]) -> None:
-    """Give every adapted layer its SharedInput. Groups whose layers read one input in every block
-    (same rank and width) get one fused stack; any other layer is a group of one."""
-    stacks = adapted.slot_stacks
-    counts = Counter(tuple(sorted(group_of(n) for n in names)) for names in shared if len(names) > 1)
-    fused, taken = {}, set()
+def can_share(stacks: SlotStacks, groups: tuple[str, ...]) -> bool:
+    """Whether these groups' layers can share one GEMM and expand launch: distinct groups, one rank, and
+    output widths the kernel's 16-column blocks never straddle."""
+    shapes = [stacks.stacks[g].shape for g in groups]
+    return (1 < len(groups) <= MAX_SHARED_MEMBERS and len(set(groups)) == len(groups)
+            and len({s[2] for s in shapes}) == 1 and math.gcd(*(s[1] for s in shapes)) % 16 == 0)
+
+
+def plan_shared(stacks: SlotStacks, shared: list[list[str]]) -> dict[tuple[str, ...], list[list[str]]]:
+    """Sets of layers that share a GEMM, keyed by their groups in call order. Groups that read one input
+    in every block fuse their stacks once; a group is fused at most once; any other layer is alone."""
+    counts = Counter(tuple(group_of(n) for n in names) for names in shared if len(names) > 1)
+    fused, taken = set(), set()
     for groups, _ in counts.most_common():
-        shapes = {stacks.stacks[g].shape for g in groups}
-        if len(set(groups)) == len(groups) and not taken & set(groups) and len(shapes) == 1:
-            fused[groups] = stacks.fuse(groups)
+        if can_share(stacks, groups) and not taken & set(groups):
+            fused.add(groups)
             taken |= set(groups)
+    plan: dict[tuple[str, ...], list[list[str]]] = {}
     for names in shared:
-        groups = tuple(sorted(group_of(n) for n in names))
+        groups = tuple(group_of(n) for n in names)
         if groups in fused:
-            shared_input = SharedInput(*fused[groups], adapted.slot_index)
+            plan.setdefault(groups, []).append(names)
+        else:
             for name in names:
-                adapted.layers[name].shared_input = shared_input
-                adapted.layers[name].member = groups.index(group_of(name))
-    for name, layer in adapted.layers.items():
-        if layer.shared_input is None:
-            g = group_of(name)
-            layer.shared_input = SharedInput(stacks.stacks[g], stacks.ranks[g][None], adapted.slot_index)
+                plan.setdefault((group_of(name),), []).append([name])
+    return plan
 
 
+@torch.no_grad()
 def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096) -> AdaptedModel:
     """Wrap every target linear of `model` in an AdaptedLinear reading shared slot stacks."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     group_rank = {g: min(max_rank, basis.group_rank(g)) for g in basis.groups}
     stacks = SlotStacks(
-        {g: (group_rank[g], info.in_features) for g, info in basis.groups.items()}, num_slots, dtype, device
+        {g: (info.out_features, group_rank[g]) for g, info in basis.groups.items()}, num_slots, dtype, device
     )
     slot_index = SlotIndex(max_tokens, device)
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
-    for name, linear in linears.items():
-        u = basis.u[name][:, : group_rank[group_of(name)]].to(device=device, dtype=dtype)
-        layer = AdaptedLinear(linear, u, slot_index)
-        replace_module(model, name, layer)
-        layers[name] = layer
-    adapted = AdaptedModel(model, slot_index, stacks, layers)
-    share_inputs(adapted, find_shared_inputs(model, layers))
-    return adapted
+    shared_inputs = find_shared_inputs(model, linears)
+    seen = {n for names in shared_inputs for n in names}
+    shared_inputs += [[n] for n in linears if n not in seen]  # not called by the probe: each alone
+    for groups, members in plan_shared(stacks, shared_inputs).items():
+        stack, ranks = stacks.fuse(groups) if len(groups) > 1 else (stacks.stacks[groups[0]], stacks.ranks[groups[0]][None])
+        for names in members:
+            bases = [basis.p[n][: group_rank[group_of(n)]].to(device=device, dtype=dtype) for n in names]
+            shared = SharedGemm([linears[n] for n in names], bases, stack, ranks, slot_index)
+            for member, name in enumerate(names):
+                layers[name] = AdaptedLinear(linears[name], shared, member)
+                replace_module(model, name, layers[name])
+    return AdaptedModel(model, slot_index, stacks, layers)

@@ -1,9 +1,9 @@
 """Finds the base model's target nn.Linear modules and sorts them into functional groups.
 
-A group is a module-name suffix (`q_proj`, `down_proj`, ...). PiCa shares one B (r x in)
-across every layer of a group, so all of a group's layers must have the same in_features;
-a model where they differ is refused with a message naming the group (out_features may differ,
-since each layer has its own U).
+A group is a module-name suffix (`q_proj`, `down_proj`, ...). PiCa shares one M (out x r)
+across every layer of a group, so all of a group's layers must have the same out_features;
+a model where they differ is refused with a message naming the group (in_features may differ,
+since each layer has its own P [r, in]).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from torch import nn
 @dataclass(frozen=True)
 class GroupInfo:
     name: str
-    in_features: int
+    out_features: int
     layers: tuple[str, ...]
     """Full module names, in model order."""
-    out_features: tuple[int, ...]
+    in_features: tuple[int, ...]
 
     @property
     def max_rank(self) -> int:
-        """Largest r every layer of the group can provide (U has min(out, in) columns)."""
-        return min(min(o, self.in_features) for o in self.out_features)
+        """Largest r every layer of the group can provide (P has min(out, in) rows)."""
+        return min(min(self.out_features, i) for i in self.in_features)
 
 
 class TargetError(ValueError):
@@ -62,7 +62,7 @@ def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> di
 
 
 def group_targets(linears: dict[str, nn.Linear], target_modules: tuple[str, ...]) -> dict[str, GroupInfo]:
-    """Group target linears by suffix; refuse groups whose layers disagree on in_features."""
+    """Group target linears by suffix; refuse groups whose layers disagree on out_features."""
     by_group: dict[str, list[tuple[str, nn.Linear]]] = {}
     for name, module in linears.items():
         by_group.setdefault(group_of(name), []).append((name, module))
@@ -72,18 +72,18 @@ def group_targets(linears: dict[str, nn.Linear], target_modules: tuple[str, ...]
         if not members:
             problems.append(f"target module {group!r} matches no nn.Linear in the model")
             continue
-        in_sizes = sorted({m.in_features for _, m in members})
-        if len(in_sizes) > 1:
+        out_sizes = sorted({m.out_features for _, m in members})
+        if len(out_sizes) > 1:
             problems.append(
-                f"group {group!r} has layers with different in_features {in_sizes}: "
-                "one shared B cannot fit them; target a narrower module set"
+                f"group {group!r} has layers with different out_features {out_sizes}: "
+                "one shared M cannot fit them; target a narrower module set"
             )
             continue
         groups[group] = GroupInfo(
             name=group,
-            in_features=in_sizes[0],
+            out_features=out_sizes[0],
             layers=tuple(n for n, _ in members),
-            out_features=tuple(m.out_features for _, m in members),
+            in_features=tuple(m.in_features for _, m in members),
         )
     if problems:
         raise TargetError("; ".join(problems))

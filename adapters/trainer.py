@@ -1,10 +1,10 @@
 """Training PiCa adapters with the served parameterisation.
 
-The base model is frozen; every target linear of group g computes `W0 x + U_i (B_g x)` with the
-canonical basis U_i from the basis cache (so the adapter records its `basis_checksum`) and one
-zero-initialised B_g shared by all layers of the group. Plain AdamW on B through autograd is the
-paper's Algorithm 1: the gradient reaching B_g is the sum over the group's layers of
-U_i^T dL/dW_i, and Adam's moments live in r x in space. Checkpoints are adapter folders the server
+The base model is frozen; every target linear of group g computes `W0 x + M_g (P_l x)` with the
+canonical basis P_l [r, in] from the basis cache (so the adapter records its `basis_checksum`) and
+one zero-initialised M_g [out, r] shared by all layers of the group. Plain AdamW on M through
+autograd is the paper's Algorithm 1: the gradient reaching M_g is the sum over the group's layers
+of dL/dW_l P_l^T, and Adam's moments live in out x r space. Checkpoints are adapter folders the server
 serves, plus the optimizer state as safetensors (nothing is pickled), so training can resume.
 """
 
@@ -75,30 +75,30 @@ class TrainConfig:
 
 
 class PiCaTrainLinear(nn.Module):
-    """W0 x + U (B x) with W0 and U frozen and B a (possibly shared) trainable parameter."""
+    """W0 x + M (P x) with W0 and P frozen and M a (possibly shared) trainable parameter."""
 
-    def __init__(self, base: nn.Linear, u: torch.Tensor, b: nn.Parameter):
+    def __init__(self, base: nn.Linear, p: torch.Tensor, m: nn.Parameter):
         super().__init__()
         self.base = base
-        self.register_buffer("u", u, persistent=False)  # [out, r]
-        self.b = b  # [r, in]
+        self.register_buffer("p", p, persistent=False)  # [r, in]
+        self.m = m  # [out, r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.b.to(x.dtype)), self.u.to(x.dtype))
+        return self.base(x) + F.linear(F.linear(x, self.p.to(x.dtype)), self.m.to(x.dtype))
 
 
-def attach_trainable(model: nn.Module, basis, groups: tuple[str, ...], rank: int, share_b: bool = True
+def attach_trainable(model: nn.Module, basis, groups: tuple[str, ...], rank: int, share_m: bool = True
                      ) -> dict[str, nn.Parameter]:
-    """Wrap the groups' linears; returns the trainable B's by group (or by layer when not shared)."""
+    """Wrap the groups' linears; returns the trainable M's by group (or by layer when not shared)."""
     params: dict[str, nn.Parameter] = {}
     device = next(model.parameters()).device
     for name, linear in find_target_linears(model, groups).items():
         group = group_of(name)
-        key = group if share_b else name
+        key = group if share_m else name
         if key not in params:
-            params[key] = nn.Parameter(torch.zeros(rank, linear.in_features, device=device, dtype=torch.float32))
-        u = basis.u[name][:, :rank].to(device=device, dtype=torch.float32)
-        replace_module(model, name, PiCaTrainLinear(linear, u, params[key]))
+            params[key] = nn.Parameter(torch.zeros(linear.out_features, rank, device=device, dtype=torch.float32))
+        p = basis.p[name][:rank].to(device=device, dtype=torch.float32)
+        replace_module(model, name, PiCaTrainLinear(linear, p, params[key]))
     return params
 
 
@@ -119,7 +119,7 @@ class FitState:
 
 def fit(model, params: dict[str, nn.Parameter], examples, cfg: TrainConfig, pad_id: int, state: FitState | None = None,
         optimizer_state: dict | None = None, on_checkpoint=None, progress: bool = True) -> FitState:
-    """Plain AdamW on the B's; checkpoints through on_checkpoint(state, optimizer)."""
+    """Plain AdamW on the M's; checkpoints through on_checkpoint(state, optimizer)."""
     state = state or FitState()
     device = next(iter(params.values())).device
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -130,7 +130,7 @@ def fit(model, params: dict[str, nn.Parameter], examples, cfg: TrainConfig, pad_
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_ratio * total)
     use_autocast = device.type == "cuda"
-    model.eval()  # no dropout; gradients still reach B
+    model.eval()  # no dropout; gradients still reach M
     bar = tqdm(total=total, initial=state.step, desc="training", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
         order = list(range(len(examples)))
@@ -158,8 +158,13 @@ def fit(model, params: dict[str, nn.Parameter], examples, cfg: TrainConfig, pad_
     return state
 
 
+def adapter_tensors(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The adapter file's tensors: `M.<group>` [out, r] in float32."""
+    return {f"M.{g}": p.detach().float().cpu() for g, p in params.items()}
+
+
 def save_checkpoint(folder: Path, adapter_config: AdapterConfig, params, optimizer, state: FitState, cfg) -> None:
-    save_adapter_dir(folder, adapter_config, {f"B.{g}": p.detach().float().cpu() for g, p in params.items()})
+    save_adapter_dir(folder, adapter_config, adapter_tensors(params))
     moments = {}
     for g, p in params.items():
         for name in ("exp_avg", "exp_avg_sq"):
@@ -170,13 +175,13 @@ def save_checkpoint(folder: Path, adapter_config: AdapterConfig, params, optimiz
 
 
 def load_checkpoint(folder: Path, params, device) -> tuple[FitState, dict]:
-    """B values, optimizer moments and step from a checkpoint folder (safetensors + JSON only)."""
+    """M values, optimizer moments and step from a checkpoint folder (safetensors + JSON only)."""
     weights = load_file(str(folder / WEIGHTS_FILE))
     moments = load_file(str(folder / STATE_TENSORS))
     meta = json.loads((folder / STATE_JSON).read_text())
     with torch.no_grad():
         for g, p in params.items():
-            p.copy_(weights[f"B.{g}"].to(device))
+            p.copy_(weights[f"M.{g}"].to(device))
     optimizer_state = {g: {n: moments[f"{n}.{g}"].to(device) for n in ("exp_avg", "exp_avg_sq")} for g in params}
     return FitState(meta["step"], meta["losses"]), optimizer_state
 
@@ -208,6 +213,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, progress: bool = True):
 
     state = fit(loaded.model, params, examples, cfg, pad_id, state, optimizer_state, checkpoint, progress)
     out = Path(cfg.out)
-    save_adapter_dir(out, adapter_config, {f"B.{g}": p.detach().float().cpu() for g, p in params.items()})
+    save_adapter_dir(out, adapter_config, adapter_tensors(params))
     log.info("adapter written to %s (%s, %s)", out / CONFIG_FILE, WEIGHTS_FILE, f"{state.step} steps")
     return state, loaded.model, params, basis

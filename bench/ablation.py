@@ -137,7 +137,7 @@ def main():
         for shared in (True, False):
             model = copy.deepcopy(base)
             model.requires_grad_(False)
-            params = attach_trainable(model, basis, DEFAULT_TARGET_MODULES, args.rank, share_b=shared)
+            params = attach_trainable(model, basis, DEFAULT_TARGET_MODULES, args.rank, share_m=shared)
             state = fit(model, params, train_set, cfg, tokenizer.pad_token_id, progress=False)
             row = {"basis": basis_kind.split(":")[0], "b": "shared" if shared else "per-layer",
                    "trainable_params": sum(p.numel() for p in params.values()),

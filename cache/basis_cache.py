@@ -1,9 +1,11 @@
-"""On-disk cache of the frozen per-layer bases, so a restart loads U instead of recomputing SVDs.
+"""On-disk cache of the frozen per-layer bases, so a restart loads P instead of recomputing SVDs.
 
-Layout: `<basis_dir>/<entry key>/basis.safetensors` (one float32 tensor `U.<module>` [out, rank]
-per target linear) plus `manifest.json`. `basis_checksum` identifies the basis by what defines it:
+Layout: `<basis_dir>/<entry key>/basis.safetensors` (one float32 tensor `P.<module>` [rank, in]:
+the top right singular vectors of that target linear, as rows) plus `manifest.json`. Format 3 is
+the first to hold P; entries of older formats (which held the transposed U) are never read, only
+recomputed. `basis_checksum` identifies the basis by what defines it:
 a fingerprint of the model's linear weights and the basis kind. It does not depend on which
-modules are targeted (each layer's U depends only on its own weight), so an adapter trained on
+modules are targeted (each layer's P depends only on its own weight), so an adapter trained on
 q_proj alone carries the same checksum as a server targeting every projection; it is the same on
 every machine, and adapters naming another one are refused. The entry key adds the targets. The manifest also holds a checksum of every tensor, verified on load (on the device the
 basis is loaded to, so a GPU server checks 1.4 GB in milliseconds), so a corrupt or truncated file
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,7 @@ from cache.basis import principal_basis, random_basis
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _FINGERPRINT_ROWS = 64
 
 
@@ -43,8 +46,8 @@ class Basis:
     kind: str
     rank_max: int
     groups: dict[str, GroupInfo]
-    u: dict[str, torch.Tensor]
-    """Full module name -> U [out, min(rank_max, out, in)]."""
+    p: dict[str, torch.Tensor]
+    """Full module name -> P [min(rank_max, out, in), in]."""
     source: str
     """'loaded' or 'computed'."""
     seconds: float
@@ -119,19 +122,19 @@ class BasisCache:
         entry = self.entry_dir(checksum, target_modules)
         device = torch.device(device)
         source = "loaded"
-        u = self._try_load(entry, checksum, ranks, device, dtype) if dtype != torch.float32 else None
-        if u is None:
-            u = self._try_load(entry, checksum, ranks, device)
-            if u is None:
-                u = self._compute(linears, ranks, method, kind, progress, device)
-                self._store(entry, checksum, kind, method, rank_max, target_modules, u, time.perf_counter() - start)
+        p = self._try_load(entry, checksum, ranks, device, dtype) if dtype != torch.float32 else None
+        if p is None:
+            p = self._try_load(entry, checksum, ranks, device)
+            if p is None:
+                p = self._compute(linears, ranks, method, kind, progress, device)
+                self._store(entry, checksum, kind, method, rank_max, target_modules, p, time.perf_counter() - start)
                 source = "computed"
             if dtype != torch.float32:
-                u = {name: t.to(dtype) for name, t in u.items()}
-                self._store_copy(entry, u, dtype)
+                p = {name: t.to(dtype) for name, t in p.items()}
+                self._store_copy(entry, p, dtype)
         seconds = time.perf_counter() - start
-        log.info("basis %s %s in %.2fs (%d modules, rank_max %d)", checksum[:12], source, seconds, len(u), rank_max)
-        return Basis(checksum, kind, rank_max, groups, u, source, seconds)
+        log.info("basis %s %s in %.2fs (%d modules, rank_max %d)", checksum[:12], source, seconds, len(p), rank_max)
+        return Basis(checksum, kind, rank_max, groups, p, source, seconds)
 
     def _try_load(self, entry: Path, checksum: str, ranks: dict[str, int], device: torch.device,
                   dtype: torch.dtype = torch.float32):
@@ -148,18 +151,18 @@ class BasisCache:
                 if manifest is None:
                     return None  # no serving copy yet: the float32 file is read and the copy written
             stored = manifest["modules"]
-            short = [n for n, r in ranks.items() if n not in stored or stored[n][1] < r]
+            short = [n for n, r in ranks.items() if n not in stored or stored[n][0] < r]
             if short:
                 log.info("basis cache holds fewer columns than asked for (%s...); recomputing", short[0])
                 return None
-            u = {}
+            p = {}
             with safe_open(tensor_path, framework="pt", device=str(device)) as f:  # mmap, no full read
                 for name, rank in ranks.items():
-                    t = f.get_tensor(f"U.{name}")
+                    t = f.get_tensor(f"P.{name}")
                     if list(t.shape) != stored[name] or tensor_checksum(t) != manifest["tensor_checksums"][name]:
                         raise ValueError(f"checksum mismatch for {name} (corrupt or truncated file)")
-                    u[name] = t[:, :rank].contiguous() if rank < t.shape[1] else t
-            return u
+                    p[name] = t[:rank].contiguous() if rank < t.shape[0] else t
+            return p
         except Exception as exc:  # any damage means recompute, never trust, never crash
             log.warning("basis cache entry %s (%s) is unusable (%s); rebuilding it", entry, tensor_path.name, exc)
             return None
@@ -167,20 +170,24 @@ class BasisCache:
     @staticmethod
     @torch.no_grad()
     def _compute(linears, ranks, method, kind, progress, device) -> dict[str, torch.Tensor]:
-        u = {}
+        p = {}
         for name in tqdm(sorted(linears), desc="computing basis", unit="layer", disable=not progress):
             weight = linears[name].weight
             if kind == "principal":
-                u[name] = principal_basis(weight, ranks[name], method).to(device)
+                p[name] = principal_basis(weight, ranks[name], method).to(device)
             elif kind.startswith("random:"):
-                u[name] = random_basis(weight.shape[0], ranks[name], _module_seed(int(kind[7:]), name)).to(device)
+                p[name] = random_basis(weight.shape[1], ranks[name], _module_seed(int(kind[7:]), name)).to(device)
             else:
                 raise ValueError(f"unknown basis kind {kind!r}")
-        return u
+        return p
 
-    def _store(self, entry, checksum, kind, method, rank_max, target_modules, u, seconds) -> None:
+    def _store(self, entry, checksum, kind, method, rank_max, target_modules, p, seconds) -> None:
+        if entry.is_file() or entry.is_symlink():
+            entry.unlink()
         entry.mkdir(parents=True, exist_ok=True)
-        data = save_safetensors_bytes({f"U.{name}": t.cpu() for name, t in u.items()})
+        for name in ("basis.safetensors", "manifest.json"):
+            _clear_way(entry / name)
+        data = save_safetensors_bytes({f"P.{name}": t.cpu() for name, t in p.items()})
         atomic_write(entry / "basis.safetensors", data)
         manifest = {
             "format": FORMAT_VERSION,
@@ -189,21 +196,31 @@ class BasisCache:
             "method": method,
             "rank_max": rank_max,
             "target_modules": list(target_modules),
-            "modules": {name: list(t.shape) for name, t in u.items()},
-            "tensor_checksums": {name: tensor_checksum(t) for name, t in u.items()},
+            "modules": {name: list(t.shape) for name, t in p.items()},
+            "tensor_checksums": {name: tensor_checksum(t) for name, t in p.items()},
             "compute_seconds": round(seconds, 3),
         }
         atomic_write(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
 
-    def _store_copy(self, entry: Path, u: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    def _store_copy(self, entry: Path, p: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Write the serving copy in `dtype`, then record it in the manifest (both atomically)."""
-        atomic_write(entry / _tensor_file(dtype), save_safetensors_bytes({f"U.{n}": t.cpu() for n, t in u.items()}))
+        _clear_way(entry / _tensor_file(dtype))
+        atomic_write(entry / _tensor_file(dtype), save_safetensors_bytes({f"P.{n}": t.cpu() for n, t in p.items()}))
         manifest = json.loads((entry / "manifest.json").read_text())
         manifest.setdefault("copies", {})[str(dtype).removeprefix("torch.")] = {
-            "modules": {name: list(t.shape) for name, t in u.items()},
-            "tensor_checksums": {name: tensor_checksum(t) for name, t in u.items()},
+            "modules": {name: list(t.shape) for name, t in p.items()},
+            "tensor_checksums": {name: tensor_checksum(t) for name, t in p.items()},
         }
         atomic_write(entry / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+def _clear_way(path: Path) -> None:
+    """Remove what stands at `path` where a plain file is to go (a folder, a link), so a rebuild can
+    write it: damage of that kind must not stop every later start."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def _tensor_file(dtype: torch.dtype) -> str:

@@ -23,8 +23,8 @@ class AdapterHandle:
     adapter_id: str
     version: str
     """The adapter file's checksum: (adapter_id, version) is the slot table key."""
-    cores: dict
-    """Group -> core tensor [r, in] on the host (pinned on CUDA)."""
+    tensors: dict
+    """Group -> M [out, r] on the host (pinned on CUDA)."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -68,11 +68,11 @@ class HostCache:
         return handle
 
     def handle_for(self, adapter_id: str, adapter) -> AdapterHandle:
-        cores = {}
-        for group, core in adapter.group_cores().items():
-            core = core.to(self.dtype).contiguous()
-            cores[group] = core.pin_memory() if self.pin_memory else core
-        return AdapterHandle(adapter_id, adapter.checksum, cores)
+        tensors = {}
+        for group, t in adapter.slot_tensors().items():
+            t = t.to(self.dtype).contiguous()
+            tensors[group] = t.pin_memory() if self.pin_memory else t
+        return AdapterHandle(adapter_id, adapter.checksum, tensors)
 
     def invalidate(self, adapter_id: str) -> None:
         with self._lock:

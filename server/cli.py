@@ -58,7 +58,7 @@ def cmd_precompute(args) -> int:
     cfg = model_config(args)
     loaded, basis = load_model_and_basis(cfg)
     print(
-        f"basis {basis.checksum} ({basis.source} in {basis.seconds:.1f}s, {len(basis.u)} layers, "
+        f"basis {basis.checksum} ({basis.source} in {basis.seconds:.1f}s, {len(basis.p)} layers, "
         f"groups {sorted(basis.groups)}) for {loaded.name} in {cfg.basis_dir}"
     )
     return 0

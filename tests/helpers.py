@@ -44,7 +44,7 @@ def random_adapter_tensors(basis, r: int, groups=None, seed: int = 0, scale: flo
     gen = torch.Generator().manual_seed(seed)
     groups = groups or sorted(basis.groups)
     return {
-        f"B.{g}": torch.randn(r, basis.groups[g].in_features, generator=gen) * scale / basis.groups[g].in_features**0.5
+        f"M.{g}": torch.randn(basis.groups[g].out_features, r, generator=gen) * scale / r**0.5
         for g in groups
     }
 

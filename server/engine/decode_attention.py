@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adapters.shrink_kernel import dot_precision
+from adapters.expand_kernel import dot_precision
 
 
 @triton.jit

@@ -125,7 +125,7 @@ class Engine:
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         hits, misses, evictions = self.slots.stats.hits, self.slots.stats.misses, self.slots.stats.evictions
         sched = self.scheduler.schedule()
-        swap_seconds = tuple(self.runner.load_adapter(slot, handle.cores) for slot, handle in sched.slot_loads)
+        swap_seconds = tuple(self.runner.load_adapter(slot, handle.tensors) for slot, handle in sched.slot_loads)
         outputs: list[RequestOutput] = []
         ttft, itl, finished = [], [], self._aborted
         self._aborted = []

@@ -80,14 +80,10 @@ class ModelRunner:
             loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens
         )
         self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
-        if self.decode_kernels:  # before our attention is set: the probe forward runs the model's own
-            from server.engine.gated_mlp import fuse_gated_mlps
-            from server.engine.rms_norm import feed_adapted_layers, fuse_rms_norms
+        if self.decode_kernels:
+            from server.engine.rms_norm import fuse_rms_norms
 
-            swapped = fuse_rms_norms(self.model)
-            log.info("fused RMSNorm: %d modules swapped, %d of them run inside their layers' shrink", swapped,
-                     feed_adapted_layers(self.model))
-            log.info("gated MLPs whose silu·mul runs inside down_proj's shrink: %d", fuse_gated_mlps(self.model))
+            log.info("fused RMSNorm: %d modules swapped", fuse_rms_norms(self.model))
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
         self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)
@@ -133,10 +129,10 @@ class ModelRunner:
             )
         return num_blocks
 
-    def load_adapter(self, slot: int, cores: dict) -> float:
-        """Copy an adapter's cores into a slot; returns the seconds the copy took."""
+    def load_adapter(self, slot: int, tensors: dict) -> float:
+        """Copy an adapter's slot tensors (group -> M) into a slot; returns the seconds the copy took."""
         start = time.perf_counter()
-        self.adapted.slot_stacks.write(slot, cores, non_blocking=True)
+        self.adapted.slot_stacks.write(slot, tensors, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # adapter activation is rare; time it honestly
         return time.perf_counter() - start

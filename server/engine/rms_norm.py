@@ -2,12 +2,9 @@
 
 Transformers' eager RMSNorm is about eight small kernels (cast, square, mean, rsqrt, two products,
 casts); a Llama-3-8B decode step runs 65 of them, ~500 launches. This kernel does one row per
-program. Semantics: exactly `adapters.ops.rms_norm_reference`, the Llama/Qwen2/Mistral formula,
-including where it rounds to the input dtype. A module is only swapped after it computes the same
-thing on a test input, so a norm with another formula (Gemma's `1 + weight`, say) keeps its own forward.
-
-A norm whose output is read by adapted layers (q/k/v, gate/up) runs inside their shrink in decode-sized
-steps with adapters: one launch instead of two, 64 fewer per Llama-3-8B step.
+program. Semantics: exactly `rms_norm_reference`, the Llama/Qwen2/Mistral formula, including where
+it rounds to the input dtype. A module is only swapped after it computes the same thing on a test
+input, so a norm with another formula (Gemma's `1 + weight`, say) keeps its own forward.
 """
 
 from __future__ import annotations
@@ -19,11 +16,17 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from adapters.layer import AdaptedLinear, run_probe
-from adapters.shrink_kernel import NORM_INSIDE_MAX_TOKENS
 from adapters.targets import replace_module, unwrap_modules
 
 log = logging.getLogger(__name__)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Semantics: weight * (x / sqrt(mean(x^2) + eps)), in float32, rounded to x's dtype before the weight
+    (the Llama/Qwen2/Mistral RMSNorm)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 @triton.jit
@@ -57,13 +60,9 @@ class FusedRMSNorm(nn.Module):
     def __init__(self, norm: nn.Module):
         super().__init__()
         self.norm = norm
-        self.feeds = None  # the SharedInput of the adapted layers that read this norm's output (feed_adapted_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, eps, feeds = self.norm.weight, self.norm.variance_epsilon, self.feeds
-        if feeds is not None and feeds.slot_index.any_adapter and feeds.slot_index.num_tokens <= NORM_INSIDE_MAX_TOKENS:
-            return feeds.input_from(x, norm=(weight, eps))
-        return rms_norm(x, weight, eps)
+        return rms_norm(x, self.norm.weight, self.norm.variance_epsilon)
 
 
 def _agrees(norm: nn.Module) -> bool:
@@ -90,34 +89,6 @@ def fuse_rms_norms(model: nn.Module) -> int:
         replace_module(model, name, FusedRMSNorm(module))
         swapped += 1
     return swapped
-
-
-def feed_adapted_layers(model: nn.Module) -> int:
-    """Point each FusedRMSNorm whose output every layer of one SharedInput reads (and nothing else adapted)
-    at that SharedInput, seen on one probe forward with no adapter active (call it before the first
-    step); returns how many norms now feed their layers."""
-    outputs: dict[int, tuple[torch.Tensor, FusedRMSNorm, torch.dtype]] = {}  # tensors kept alive: ids stay unique
-    readers: dict[int, tuple[torch.Tensor, list[AdaptedLinear]]] = {}
-
-    def norm_output(norm, args, out):  # returns None: keeps the output
-        outputs.setdefault(id(out), (out, norm, args[0].dtype))
-
-    def layer_input(layer, args):
-        readers.setdefault(id(args[0]), (args[0], []))[1].append(layer)
-
-    handles = [m.register_forward_hook(norm_output) for m in model.modules() if isinstance(m, FusedRMSNorm)]
-    handles += [m.register_forward_pre_hook(layer_input) for m in model.modules() if isinstance(m, AdaptedLinear)]
-    run_probe(model, handles)
-    fed = 0
-    for key, (_, norm, input_dtype) in outputs.items():
-        layers = readers.get(key, (None, []))[1]
-        if not layers or norm.norm.weight.dtype != input_dtype:  # the kernel writes in x's dtype
-            continue
-        shared = layers[0].shared_input
-        if all(layer.shared_input is shared for layer in layers) and len(layers) == shared.ranks.shape[0]:
-            norm.feeds = shared
-            fed += 1
-    return fed
 
 
 def restore_rms_norms(model: nn.Module) -> None:

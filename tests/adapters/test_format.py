@@ -15,7 +15,7 @@ from adapters.targets import GroupInfo
 
 GROUPS = {
     "q_proj": GroupInfo("q_proj", 64, ("l.0.q_proj", "l.1.q_proj"), (64, 64)),
-    "down_proj": GroupInfo("down_proj", 96, ("l.0.down_proj", "l.1.down_proj"), (64, 64)),
+    "down_proj": GroupInfo("down_proj", 48, ("l.0.down_proj", "l.1.down_proj"), (96, 96)),
 }
 EXPECT = AdapterExpectation(GROUPS, {"q_proj": 16, "down_proj": 16}, basis_checksum="a" * 64)
 
@@ -27,7 +27,7 @@ def config(**kw):
 
 
 def weights(**tensors):
-    base = {"B.q_proj": torch.randn(8, 64), "B.down_proj": torch.randn(8, 96)}
+    base = {"M.q_proj": torch.randn(64, 8), "M.down_proj": torch.randn(48, 8)}
     base.update(tensors)
     return st_save({k: v for k, v in base.items() if v is not None})
 
@@ -40,8 +40,8 @@ def problems(cfg=None, w=None):
 
 def test_valid_adapter_loads():
     adapter = parse_adapter(config(), weights(), EXPECT)
-    assert adapter.config.r == 8 and adapter.num_params == 8 * (64 + 96)
-    assert set(adapter.group_cores()) == {"q_proj", "down_proj"}
+    assert adapter.config.r == 8 and adapter.num_params == 8 * (64 + 48)  # r x sum of out_features
+    assert set(adapter.slot_tensors()) == {"q_proj", "down_proj"}
     assert len(adapter.checksum) == 64
 
 
@@ -58,6 +58,7 @@ def test_valid_adapter_loads():
         (config(r=17), "r=17 exceeds the basis rank 16 available for group 'down_proj'"),
         (config(basis_checksum="b" * 64), "adapter was trained against basis bbbbbbbbbbbbbbbb"),
         (config(basis_kind="random:1"), "adapter uses a 'random:1' basis, this server serves the 'principal' basis"),
+        (config(format_version=1), "format_version 1 is not served; this server reads format 2"),
     ],
 )
 def test_config_problems(cfg, message):
@@ -69,12 +70,13 @@ def test_config_problems(cfg, message):
     [
         (b"\x00\x01garbage", "adapter_model.safetensors is not a readable safetensors file"),
         (weights()[:-10], "adapter_model.safetensors is not a readable safetensors file"),
-        (weights(**{"B.q_proj": None}), "missing tensors ['B.q_proj']"),
-        (weights(**{"B.v_proj": torch.zeros(8, 64)}), "unexpected tensors ['B.v_proj']"),
-        (weights(**{"B.q_proj": torch.zeros(8, 65)}), "tensor B.q_proj has shape [8, 65], expected [8, 64]"),
-        (weights(**{"B.q_proj": torch.zeros(8, 64, dtype=torch.int32)}), "tensor B.q_proj has dtype torch.int32"),
-        (weights(**{"B.q_proj": torch.full((8, 64), float("nan"))}), "tensor B.q_proj has non-finite values"),
-        (weights(**{"B.down_proj": torch.full((8, 96), float("inf"))}), "tensor B.down_proj has non-finite values"),
+        (weights(**{"M.q_proj": None}), "missing tensors ['M.q_proj']"),
+        (weights(**{"M.v_proj": torch.zeros(64, 8)}), "unexpected tensors ['M.v_proj']"),
+        (weights(**{"M.q_proj": torch.zeros(65, 8)}), "tensor M.q_proj has shape [65, 8], expected [64, 8]"),
+        (weights(**{"M.q_proj": torch.zeros(8, 64)}), "tensor M.q_proj has shape [8, 64], expected [64, 8]"),
+        (weights(**{"M.q_proj": torch.zeros(64, 8, dtype=torch.int32)}), "tensor M.q_proj has dtype torch.int32"),
+        (weights(**{"M.q_proj": torch.full((64, 8), float("nan"))}), "tensor M.q_proj has non-finite values"),
+        (weights(**{"M.down_proj": torch.full((48, 8), float("inf"))}), "tensor M.down_proj has non-finite values"),
     ],
 )
 def test_weight_problems(w, message):
@@ -111,6 +113,13 @@ def test_pickle_is_never_unpickled(tmp_path):
     marker = "/tmp/pica-unpickled-marker"
     if os.path.exists(marker):
         os.remove(marker)
-    payload = pickle.dumps({"B.q_proj": _Boom()})
+    payload = pickle.dumps({"M.q_proj": _Boom()})
     assert "not a readable safetensors file" in problems(w=payload)
     assert not os.path.exists(marker)
+
+
+def test_an_adapter_of_the_old_transposed_format_gets_a_clear_message():
+    old = st_save({"B.q_proj": torch.randn(8, 64), "B.down_proj": torch.randn(8, 96)})
+    text = problems(w=old)
+    assert "transposed PiCa of adapter format 1" in text and "M.<group> [out_features, r]" in text
+    assert "missing tensors" not in text and "shape" not in text.replace("[out_features, r]", "")

@@ -24,7 +24,7 @@ def test_mixed_batch_matches_dense_merged_models(tmp_path, model_config_for, arc
     adapted = attach_adapters(loaded.model, basis, num_slots=4, max_rank=16)
     slot_of = {0: 2, 1: 0, 2: 3}  # adapter index -> slot (not in order, one slot left empty)
     for i, a in enumerate(adapters):
-        adapted.slot_stacks.write(slot_of[i], a.group_cores())
+        adapted.slot_stacks.write(slot_of[i], a.slot_tensors())
 
     row_adapters = [None, 0, 1, 2, 1, None]  # base, each adapter, a repeat
     gen = torch.Generator().manual_seed(seed)
@@ -55,37 +55,44 @@ def test_no_adapter_step_skips_adapter_math(tmp_path, model_config_for):
     with torch.no_grad():
         before = loaded.model(input_ids=ids).logits
     adapted = attach_adapters(loaded.model, basis, num_slots=2, max_rank=8)
-    adapted.slot_stacks.write(0, make_adapter(tmp_path, basis, r=8).group_cores())
+    adapted.slot_stacks.write(0, make_adapter(tmp_path, basis, r=8).slot_tensors())
     adapted.slot_index.set([BASE_SLOT] * 10)
     assert not adapted.slot_index.any_adapter
     with torch.no_grad():
         assert torch.equal(adapted.model(input_ids=ids).logits, before)
 
 
-def test_layers_reading_one_input_share_one_shrink(tmp_path, model_config_for, monkeypatch):
+def test_layers_reading_one_input_share_one_gemm_and_expand(tmp_path, model_config_for, monkeypatch):
     cfg = model_config_for(build_tiny_model(tmp_path / "m"), rank_max=8)
     loaded = load_model(cfg)
     basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, cfg.target_modules, 8, progress=False)
     adapted = attach_adapters(loaded.model, basis, num_slots=2, max_rank=8)
     attn, mlp = loaded.model.model.layers[0].self_attn, loaded.model.model.layers[0].mlp
-    assert attn.q_proj.shared_input is attn.k_proj.shared_input is attn.v_proj.shared_input
-    assert mlp.gate_proj.shared_input is mlp.up_proj.shared_input
-    assert attn.o_proj.shared_input is not attn.q_proj.shared_input  # o_proj reads the attention output
-    assert sorted(layer.member for layer in (attn.q_proj, attn.k_proj, attn.v_proj)) == [0, 1, 2]
+    assert attn.q_proj.shared is attn.k_proj.shared is attn.v_proj.shared
+    assert mlp.gate_proj.shared is mlp.up_proj.shared
+    assert attn.o_proj.shared is not attn.q_proj.shared  # o_proj reads the attention output
+    assert [layer.member for layer in (attn.q_proj, attn.k_proj, attn.v_proj)] == [0, 1, 2]
+    # the base weights are views of the shared GEMM's rows, P's rows below them: nothing stored twice
+    shared = attn.q_proj.shared
+    assert attn.k_proj.base.weight.data_ptr() == shared.weight[shared.bounds[1]].data_ptr()
+    torch.testing.assert_close(shared.weight[shared.num_out : shared.num_out + 8],
+                               basis.p["model.layers.0.self_attn.q_proj"].to(shared.weight.dtype))
 
     import adapters.layer as layer_module
 
     calls = []
-    real = layer_module.concat_inputs
-    monkeypatch.setattr(layer_module, "concat_inputs", lambda *a: calls.append(a[1].shape) or real(*a))
-    adapted.slot_stacks.write(0, make_adapter(tmp_path, basis, r=8).group_cores())
+    real = layer_module.expand
+    monkeypatch.setattr(layer_module, "expand", lambda *a: calls.append(a[3]) or real(*a))
+    adapted.slot_stacks.write(0, make_adapter(tmp_path, basis, r=8).slot_tensors())
     adapted.slot_index.set([0] * 5)
     with torch.no_grad():
         adapted.model(input_ids=torch.randint(0, 250, (1, 5)))
-    assert len(calls) == 4 * len(loaded.model.model.layers)  # q/k/v, o, gate/up, down: one shrink each
+    assert len(calls) == 4 * len(loaded.model.model.layers)  # q/k/v, o, gate/up, down: one expand each
 
-    shared, x = attn.q_proj.shared_input, torch.randn(5, 64)
-    first = shared.input_for(0, x)
-    adapted.slot_index.set([BASE_SLOT] + [0] * 4)  # a new step: the same x object must not reuse old inputs
-    second = shared.input_for(1, x)
-    assert first[0, 64:].abs().sum() > 0 and torch.equal(second[0, 64:], torch.zeros(8))
+    x = torch.randn(5, 64)
+    first = shared.output_for(0, x).clone()
+    adapted.slot_index.set([BASE_SLOT] + [0] * 4)  # a new step: the same x object must not reuse old outputs
+    second = shared.output_for(0, x)
+    with torch.no_grad():
+        base = attn.q_proj.base(x)
+    assert not torch.allclose(first[0], base[0]) and torch.equal(second[0], base[0])

@@ -2,37 +2,27 @@ import pytest
 import torch
 
 from adapters.layer import SlotIndex
-from adapters.ops import concat_inputs, concat_inputs_reference, shrink_reference, shrink_torch
+from adapters.ops import expand_reference, expand_torch
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,rank,in_features", [(1, 1, 4, 8), (17, 5, 8, 33), (64, 16, 3, 20)])
-def test_shrink_matches_reference(num_tokens, num_slots, rank, in_features):
-    gen = torch.Generator().manual_seed(num_tokens)
-    x = torch.randn(num_tokens, in_features, generator=gen)
-    stack = torch.randn(num_slots, rank, in_features, generator=gen)
-    slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen)
-    slots[0] = -1  # always include the base slot and a repeated slot
-    if num_tokens > 2:
-        slots[1] = slots[2] = num_slots - 1
-    got = shrink_torch(x, stack, slots)
-    ref = shrink_reference(x, stack, slots)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert (got[slots == -1] == 0).all()
-
-
-@pytest.mark.parametrize("num_members", [1, 3])
-def test_concat_inputs_match_reference(num_members):
-    gen = torch.Generator().manual_seed(num_members)
-    num_tokens, num_slots, rank, in_features = 9, 3, 4, 10
-    x = torch.randn(num_tokens, in_features, generator=gen)
-    stack = torch.randn(num_slots, num_members * rank, in_features, generator=gen)
-    slots = [-1, 2, 0, 2, 1, -1, 0, 0, 2]
+@pytest.mark.parametrize("bounds,rank", [([12], 4), ([16, 24, 32], 3), ([8, 40], 5)])
+def test_expand_torch_matches_reference(bounds, rank):
+    bounds = [0, *bounds]
+    num_members, num_out = len(bounds) - 1, bounds[-1]
+    gen = torch.Generator().manual_seed(num_out)
+    num_tokens, num_slots = 11, 3
+    y0z = torch.randn(num_tokens, num_out + num_members * rank, generator=gen)
+    stack = torch.randn(num_slots, num_out, rank, generator=gen)
+    ranks = torch.full((num_members, num_slots), rank, dtype=torch.int32)
+    ranks[-1, 1] = 0  # the last member left alone by slot 1: its M rows are zero
+    for m in range(num_members):
+        stack[1, bounds[m] : bounds[m + 1], ranks[m, 1] :] = 0
+    slots = [-1, 2, 0, 2, 1, -1, 0, 0, 2, 1, 1]
     index = SlotIndex(16, "cpu")
     index.set(slots)
-    ranks = torch.full((num_members, num_slots), rank, dtype=torch.int32)
-    got = concat_inputs(x, stack, ranks, index)
-    assert got.shape == (num_members, num_tokens, in_features + rank)
-    torch.testing.assert_close(got, concat_inputs_reference(x, stack, num_members, torch.tensor(slots)))
-    for m in range(num_members):  # each member reads its own rows of the stack, next to a copy of x
-        assert torch.equal(got[m, :, :in_features], x)
-        torch.testing.assert_close(got[m, 1, in_features:], stack[2, m * rank : (m + 1) * rank] @ x[1])
+    ref = expand_reference(y0z, stack, ranks, bounds, torch.tensor(slots))
+    got = expand_torch(y0z.clone(), stack, bounds, index)
+    torch.testing.assert_close(got, ref)
+    assert torch.equal(got[0], y0z[0, :num_out])  # base-model tokens keep y0
+    z = y0z[1, num_out : num_out + rank]
+    torch.testing.assert_close(got[1, : bounds[1]], y0z[1, : bounds[1]] + stack[2, : bounds[1]] @ z)

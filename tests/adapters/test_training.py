@@ -65,7 +65,7 @@ def test_trained_adapter_answers_through_the_server(task):
         assert accuracy(None) <= 0.1
 
 
-def test_gradient_of_shared_b_is_the_sum_over_its_layers(tmp_path, model_config_for):
+def test_gradient_of_shared_m_is_the_sum_over_its_layers(tmp_path, model_config_for):
     cfg = model_config_for(build_tiny_model(tmp_path / "m", "qwen2", init_std=0.2), rank_max=8)
     basis = BasisCache(cfg.basis_dir).load_or_compute(load_model(cfg).model, cfg.target_modules, 8, progress=False)
     ids = torch.randint(0, 250, (2, 9))
@@ -77,19 +77,20 @@ def test_gradient_of_shared_b_is_the_sum_over_its_layers(tmp_path, model_config_
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)  # away from zero: a general point
     model(input_ids=ids, labels=ids).loss.backward()
 
-    reference = load_model(cfg).model  # dense W_i = W0_i + U_i B_g, gradient taken on W_i
-    cores = {g: p.detach() for g, p in params.items()}
+    reference = load_model(cfg).model  # dense W_l = W0_l + M_g P_l, gradient taken on W_l
+    ms = {g: p.detach() for g, p in params.items()}
     weights = {}
     for name, linear in reference.named_modules():
         group = name.rsplit(".", 1)[-1]
-        if group in cores:
+        if group in ms:
             with torch.no_grad():
-                linear.weight += basis.u[name][:, :8] @ cores[group]
+                linear.weight += ms[group] @ basis.p[name][:8]
             linear.weight.requires_grad_(True)
             weights[name] = linear.weight
     reference(input_ids=ids, labels=ids).loss.backward()
     for group, p in params.items():
-        expected = sum(basis.u[n][:, :8].T @ w.grad for n, w in weights.items() if n.rsplit(".", 1)[-1] == group)
+        # Algorithm 1 in PyTorch layout: grad(M_g) = sum over the group's layers of dL/dW_l @ P_l^T
+        expected = sum(w.grad @ basis.p[n][:8].T for n, w in weights.items() if n.rsplit(".", 1)[-1] == group)
         torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4)
         assert expected.abs().max() > 1e-4
 
@@ -106,7 +107,7 @@ def test_saved_adapter_gives_the_trained_models_logits(task, tmp_path):
     assert adapter.config.basis_checksum == basis.checksum and adapter.config.basis_kind == "principal"
     merged = merge_adapter(load_model(model_cfg).model, basis, adapter)
     served = attach_adapters(load_model(model_cfg).model, basis, num_slots=1, max_rank=8)
-    served.slot_stacks.write(0, adapter.group_cores())
+    served.slot_stacks.write(0, adapter.slot_tensors())
     served.slot_index.set([0] * ids.numel())
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)

@@ -128,7 +128,7 @@ def test_host_cache_evicts_and_reloads_from_disk(tmp_path, world_factory):
     assert "d1" not in host and "d0" in host and host.stats.evictions == 1
     again = host.get("d1")  # reloaded from disk
     assert reads == ["d0", "d1", "d2", "d1"] and (host.stats.hits, host.stats.misses) == (1, 4)
-    assert torch.equal(again.cores["q_proj"], load("d1").group_cores()["q_proj"])
+    assert torch.equal(again.tensors["q_proj"], load("d1").slot_tensors()["q_proj"])
 
 
 def test_reupload_while_running_keeps_each_request_on_its_version(world_factory):

@@ -41,7 +41,7 @@ def test_merge_writes_a_plain_model_equal_to_the_adapted_one(tmp_path):
         base_logits = loaded.model(input_ids=ids).logits
         merged_logits = merged(input_ids=ids).logits
     adapted = attach_adapters(loaded.model, basis, num_slots=1, max_rank=8)
-    adapted.slot_stacks.write(0, load_adapter_dir(adapter_dir, AdapterExpectation.from_basis(basis)).group_cores())
+    adapted.slot_stacks.write(0, load_adapter_dir(adapter_dir, AdapterExpectation.from_basis(basis)).slot_tensors())
     adapted.slot_index.set([0] * 9)
     with torch.no_grad():
         torch.testing.assert_close(merged_logits, adapted.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

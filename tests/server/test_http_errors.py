@@ -99,7 +99,7 @@ def test_upload_invalid_adapter_reports_every_problem(live, good_files):
     basis = live.state.basis
     config = {"method": "pica", "r": 4, "target_modules": ["q_proj", "nope_proj"], "basis_checksum": "f" * 64}
     tensors = random_adapter_tensors(basis, 4, ["q_proj"])
-    tensors["B.q_proj"] = torch.full_like(tensors["B.q_proj"], float("nan"))
+    tensors["M.q_proj"] = torch.full_like(tensors["M.q_proj"], float("nan"))
     err = error_of(post_files(live, "broken", {"adapter_config.json": json.dumps(config).encode(),
                                                "adapter_model.safetensors": st_save(tensors)}), 400)
     assert "target_modules ['nope_proj'] are not served" in err["message"]
@@ -108,7 +108,7 @@ def test_upload_invalid_adapter_reports_every_problem(live, good_files):
     assert "not a readable safetensors file" in err["message"]
     wrong_shape = random_adapter_tensors(basis, 5)
     err = error_of(post_files(live, "broken", {**good_files, "adapter_model.safetensors": st_save(wrong_shape)}), 400)
-    assert "has shape [5, 64], expected [4, 64]" in err["message"]
+    assert "tensor M.q_proj has shape [64, 5], expected [64, 4]" in err["message"]
     assert "broken" not in live.state.store
 
 

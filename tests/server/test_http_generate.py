@@ -41,7 +41,7 @@ def adapter_ids(live, tmp_path_factory):
         assert response.status_code == 201, response.text
         body = response.json()
         assert body["id"] == f"tenant-{i}.v1" and body["method"] == "pica" and body["r"] == r
-        assert body["num_params"] == sum(r * g.in_features for g in live.state.basis.groups.values())
+        assert body["num_params"] == sum(r * g.out_features for g in live.state.basis.groups.values())
         assert sorted(body["groups"]) == sorted(live.state.basis.groups) and len(body["checksum"]) == 64
         ids.append(body["id"])
     return ids

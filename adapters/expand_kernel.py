@@ -1,0 +1,92 @@
+"""Triton grouped expand: `y += M[slot] z` for the tokens of each adapter slot, in place in the GEMM output.
+
+Semantics: exactly `adapters.ops.expand_reference`. The adapted layers' GEMM `[W0; P] @ x` writes
+[y0 | z] per token (for up to three layers sharing the input, [y0_1 y0_2 y0_3 | z_1 z_2 z_3]); this
+kernel adds each token's M[slot] z into its y0 columns. Tokens arrive sorted by slot and cut into
+tiles of one slot each (computed on the host once per step, see SlotIndex); a program takes a tile
+and one block of output columns, loads that block of the slot's M once and multiplies it with the
+tile's z's, so in a decode step each distinct M is read once per layer. Base-model tiles (slot -1)
+and slots of rank 0 exit at once: y0 is already their answer. The grid is fixed by the number of
+tokens and ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot
+mapping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr, tile_slot_ptr,
+                   num_tiles_ptr, stride_out, stride_stack_s, stride_stack_n, stride_ranks_m,
+                   NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    if tile >= tl.load(num_tiles_ptr):
+        return
+    slot = tl.load(tile_slot_ptr + tile)
+    if slot < 0:
+        return
+    n0 = tl.program_id(1) * BLOCK_N
+    member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
+    rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)
+    if rank == 0:
+        return
+    offs_t = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < tl.load(tile_end_ptr + tile)
+    rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NUM_OUT
+    z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
+    m_ptrs = stack_ptr + slot.to(tl.int64) * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < rank
+        z = tl.load(z_ptrs + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(z, tl.trans(m), input_precision=PRECISION)
+    y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
+    mask = mask_t[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact float32 products for float32 inputs (Triton would use tf32); the native mode otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_n(bounds: list[int]) -> int:
+    """Output columns per program: up to 64, dividing every member boundary (so no block straddles two)."""
+    inner = bounds[1:-1]
+    size = 64
+    while size > 16 and inner and math.gcd(*inner) % size:
+        size //= 2
+    return size
+
+
+def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, bounds: list[int], groups,
+                   block_k: int | None = None) -> torch.Tensor:
+    """y0z [T, num_out + M*R] (row-major), stack [S, num_out, R] (rows contiguous), ranks [M, S] int32,
+    bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out], updated."""
+    num_tokens = y0z.shape[0]
+    num_members, num_out, rank = len(bounds) - 1, bounds[-1], stack.shape[2]
+    assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
+    assert stack.shape[1] == num_out and stack.stride(2) == 1 and ranks.shape[0] == num_members
+    bound1 = bounds[1] if num_members > 1 else num_out
+    bound2 = bounds[2] if num_members > 2 else num_out
+    bn = block_n(bounds)
+    bk = block_k or max(16, min(64, triton.next_power_of_2(rank)))
+    grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, bn))
+    _expand_kernel[grid](
+        y0z, stack, ranks, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
+        y0z.stride(0), stack.stride(0), stack.stride(1), ranks.stride(0), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
+        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=bn, BLOCK_K=bk, PRECISION=dot_precision(y0z.dtype),
+        num_warps=4, num_stages=3,
+    )
+    return y0z[:, :num_out]

@@ -1,0 +1,65 @@
+"""Grouped expand kernel vs the plain-torch reference on random slot maps (run by test_expand_kernel.py).
+
+Runs on CUDA when there is a GPU, else in Triton's interpreter (TRITON_INTERPRET=1 set by the caller).
+"""
+
+import sys
+
+import torch
+
+from adapters.expand_kernel import expand_grouped
+from adapters.layer import SlotIndex, SlotStacks
+from adapters.ops import expand_reference
+
+
+def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, block_k=None):
+    """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = tuple(f"g{m}" for m in range(len(outs)))
+    stacks = SlotStacks({g: (o, rank_max) for g, o in zip(groups, outs)}, num_slots, dtype, device)
+    stack, member_ranks = stacks.fuse(groups) if len(groups) > 1 else (stacks.stacks["g0"], stacks.ranks["g0"][None])
+    for slot, r in enumerate(ranks):
+        stacks.write(slot, {g: torch.randn(o, r, generator=gen).to(dtype) for m, (g, o) in enumerate(zip(groups, outs))
+                            if r and not (m and slot == 0)})
+    slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
+    slots[0] = -1
+    if num_tokens > 3:
+        slots[1] = slots[3] = num_slots - 1  # a repeated slot, not next to each other
+    bounds = [sum(outs[:m]) for m in range(len(outs) + 1)]
+    index = SlotIndex(max(num_tokens, 8), device)
+    index.set(slots)
+    y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
+    ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), bounds, torch.tensor(slots))
+    got = expand_grouped(y0z.clone(), stack, member_ranks, bounds, index, block_k=block_k).cpu().float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, block_k)
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")
+    base_rows = [t for t, s in enumerate(slots) if s == -1]
+    assert torch.equal(got[base_rows], y0z[base_rows, : bounds[-1]].cpu().float()), case  # y0 left exactly
+
+
+def main():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
+    cases = [
+        (1, (32,), 2, 16, [16, 5]),
+        (7, (48, 16, 16), 3, 16, [16, 0, 9]),  # q/k/v-like members, a slot of rank 0
+        (37, (96, 96), 4, 32, [32, 17, 1, 32]),  # gate/up-like, odd token count, prefill-sized tiles below
+        (300, (64,), 5, 16, [3, 16, 16, 8, 12]),  # > 256 tokens: 64-token tiles
+        (9, (24,), 2, 20, [20, 7]),  # width not a multiple of 16: masked column blocks
+    ]
+    if device == "cuda":
+        cases += [(64, (4096, 1024, 1024), 16, 64, [64, 32, 16, 48] * 4), (64, (14336,), 64, 256, [256, 32] * 32),
+                  (2048, (4096, 1024, 1024), 8, 32, [32] * 8), (513, (1536,), 9, 256, [256, 8, 64, 255, 1, 0, 16, 128, 32])]
+    seed = 0
+    for dtype in dtypes:
+        for num_tokens, outs, num_slots, rank_max, ranks in cases:
+            check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed)
+            seed += 1
+        check(7, (48, 16, 16), 3, 32, [32, 20, 9], dtype, device, seed, block_k=16)  # several K steps
+    print(f"expand kernel ok on {device}: {len(cases) * len(dtypes) + len(dtypes)} cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
