@@ -14,6 +14,7 @@ mapping.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -61,32 +62,41 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def block_n(bounds: list[int]) -> int:
-    """Output columns per program: up to 64, dividing every member boundary (so no block straddles two)."""
+@dataclass(frozen=True)
+class ExpandConfig:
+    block_n: int = 64
+    """Output columns per program (a divisor of every member boundary, so no block straddles two)."""
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(rank: int, bounds: list[int]) -> ExpandConfig:
+    """Defaults; bench/kernels_bench.py --sweep times the alternatives."""
     inner = bounds[1:-1]
-    size = 64
-    while size > 16 and inner and math.gcd(*inner) % size:
-        size //= 2
-    return size
+    block_n = 64
+    while block_n > 16 and inner and math.gcd(*inner) % block_n:
+        block_n //= 2
+    return ExpandConfig(block_n=block_n, block_k=max(16, min(64, triton.next_power_of_2(rank))))
 
 
 def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, bounds: list[int], groups,
-                   block_k: int | None = None) -> torch.Tensor:
+                   config: ExpandConfig | None = None) -> torch.Tensor:
     """y0z [T, num_out + M*R] (row-major), stack [S, num_out, R] (rows contiguous), ranks [M, S] int32,
     bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out], updated."""
     num_tokens = y0z.shape[0]
     num_members, num_out, rank = len(bounds) - 1, bounds[-1], stack.shape[2]
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
     assert stack.shape[1] == num_out and stack.stride(2) == 1 and ranks.shape[0] == num_members
+    cfg = config or default_config(rank, bounds)
+    assert all(b % cfg.block_n == 0 for b in bounds[1:-1])
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
-    bn = block_n(bounds)
-    bk = block_k or max(16, min(64, triton.next_power_of_2(rank)))
-    grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, bn))
+    grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, cfg.block_n))
     _expand_kernel[grid](
         y0z, stack, ranks, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
         y0z.stride(0), stack.stride(0), stack.stride(1), ranks.stride(0), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
-        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=bn, BLOCK_K=bk, PRECISION=dot_precision(y0z.dtype),
-        num_warps=4, num_stages=3,
+        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y0z[:, :num_out]

@@ -6,8 +6,8 @@ Builds a random-weight model of the named shape (saved once with save_pretrained
 through the server's loader, to time the model load), then measures: HF `generate` on the base
 model; our engine with no adapter; our engine with 8 and 64 distinct PiCa adapters (r=32, r=256)
 mixed in batches of 1, 16, 64, and with one adapter for the whole batch; PEFT with 8 mixed LoRA
-adapters (r=16, `adapter_names`); the adapter-aware floor (base weights + KV + U_r + each distinct
-B once per layer, over the measured copy bandwidth); TTFT; adapter activation host->GPU and
+adapters (r=16, `adapter_names`); the adapter-aware floor (base weights + KV + P_r of every layer +
+each distinct adapter's M once per layer, over the measured copy bandwidth); TTFT; adapter activation host->GPU and
 disk->GPU; basis compute vs cache load; peak GPU memory; kernel profiles of the batch-64 steps.
 """
 
@@ -33,7 +33,6 @@ from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
 from server.demo_model import build_byte_tokenizer  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
-from server.engine.gated_mlp import restore_gated_mlps  # noqa: E402
 from server.engine.rms_norm import restore_rms_norms  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
@@ -98,7 +97,7 @@ def measured_bandwidth() -> float:
 
 def random_adapter(basis, rank: int, seed: int) -> Adapter:
     gen = torch.Generator().manual_seed(seed)
-    tensors = {f"B.{g}": (torch.randn(rank, info.in_features, generator=gen) * 0.01).to(torch.bfloat16)
+    tensors = {f"M.{g}": (torch.randn(info.out_features, rank, generator=gen) * 0.01).to(torch.bfloat16)
                for g, info in basis.groups.items()}
     config = AdapterConfig("pica", rank, tuple(basis.groups), "bench", basis.checksum)
     return Adapter(config, tensors, f"bench-{rank}-{seed}")
@@ -110,9 +109,9 @@ def floor_tokens_per_s(model, basis, batch, context, rank, num_distinct, bandwid
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     weights += batch * cfg.hidden_size * 2  # the embedding rows read
     kv = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
-    u = sum(u.shape[0] * rank * 2 for u in basis.u.values()) if num_distinct else 0
-    b = num_distinct * sum(rank * info.in_features * 2 * len(info.layers) for info in basis.groups.values())
-    return batch / ((weights + kv + u + b) / bandwidth)
+    p = sum(rank * p.shape[1] * 2 for p in basis.p.values()) if num_distinct else 0  # [W0; P] rows per layer
+    m = num_distinct * sum(info.out_features * rank * 2 * len(info.layers) for info in basis.groups.values())
+    return batch / ((weights + kv + p + m) / bandwidth)
 
 
 def run_batch(engine, handles, batch, prompt_len, new_tokens, seed) -> dict:
@@ -270,13 +269,13 @@ def main():
         handles = [host.handle_for(f"a{i}", random_adapter(basis, rank, seed=1000 * rank + i)) for i in range(max(counts))]
         run_batch(engine, handles[:2], 4, args.prompt_len, 4, seed=-1)  # warm-up, untimed: compiles, allocates
         # activation latency: host (pinned) -> GPU slot, and disk -> host -> GPU slot
-        swaps = [engine.runner.load_adapter(0, handles[0].cores) for _ in range(20)]
+        swaps = [engine.runner.load_adapter(0, handles[0].tensors) for _ in range(20)]
         adapter_dir = workdir / f"adapter-r{rank}"
         save_adapter_dir(adapter_dir, random_adapter(basis, rank, 7).config, random_adapter(basis, rank, 7).tensors)
         disk_start = time.perf_counter()
         from_disk = host.handle_for("disk", load_adapter_dir(adapter_dir, AdapterExpectation.from_basis(basis)))
-        engine.runner.load_adapter(1, from_disk.cores)
-        adapter_bytes = sum(c.numel() * c.element_size() for c in handles[0].cores.values())
+        engine.runner.load_adapter(1, from_disk.tensors)
+        adapter_bytes = sum(c.numel() * c.element_size() for c in handles[0].tensors.values())
         report[f"swap_r{rank}"] = {"adapter_MB": adapter_bytes / 1e6, "host_to_gpu_ms": sorted(swaps)[10] * 1e3,
                                    "disk_to_gpu_ms": (time.perf_counter() - disk_start) * 1e3}
         if rank == ranks[0]:
@@ -301,7 +300,6 @@ def main():
                 dict(rank=rank, **profile_steps(engine, handles[:count], max(batches), args.prompt_len)))
         engine.runner.adapted.detach()
         restore_rms_norms(model)
-        restore_gated_mlps(model)
         model.set_attn_implementation("sdpa")
         del engine, host, handles
         gc.collect()

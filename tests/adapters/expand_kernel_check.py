@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from adapters.expand_kernel import expand_grouped
+from adapters.expand_kernel import ExpandConfig, default_config, expand_grouped
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
 
@@ -30,7 +30,8 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, blo
     index.set(slots)
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
     ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), bounds, torch.tensor(slots))
-    got = expand_grouped(y0z.clone(), stack, member_ranks, bounds, index, block_k=block_k).cpu().float()
+    config = ExpandConfig(default_config(rank_max, bounds).block_n, block_k) if block_k else None
+    got = expand_grouped(y0z.clone(), stack, member_ranks, bounds, index, config).cpu().float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, block_k)
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")

@@ -1,4 +1,4 @@
-"""The CUDA fast path (grouped shrink kernel, paged decode kernel, CUDA graphs) against the oracle."""
+"""The CUDA fast path (grouped expand kernel, paged decode kernel, CUDA graphs) against the oracle."""
 
 import random
 
@@ -63,6 +63,6 @@ def test_basis_cache_checksums_agree_on_cpu_and_gpu(world_factory):
     on_gpu = cache.load_or_compute(world.loaded.model, world.cfg.target_modules, 8, progress=False, device="cuda")
     on_cpu = cache.load_or_compute(world.loaded.model, world.cfg.target_modules, 8, progress=False, device="cpu")
     assert on_gpu.source == on_cpu.source == "loaded"
-    for name, u in on_gpu.u.items():
-        assert u.is_cuda and tensor_checksum(u) == tensor_checksum(on_cpu.u[name])
-        assert torch.equal(u.cpu(), on_cpu.u[name])
+    for name, p in on_gpu.p.items():
+        assert p.is_cuda and tensor_checksum(p) == tensor_checksum(on_cpu.p[name])
+        assert torch.equal(p.cpu(), on_cpu.p[name])
