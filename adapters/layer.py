@@ -164,11 +164,11 @@ class SharedGemm:
         self.bias = torch.zeros(self.weight.shape[0], dtype=first.dtype, device=first.device) if has_bias else None
         for m, (lin, p) in enumerate(zip(linears, bases)):
             lo, hi = self.bounds[m], self.bounds[m + 1]
-            self.weight[lo:hi].copy_(lin.weight)
-            self.weight[self.num_out + m * rank : self.num_out + (m + 1) * rank].copy_(p)
+            self.weight[lo:hi].copy_(lin.weight.detach())
+            self.weight[self.num_out + m * rank : self.num_out + (m + 1) * rank].copy_(p.detach())
             lin.weight = nn.Parameter(self.weight[lo:hi], requires_grad=lin.weight.requires_grad)
             if lin.bias is not None:
-                self.bias[lo:hi].copy_(lin.bias)
+                self.bias[lo:hi].copy_(lin.bias.detach())
                 lin.bias = nn.Parameter(self.bias[lo:hi], requires_grad=lin.bias.requires_grad)
         self.stack, self.ranks, self.slot_index = stack, ranks, slot_index
         self._x: torch.Tensor | None = None
