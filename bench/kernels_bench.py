@@ -76,6 +76,7 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
                                    [shared.output_for(m, x) for m in range(len(outs))])
     row["adapter_overhead_us"] = row["adapter_path_us"] - row["base_separate_us"]
     row["expand_GBps_on_M"] = m_bytes / (row["expand_us"] * 1e-6) / 1e9
+    print("block", json.dumps(row), flush=True)
     return row
 
 
