@@ -80,7 +80,7 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     return row
 
 
-SWEEP = [ExpandConfig(bn, bk, w, 3) for bn, bk, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]
+SWEEP = [ExpandConfig(bn, c, w, st) for bn, c, w, st in itertools.product((32, 64, 128), (1, 4, 8), (4, 8), (3,))]
 
 
 def tune_expand(tokens, in_features, outs, rank, num_adapters):
@@ -88,7 +88,7 @@ def tune_expand(tokens, in_features, outs, rank, num_adapters):
     y0z = F.linear(x, shared.weight)
     times = {}
     for cfg in SWEEP:
-        if any(b % cfg.block_n for b in shared.bounds[1:-1]) or cfg.block_k > max(16, rank):
+        if any(b % cfg.block_n for b in shared.bounds[1:-1]):
             continue
         times[cfg] = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.bounds, index, cfg), rep=50)
     default = default_config(rank, shared.bounds)
