@@ -4,8 +4,8 @@ Semantics: exactly `adapters.ops.expand_reference`. The adapted layers' GEMM `[W
 [y0 | z] per token (for up to three layers sharing the input, [y0_1 y0_2 y0_3 | z_1 z_2 z_3]); this
 kernel adds each token's M[slot] z into its y0 columns. Tokens arrive sorted by slot and cut into
 tiles of one slot each (computed on the host once per step, see SlotIndex); a program takes a tile
-and a few blocks of output columns, loads those rows of the slot's M once (the whole rank at a time)
-and multiplies them with the tile's z's, so in a decode step each distinct M is read once per layer. Base-model tiles (slot -1)
+and one block of output columns, loads that block of the slot's M once and multiplies it with the
+tile's z's, so in a decode step each distinct M is read once per layer. Base-model tiles (slot -1)
 and slots of rank 0 exit at once: y0 is already their answer. The grid is fixed by the number of
 tokens and ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot
 mapping.
@@ -25,37 +25,47 @@ import triton.language as tl
 def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr, tile_slot_ptr,
                    num_tiles_ptr, last_tile, stride_out, stride_stack_s, stride_stack_n, stride_ranks_m,
                    NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COL_BLOCKS: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHORT_CHAIN: tl.constexpr,
                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
-    # the tile's count, slot and bounds are loaded together: at decode sizes a program's time is mostly
-    # this chain of dependent loads, so it is kept short
-    index = tl.minimum(tile, last_tile)
-    num_tiles = tl.load(num_tiles_ptr)
-    slot = tl.load(tile_slot_ptr + index)
-    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < tl.load(tile_end_ptr + index)
-    if (tile >= num_tiles) | (slot < 0):
-        return
+    n0 = tl.program_id(1) * BLOCK_N
+    member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
+    if SHORT_CHAIN:  # the tile's count, slot and bounds in one round of loads, then its rank and rows in one
+        index = tl.minimum(tile, last_tile)
+        num_tiles = tl.load(num_tiles_ptr)
+        slot = tl.load(tile_slot_ptr + index)
+        offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < tl.load(tile_end_ptr + index)
+        if (tile >= num_tiles) | (slot < 0):
+            return
+        rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)  # rank 0: masks load nothing, y += 0
+    else:  # each load waits on the one before (measured as the default on the H200)
+        if tile >= tl.load(num_tiles_ptr):
+            return
+        slot = tl.load(tile_slot_ptr + tile)
+        if slot < 0:
+            return
+        rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)
+        if rank == 0:
+            return
+        offs_t = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < tl.load(tile_end_ptr + tile)
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)  # the whole rank at once: BLOCK_K >= RANK
-    m_slot = stack_ptr + slot.to(tl.int64) * stride_stack_s
-    first_col = tl.program_id(1) * (BLOCK_N * COL_BLOCKS)
-    for c in range(COL_BLOCKS):  # the loop the compiler pipelines: the next block's M loads in flight
-        n0 = first_col + c * BLOCK_N
-        member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
-        mask_k = offs_k < tl.load(ranks_ptr + member * stride_ranks_m + slot)  # past the rank: nothing is loaded
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NUM_OUT
-        z = tl.load(out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK) + offs_k[None, :],
-                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        m = tl.load(m_slot + offs_n[:, None].to(tl.int64) * stride_stack_n + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(z, tl.trans(m), input_precision=PRECISION)
-        y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
-        mask = mask_t[:, None] & mask_n[None, :]
-        y = tl.load(y_ptrs, mask=mask)
-        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NUM_OUT
+    z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
+    m_ptrs = stack_ptr + slot.to(tl.int64) * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < rank
+        z = tl.load(z_ptrs + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.dot(z, tl.trans(m), input_precision=PRECISION)
+    y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
+    mask = mask_t[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -66,25 +76,22 @@ def dot_precision(dtype: torch.dtype) -> str:
 @dataclass(frozen=True)
 class ExpandConfig:
     block_n: int = 64
-    """Output columns per block (a divisor of every member boundary, so no block straddles two)."""
-    col_blocks: int = 4
-    """Blocks of columns one program takes in turn: the chain of index loads is paid once for all of them,
-    and the next block's M is loaded while the current one is multiplied."""
+    """Output columns per program (a divisor of every member boundary, so no block straddles two)."""
+    block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
-
-
-def block_k_for(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    short_chain: bool = False
+    """Load the tile's index data in two rounds instead of six dependent loads (an experiment the
+    kernels bench times; at decode sizes a program's time is mostly that chain)."""
 
 
 def default_config(rank: int, bounds: list[int]) -> ExpandConfig:
-    """About 8K elements of M per block (16 KB in bf16); bench/kernels_bench.py --sweep times the alternatives."""
+    """Defaults; bench/kernels_bench.py --sweep times the alternatives."""
     inner = bounds[1:-1]
-    block_n = min(128, max(16, 8192 // block_k_for(rank)))
+    block_n = 64
     while block_n > 16 and inner and math.gcd(*inner) % block_n:
         block_n //= 2
-    return ExpandConfig(block_n=block_n)
+    return ExpandConfig(block_n=block_n, block_k=max(16, min(64, triton.next_power_of_2(rank))))
 
 
 def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, bounds: list[int], groups,
@@ -99,12 +106,11 @@ def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, 
     assert all(b % cfg.block_n == 0 for b in bounds[1:-1])
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
-    grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, cfg.block_n * cfg.col_blocks))
+    grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, cfg.block_n))
     _expand_kernel[grid](
         y0z, stack, ranks, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
-        groups.max_tokens - 1, y0z.stride(0), stack.stride(0), stack.stride(1), ranks.stride(0), NUM_OUT=num_out,
-        RANK=rank, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
-        BLOCK_K=block_k_for(rank), COL_BLOCKS=cfg.col_blocks, PRECISION=dot_precision(y0z.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        groups.max_tokens - 1, y0z.stride(0), stack.stride(0), stack.stride(1), ranks.stride(0), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
+        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SHORT_CHAIN=cfg.short_chain,
+        PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y0z[:, :num_out]

@@ -80,7 +80,8 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     return row
 
 
-SWEEP = [ExpandConfig(bn, c, w, st) for bn, c, w, st in itertools.product((32, 64, 128), (1, 4, 8), (4, 8), (3,))]
+SWEEP = [ExpandConfig(bn, bk, w, st, sc) for bn, bk, w, st, sc in
+         itertools.product((64, 128), (32, 64), (4, 8), (3, 5), (False, True))]
 
 
 def tune_expand(tokens, in_features, outs, rank, num_adapters):
@@ -88,14 +89,16 @@ def tune_expand(tokens, in_features, outs, rank, num_adapters):
     y0z = F.linear(x, shared.weight)
     times = {}
     for cfg in SWEEP:
-        if any(b % cfg.block_n for b in shared.bounds[1:-1]):
+        if any(b % cfg.block_n for b in shared.bounds[1:-1]) or cfg.block_k > max(32, rank):
             continue
         times[cfg] = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.bounds, index, cfg), rep=50)
     default = default_config(rank, shared.bounds)
     best = sorted(times.items(), key=lambda kv: kv[1])[:5]
     return {"tokens": tokens, "outs": list(outs), "rank": rank, "num_adapters": num_adapters,
             "default": {**default.__dict__, "us": times.get(default)},
-            "best": [{**cfg.__dict__, "us": us} for cfg, us in best]}
+            "best": [{**cfg.__dict__, "us": us} for cfg, us in best],
+            "short_chain_best_us": min(us for cfg, us in times.items() if cfg.short_chain),
+            "long_chain_best_us": min(us for cfg, us in times.items() if not cfg.short_chain)}
 
 
 def basis_routes():
@@ -129,18 +132,21 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--skip-basis", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also time expand kernel configs")
+    parser.add_argument("--sweep-only", action="store_true", help="time the configs alone (decode shapes)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "ceilings": device_ceilings()}
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
-    for rank, adapters in ((32, 8), (256, 64)):
+    for rank, adapters in (() if args.sweep_only else ((32, 8), (256, 64))):
         for in_features, outs in ((4096, qkv), (4096, (4096,)), (4096, gate_up), (14336, (4096,))):
             report["blocks"].append(adapted_block(64, in_features, outs, rank, adapters, 64))
-    report["blocks"].append(adapted_block(2048, 4096, qkv, 256, 16, 16))  # a prefill chunk
-    if args.sweep:
-        report["sweep"] = [tune_expand(*case) for case in (
-            (64, 4096, qkv, 32, 8), (64, 4096, gate_up, 256, 64), (2048, 4096, qkv, 256, 16))]
+    if not args.sweep_only:
+        report["blocks"].append(adapted_block(2048, 4096, qkv, 256, 16, 16))  # a prefill chunk
+    if args.sweep or args.sweep_only:
+        cases = ((64, 4096, qkv, 32, 8), (64, 4096, gate_up, 256, 64))
+        cases += () if args.sweep_only else ((2048, 4096, qkv, 256, 16),)
+        report["sweep"] = [tune_expand(*case) for case in cases]
         for row in report["sweep"]:
             print("sweep", {k: row[k] for k in ("tokens", "outs", "rank", "num_adapters")},
                   "default", row["default"], "best", row["best"][0])
