@@ -6,7 +6,7 @@ kernel adds each token's M[slot] z into its y0 columns. Tokens arrive sorted by 
 tiles of one slot each (computed on the host once per step, see SlotIndex); a program takes a tile
 and one block of output columns, loads that block of the slot's M once and multiplies it with the
 tile's z's, so in a decode step each distinct M is read once per layer. Base-model tiles (slot -1)
-and slots of rank 0 exit at once: y0 is already their answer. The grid is fixed by the number of
+exit at once and slots of rank 0 load nothing: y0 is already their answer. The grid is fixed by the number of
 tokens and ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot
 mapping.
 """
@@ -25,31 +25,21 @@ import triton.language as tl
 def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr, tile_slot_ptr,
                    num_tiles_ptr, last_tile, stride_out, stride_stack_s, stride_stack_n, stride_ranks_m,
                    NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SHORT_CHAIN: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
-    if SHORT_CHAIN:  # the tile's count, slot and bounds in one round of loads, then its rank and rows in one
-        index = tl.minimum(tile, last_tile)
-        num_tiles = tl.load(num_tiles_ptr)
-        slot = tl.load(tile_slot_ptr + index)
-        offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < tl.load(tile_end_ptr + index)
-        if (tile >= num_tiles) | (slot < 0):
-            return
-        rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)  # rank 0: masks load nothing, y += 0
-    else:  # each load waits on the one before (measured as the default on the H200)
-        if tile >= tl.load(num_tiles_ptr):
-            return
-        slot = tl.load(tile_slot_ptr + tile)
-        if slot < 0:
-            return
-        rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)
-        if rank == 0:
-            return
-        offs_t = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < tl.load(tile_end_ptr + tile)
+    # the tile's count, slot and bounds in one round of loads, then its rank and rows in one: at decode
+    # sizes a program's time is mostly this chain (6 dependent loads before: 4.7 vs 4.4 us, kernels-sweep-h200.json)
+    index = tl.minimum(tile, last_tile)
+    num_tiles = tl.load(num_tiles_ptr)
+    slot = tl.load(tile_slot_ptr + index)
+    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < tl.load(tile_end_ptr + index)
+    if (tile >= num_tiles) | (slot < 0):
+        return
+    rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)  # rank 0: the masks load nothing, y += 0
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NUM_OUT
@@ -75,20 +65,18 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class ExpandConfig:
-    block_n: int = 64
+    block_n: int = 128
     """Output columns per program (a divisor of every member boundary, so no block straddles two)."""
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    short_chain: bool = False
-    """Load the tile's index data in two rounds instead of six dependent loads (an experiment the
-    kernels bench times; at decode sizes a program's time is mostly that chain)."""
 
 
 def default_config(rank: int, bounds: list[int]) -> ExpandConfig:
-    """Defaults; bench/kernels_bench.py --sweep times the alternatives."""
+    """128 columns where the bounds allow: the best block in kernels-sweep-h200.json at decode for 8 adapters
+    r=32 (q/k/v) and 64 adapters r=256 (gate/up); bench/kernels_bench.py --sweep times the alternatives."""
     inner = bounds[1:-1]
-    block_n = 64
+    block_n = 128
     while block_n > 16 and inner and math.gcd(*inner) % block_n:
         block_n //= 2
     return ExpandConfig(block_n=block_n, block_k=max(16, min(64, triton.next_power_of_2(rank))))
@@ -110,7 +98,7 @@ def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, 
     _expand_kernel[grid](
         y0z, stack, ranks, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
         groups.max_tokens - 1, y0z.stride(0), stack.stride(0), stack.stride(1), ranks.stride(0), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
-        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SHORT_CHAIN=cfg.short_chain,
+        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y0z[:, :num_out]

@@ -80,8 +80,7 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     return row
 
 
-SWEEP = [ExpandConfig(bn, bk, w, st, sc) for bn, bk, w, st, sc in
-         itertools.product((64, 128), (32, 64), (4, 8), (3, 5), (False, True))]
+SWEEP = [ExpandConfig(bn, bk, w, st) for bn, bk, w, st in itertools.product((64, 128), (32, 64), (4, 8), (3, 5))]
 
 
 def tune_expand(tokens, in_features, outs, rank, num_adapters):
@@ -96,9 +95,7 @@ def tune_expand(tokens, in_features, outs, rank, num_adapters):
     best = sorted(times.items(), key=lambda kv: kv[1])[:5]
     return {"tokens": tokens, "outs": list(outs), "rank": rank, "num_adapters": num_adapters,
             "default": {**default.__dict__, "us": times.get(default)},
-            "best": [{**cfg.__dict__, "us": us} for cfg, us in best],
-            "short_chain_best_us": min(us for cfg, us in times.items() if cfg.short_chain),
-            "long_chain_best_us": min(us for cfg, us in times.items() if not cfg.short_chain)}
+            "best": [{**cfg.__dict__, "us": us} for cfg, us in best]}
 
 
 def basis_routes():

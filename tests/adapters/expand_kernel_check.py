@@ -7,12 +7,12 @@ import sys
 
 import torch
 
-from adapters.expand_kernel import ExpandConfig, default_config, expand_grouped
+from adapters.expand_kernel import ExpandConfig, expand_grouped
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
 
 
-def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, block_k=None, short_chain=False):
+def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config=None):
     """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0)."""
     gen = torch.Generator().manual_seed(seed)
     groups = tuple(f"g{m}" for m in range(len(outs)))
@@ -30,8 +30,6 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, blo
     index.set(slots)
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
     ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), bounds, torch.tensor(slots))
-    default = default_config(rank_max, bounds)
-    config = ExpandConfig(default.block_n, block_k or default.block_k, short_chain=short_chain)
     got = expand_grouped(y0z.clone(), stack, member_ranks, bounds, index, config).cpu().float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, block_k)
@@ -58,10 +56,9 @@ def main():
         for num_tokens, outs, num_slots, rank_max, ranks in cases:
             check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed)
             seed += 1
-        check(7, (48, 16, 16), 3, 32, [32, 20, 9], dtype, device, seed, block_k=16)  # several K steps
-        for num_tokens, outs, num_slots, rank_max, ranks in cases:  # the two-round index loads
-            check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, short_chain=True)
-    print(f"expand kernel ok on {device}: {(2 * len(cases) + 1) * len(dtypes)} cases")
+        check(7, (48, 16, 16), 3, 32, [32, 20, 9], dtype, device, seed, ExpandConfig(16, 16))  # several K steps
+        check(40, (96, 32), 3, 64, [64, 3, 9], dtype, device, seed, ExpandConfig(32, 32, num_stages=2))
+    print(f"expand kernel ok on {device}: {(len(cases) + 2) * len(dtypes)} cases")
     return 0
 
 
