@@ -32,7 +32,7 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), bounds, torch.tensor(slots))
     got = expand_grouped(y0z.clone(), stack, member_ranks, bounds, index, config).cpu().float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, block_k)
+    case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, config)
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")
     base_rows = [t for t, s in enumerate(slots) if s == -1]
     assert torch.equal(got[base_rows], y0z[base_rows, : bounds[-1]].cpu().float()), case  # y0 left exactly
