@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -18,7 +19,9 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-def build_app(config: AppConfig) -> FastAPI:
+def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = None) -> FastAPI:
+    """`on_load_failed` runs (on the event loop) when the model or basis cannot be loaded; the CLI stops
+    the server with it, so a broken start-up exits instead of answering 503 forever."""
     metrics = Metrics(config.server.max_adapter_labels)
 
     @asynccontextmanager
@@ -30,6 +33,8 @@ def build_app(config: AppConfig) -> FastAPI:
             if future.exception() is not None:
                 app.state.load_error = str(future.exception())
                 log.error("start-up failed: %s", future.exception(), exc_info=future.exception())
+                if on_load_failed is not None:
+                    on_load_failed()
             else:
                 app.state.server_state = future.result()
 

@@ -13,9 +13,10 @@ from server.http.state import ServerState
 def get_state(request: Request) -> ServerState:
     """The loaded services; 503 while the model and basis are still loading (or failed to)."""
     state = request.app.state.server_state
-    if state is None:
-        error = request.app.state.load_error
-        raise APIError(503, f"model failed to load: {error}" if error else "the model is still loading; retry shortly")
+    if state is None:  # the cause (which may name paths) is in the server log only
+        if request.app.state.load_error is not None:
+            raise APIError(503, "model failed to load; the server log says why")
+        raise APIError(503, "the model is still loading; retry shortly")
     return state
 
 
