@@ -111,6 +111,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default <cache-dir>/adapters)")
     h.add_argument("--served-model-name", default=None, help="base model name in the API")
     h.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload")
+    h.add_argument("--max-body-mb", type=int, default=16, help="largest body of any other request")
     h.add_argument("--allow-insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address without an admin key (anyone may upload and delete adapters)")
 
@@ -120,6 +121,7 @@ def app_config(args) -> AppConfig:
     engine = EngineConfig(**{f: getattr(args, f) for f in engine_fields}, cuda_graphs=not args.enforce_eager)
     server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
                      served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20,
+                     max_body_bytes=args.max_body_mb * 2**20,
                      allow_insecure_no_auth=args.allow_insecure_no_auth)
     if args.api_key:
         server_kw["api_key"] = args.api_key

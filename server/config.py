@@ -137,6 +137,8 @@ class ServerConfig:
     """Name of the base model in the OpenAI API; None = the model path or the demo model's name."""
     max_upload_bytes: int = 512 * 2**20
     max_unpacked_bytes: int = 1024 * 2**20
+    max_body_bytes: int = 16 * 2**20
+    """Largest body of any other request (JSON); larger ones get 413 before they are read."""
     max_adapter_labels: int = 100
     """Adapters that get their own metrics label; the rest are counted as 'other'."""
     allow_insecure_no_auth: bool = False
@@ -146,8 +148,8 @@ class ServerConfig:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        if self.max_upload_bytes < 1 or self.max_unpacked_bytes < 1:
-            raise ValueError("upload limits must be positive")
+        if self.max_upload_bytes < 1 or self.max_unpacked_bytes < 1 or self.max_body_bytes < 1:
+            raise ValueError("upload and body limits must be positive")
         if not is_loopback(self.host) and self.admin_key is None and not self.allow_insecure_no_auth:
             raise ValueError(
                 f"refusing to listen on {self.host} without an admin key: anyone who reaches the port could "

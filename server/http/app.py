@@ -9,9 +9,11 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from server.config import AppConfig
 from server.http.errors import install_error_handlers
+from server.http.guard import RequestGuard
 from server.http.routes import adapters, generate, openai_api, ops
 from server.http.state import build_state
 from server.metrics import Metrics
@@ -45,7 +47,7 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
         if app.state.server_state is not None:
             app.state.server_state.async_engine.shutdown()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served from the package, not a CDN
         title="pica-serve",
         version="0.1.0",
         description="Serves thousands of PiCa adapters on one base model. OpenAI-compatible; `model` names the adapter.",
@@ -56,6 +58,7 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
     app.state.server_state = None
     app.state.load_error = None
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, config=config.server)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

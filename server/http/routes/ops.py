@@ -28,6 +28,9 @@ async def ready(request: Request):
     return {"status": "ready", "model": state.model_name, "basis_checksum": state.basis.checksum}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
+    """Every `pica_` metric, for Prometheus."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
