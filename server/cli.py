@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from server.config import (
@@ -23,11 +24,12 @@ from server.config import (
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base model and basis")
     g.add_argument("--model", default=None, help="local folder or hub id (default: the built-in demo model)")
-    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype; auto: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated suffixes")
     g.add_argument("--rank-max", type=int, default=256, help="basis columns cached per layer")
-    g.add_argument("--svd-method", default="gram", choices=SVD_METHODS)
+    g.add_argument("--svd-method", default="gram", choices=SVD_METHODS,
+                   help="gram: eigendecomposition of the smaller Gram matrix (faster); svd: full SVD")
     g.add_argument("--cache-dir", type=Path, default=None, help="demo model + basis cache (default $PICA_CACHE_DIR)")
 
 
@@ -97,24 +99,30 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_queue", "waiting requests before 429"),
     ):
         e.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)
-    e.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    e.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                   help="share of GPU memory for weights, activations and KV cache")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (debugging, comparisons)")
-    e.add_argument("--cpu-kv-cache-gib", type=float, default=defaults.cpu_kv_cache_gib)
+    e.add_argument("--cpu-kv-cache-gib", type=float, default=defaults.cpu_kv_cache_gib, help="KV cache size on CPU")
     h = p.add_argument_group("http")
-    h.add_argument("--host", default="127.0.0.1")
-    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs --admin-key")
+    h.add_argument("--port", type=int, default=8000, help="TCP port")
     h.add_argument("--api-key", default=None, help="bearer key for /v1 routes (default $PICA_API_KEY)")
     h.add_argument("--admin-key", default=None, help="bearer key for adapter writes (default $PICA_ADMIN_KEY)")
     h.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default <cache-dir>/adapters)")
     h.add_argument("--served-model-name", default=None, help="base model name in the API")
-    h.add_argument("--max-upload-mb", type=int, default=512)
+    h.add_argument("--max-upload-mb", type=int, default=512, help="largest adapter upload")
+    h.add_argument("--max-body-mb", type=int, default=16, help="largest body of any other request")
+    h.add_argument("--allow-insecure-no-auth", action="store_true",
+                   help="listen on a non-loopback address without an admin key (anyone may upload and delete adapters)")
 
 
 def app_config(args) -> AppConfig:
     engine_fields = [f for f in EngineConfig.__dataclass_fields__ if f != "cuda_graphs"]
     engine = EngineConfig(**{f: getattr(args, f) for f in engine_fields}, cuda_graphs=not args.enforce_eager)
     server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
-                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20)
+                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20,
+                     max_body_bytes=args.max_body_mb * 2**20,
+                     allow_insecure_no_auth=args.allow_insecure_no_auth)
     if args.api_key:
         server_kw["api_key"] = args.api_key
     if args.admin_key:
@@ -123,12 +131,30 @@ def app_config(args) -> AppConfig:
 
 
 def cmd_serve(args) -> int:
+    """Serve until stopped; exit 2 for a configuration refused up front, 1 when start-up fails later."""
     import uvicorn
 
     from server.http.app import build_app
+    from server.model_loader import ModelNotFoundError, check_model_source
 
-    cfg = app_config(args)
-    uvicorn.run(build_app(cfg), host=cfg.server.host, port=cfg.server.port, log_level=args.log_level.lower())
+    try:
+        cfg = app_config(args)
+        check_model_source(cfg.model.model)
+    except (ValueError, ModelNotFoundError) as exc:
+        print(f"serve refused: {exc}", file=sys.stderr)
+        return 2
+    server = None
+
+    def stop() -> None:  # a server that cannot load its model exits instead of answering 503 forever
+        server.should_exit = True
+
+    app = build_app(cfg, on_load_failed=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
+                                           log_level=args.log_level.lower()))
+    server.run()
+    if app.state.load_error is not None:
+        print(f"start-up failed: {app.state.load_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -155,42 +181,71 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "completion"} or {"messages"}')
     t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints inside)")
-    t.add_argument("--rank", type=int, default=16)
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--max-length", type=int, default=512)
-    t.add_argument("--warmup-ratio", type=float, default=0.03)
-    t.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"))
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rank", type=int, default=16, help="adapter rank r (at most --rank-max)")
+    t.add_argument("--epochs", type=int, default=3, help="passes over the data")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    t.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
+    t.add_argument("--max-length", type=int, default=512, help="tokens per row; longer rows are truncated")
+    t.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up the lr")
+    t.add_argument("--schedule", default="linear", choices=("linear", "cosine", "constant"),
+                   help="learning-rate decay after the warm-up")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    t.add_argument("--seed", type=int, default=0, help="seed of data order and initialisation")
     t.add_argument("--basis", default="principal", choices=("principal", "random"),
                    help="random: a seeded random orthonormal basis (the paper's ablation); servers refuse it")
     t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and every epoch end)")
     t.add_argument("--resume-from", type=Path, default=None, help="a checkpoint folder to continue from")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None and off switches (their help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def package_version() -> str:
+    try:
+        return version("pica-serve")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pica-serve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(prog="pica-serve", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="log verbosity")
+    # --log-level is accepted after the subcommand too; SUPPRESS keeps the value given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS,
+                        help="log verbosity (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="run the HTTP server (the demo model when no --model is given)")
+    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                              formatter_class=HelpFormatter)
+
+    p = add_command("serve", "run the HTTP server (the demo model when no --model is given)")
     add_model_args(p)
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("precompute", help="compute and cache the frozen basis of a model")
+    p = add_command("precompute", "compute and cache the frozen basis of a model")
     add_model_args(p)
     p.set_defaults(func=cmd_precompute)
 
-    p = sub.add_parser("train", help="train a PiCa adapter (the groups of --target-modules) the server serves")
+    p = add_command("train", "train a PiCa adapter (the groups of --target-modules) the server serves")
     add_model_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("merge", help="write a plain transformers model with an adapter folded in")
+    p = add_command("merge", "write a plain transformers model with an adapter folded in")
     add_model_args(p)
     p.add_argument("--adapter", type=Path, required=True, help="adapter folder")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -204,9 +259,13 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 apply_env_defaults(sub)
-        elif action.option_strings and action.dest not in ("help", "api_key", "admin_key"):
+        elif action.option_strings and action.dest not in ("help", "version", "api_key", "admin_key"):
             value = env_default(action.dest)
-            if value is not None:
+            if value is None:
+                continue
+            if isinstance(action, argparse._StoreTrueAction):  # PICA_ENFORCE_EAGER=1, =true, =0 ...
+                action.default = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
                 action.default = value
 
 
@@ -214,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     apply_env_defaults(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 
 

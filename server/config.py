@@ -6,6 +6,7 @@ receives these objects through its constructor.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,16 @@ SVD_METHODS = ("gram", "svd")
 def env_default(option: str) -> str | None:
     """The value of $PICA_<OPTION> (e.g. PICA_MAX_GPU_ADAPTERS for --max-gpu-adapters), if set."""
     return os.environ.get("PICA_" + option.upper().replace("-", "_")) or None
+
+
+def is_loopback(host: str) -> bool:
+    """True for a bind address only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def default_cache_dir() -> Path:
@@ -126,14 +137,25 @@ class ServerConfig:
     """Name of the base model in the OpenAI API; None = the model path or the demo model's name."""
     max_upload_bytes: int = 512 * 2**20
     max_unpacked_bytes: int = 1024 * 2**20
+    max_body_bytes: int = 16 * 2**20
+    """Largest body of any other request (JSON); larger ones get 413 before they are read."""
     max_adapter_labels: int = 100
     """Adapters that get their own metrics label; the rest are counted as 'other'."""
+    allow_insecure_no_auth: bool = False
+    """Listen on a non-loopback address without an admin key (anyone who reaches the port may then
+    upload and delete adapters). Without it such a configuration is refused."""
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
-        if self.max_upload_bytes < 1 or self.max_unpacked_bytes < 1:
-            raise ValueError("upload limits must be positive")
+        if self.max_upload_bytes < 1 or self.max_unpacked_bytes < 1 or self.max_body_bytes < 1:
+            raise ValueError("upload and body limits must be positive")
+        if not is_loopback(self.host) and self.admin_key is None and not self.allow_insecure_no_auth:
+            raise ValueError(
+                f"refusing to listen on {self.host} without an admin key: anyone who reaches the port could "
+                "upload and delete adapters. Set --admin-key or $PICA_ADMIN_KEY (and --api-key for generation), "
+                "or pass --allow-insecure-no-auth to run open anyway"
+            )
 
 
 @dataclass(frozen=True)

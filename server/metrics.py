@@ -19,8 +19,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-class _CacheCollector:
-    """Reads residency and host-cache counters at scrape time."""
+class _StateCollector:
+    """Reads residency, host-cache counters and the engine's queue and KV occupancy at scrape time, so
+    they are current even when no step ran since requests finished or were cancelled."""
 
     def __init__(self, metrics: "Metrics"):
         self.metrics = metrics
@@ -44,6 +45,12 @@ class _CacheCollector:
         adapters.add_metric(["host"], len(state.host_cache))
         adapters.add_metric(["gpu"], state.engine.slots.num_resident)
         yield adapters
+        engine = state.engine  # lengths of the engine thread's lists: reading them needs no lock
+        yield GaugeMetricFamily("pica_requests_running", "Requests in the running batch", value=engine.num_running)
+        yield GaugeMetricFamily("pica_requests_waiting", "Requests waiting for a batch slot, KV memory or an adapter slot",
+                                value=engine.num_waiting)
+        yield GaugeMetricFamily("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use",
+                                value=engine.blocks.num_used_blocks / max(1, engine.blocks.num_blocks))
 
 
 class Metrics:
@@ -64,19 +71,16 @@ class Metrics:
         self.e2e = Histogram("pica_e2e_request_latency_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("pica_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pica_generation_tokens", "Generated tokens of finished requests", registry=r)
-        self.running = Gauge("pica_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("pica_requests_waiting", "Requests waiting for a batch slot, KV memory or an adapter slot", registry=r)
         self.batch_size = Histogram("pica_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.step_tokens = Counter("pica_step_tokens", "Tokens computed by engine steps", ["phase"], registry=r)
         self.preemptions = Counter("pica_preemptions", "Sequences preempted for KV memory", registry=r)
-        self.kv_usage = Gauge("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use", registry=r)
         self.swap = Histogram(
             "pica_adapter_swap_seconds", "Adapter activation latency by path", ["path"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.basis_seconds = Gauge("pica_basis_seconds", "Basis load or compute time at start", ["source"], registry=r)
         self.model_load_seconds = Gauge("pica_model_load_seconds", "Base model load time at start", registry=r)
         self.ready = Gauge("pica_ready", "1 once the model and basis are loaded", registry=r)
-        r.register(_CacheCollector(self))
+        r.register(_StateCollector(self))
         for path in ("disk_to_host", "host_to_gpu"):  # known label values are exported from the start
             self.swap.labels(path)
         for phase in ("prefill", "decode"):
@@ -100,14 +104,11 @@ class Metrics:
         self.ready.set(1)
 
     def observe_step(self, stats: StepStats) -> None:
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
         self.step_tokens.labels("prefill").inc(stats.num_prefill_tokens)
         self.step_tokens.labels("decode").inc(stats.num_decode_tokens)
         self.preemptions.inc(stats.num_preempted)
-        self.kv_usage.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
         self.gpu_slot_totals.hits += stats.gpu_slot_hits
         self.gpu_slot_totals.misses += stats.gpu_slot_misses
         self.gpu_slot_totals.evictions += stats.gpu_slot_evictions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,12 @@ from server.config import ModelConfig
 from server.demo_model import DEMO_NAME, ensure_demo_model
 
 log = logging.getLogger(__name__)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""`name` or `org/name`: what may name a hub model rather than a folder."""
+
+
+class ModelNotFoundError(Exception):
+    """--model names neither an existing folder nor (by its form) a hub model."""
 
 
 @dataclass(frozen=True)
@@ -46,17 +53,38 @@ def served_name(model: str | None) -> str:
     return path.resolve().name if path.exists() else model
 
 
+def check_model_source(model: str | None) -> None:
+    """Refuse at once a --model that can only be a local path and is not a folder (a typo in a path,
+    which transformers would otherwise report as a malformed hub id)."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelNotFoundError(f"model path {model} is not a folder (a model is a folder with config.json)")
+    if not HUB_ID.fullmatch(model):
+        raise ModelNotFoundError(f"model folder {model} does not exist")
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load model and tokenizer through transformers' Auto classes (the same path for users and tests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    source = cfg.model or str(ensure_demo_model(cfg.cache_dir))
+    check_model_source(cfg.model)
+    source = str(Path(cfg.model).expanduser()) if cfg.model else str(ensure_demo_model(cfg.cache_dir))
     name = served_name(cfg.model)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        if Path(source).is_dir():
+            raise
+        raise ModelNotFoundError(f"model {cfg.model} is neither a local folder nor a hub model this machine can "
+                                 f"load: {exc}") from exc
     model.to(device).eval()
     model.requires_grad_(False)
     seconds = time.perf_counter() - start

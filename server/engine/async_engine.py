@@ -27,13 +27,13 @@ class QueueFullError(RuntimeError):
 class AsyncEngine:
     def __init__(self, engine: Engine, max_queue: int, on_stats: Callable[[StepStats], None] | None = None):
         self.engine = engine
-        self.max_queue = max_queue
+        # admitted = what the running batch holds plus the queue, so a burst fills both before a 429
+        self.max_num_requests = engine.cfg.max_num_seqs + max_queue
         self.on_stats = on_stats
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
-        self._num_queued = 0  # waiting in the engine or the inbox; recomputed every loop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pica-engine", daemon=True)
 
@@ -47,15 +47,15 @@ class AsyncEngine:
 
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter=None) -> "RequestStream":
         """Queue a request and return its stream. Raises ValueError for a request the engine cannot serve
-        and QueueFullError when the queue is full, before anything is queued."""
+        and QueueFullError when the batch and the queue are full, before anything is queued."""
         self.engine.check_request(prompt_token_ids, params)
         out_queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            if self._num_queued >= self.max_queue:
-                raise QueueFullError(f"the server queue is full ({self.max_queue} waiting requests); retry later")
+            if len(self._streams) >= self.max_num_requests:  # every unfinished request has a stream
+                raise QueueFullError(f"the server is full ({self.max_num_requests} requests running or waiting); "
+                                     "retry later")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            self._num_queued += 1
             self._streams[request_id] = (asyncio.get_running_loop(), out_queue)
         self._inbox.put(("add", request_id, prompt_token_ids, params, adapter))
         self._wake.set()
@@ -106,7 +106,6 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
-            self._update_queued()
             if not self.engine.has_work:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -126,12 +125,6 @@ class AsyncEngine:
                     log.exception("stats callback failed")
             for output in outputs:
                 self._deliver(output.request_id, output)
-            self._update_queued()
-
-    def _update_queued(self) -> None:
-        """Waiting = the engine's waiting queue plus adds not yet taken from the inbox."""
-        with self._lock:
-            self._num_queued = self.engine.num_waiting + self._inbox.qsize()
 
 
 class RequestStream:

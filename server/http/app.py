@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from server.config import AppConfig
 from server.http.errors import install_error_handlers
+from server.http.guard import RequestGuard
 from server.http.routes import adapters, generate, openai_api, ops
 from server.http.state import build_state
 from server.metrics import Metrics
@@ -18,7 +21,9 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-def build_app(config: AppConfig) -> FastAPI:
+def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = None) -> FastAPI:
+    """`on_load_failed` runs (on the event loop) when the model or basis cannot be loaded; the CLI stops
+    the server with it, so a broken start-up exits instead of answering 503 forever."""
     metrics = Metrics(config.server.max_adapter_labels)
 
     @asynccontextmanager
@@ -30,6 +35,8 @@ def build_app(config: AppConfig) -> FastAPI:
             if future.exception() is not None:
                 app.state.load_error = str(future.exception())
                 log.error("start-up failed: %s", future.exception(), exc_info=future.exception())
+                if on_load_failed is not None:
+                    on_load_failed()
             else:
                 app.state.server_state = future.result()
 
@@ -40,7 +47,7 @@ def build_app(config: AppConfig) -> FastAPI:
         if app.state.server_state is not None:
             app.state.server_state.async_engine.shutdown()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served from the package, not a CDN
         title="pica-serve",
         version="0.1.0",
         description="Serves thousands of PiCa adapters on one base model. OpenAI-compatible; `model` names the adapter.",
@@ -51,6 +58,7 @@ def build_app(config: AppConfig) -> FastAPI:
     app.state.server_state = None
     app.state.load_error = None
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, config=config.server)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):

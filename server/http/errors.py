@@ -26,6 +26,15 @@ ERROR_TYPES = {
 }
 
 
+MAX_MESSAGE_CHARS = 2000
+MAX_PARAM_CHARS = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters of a text that may echo user input (a 10 MB field name or value)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, error_type: str | None = None):
         super().__init__(message)
@@ -34,7 +43,8 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, error_type: str | None = None) -> dict:
-    return {"error": {"type": error_type or ERROR_TYPES.get(status, "error"), "message": message, "param": param}}
+    return {"error": {"type": error_type or ERROR_TYPES.get(status, "error"), "message": clip(message, MAX_MESSAGE_CHARS),
+                      "param": None if param is None else clip(param, MAX_PARAM_CHARS)}}
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -48,8 +58,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        bad_json = next((err for err in errors if err.get("type") == "json_invalid"), None)
+        if bad_json is not None:  # a 400 in words, as OpenAI answers
+            reason = (bad_json.get("ctx") or {}).get("error", "malformed")
+            position = bad_json["loc"][-1] if bad_json.get("loc") else "?"
+            return JSONResponse(error_body(400, f"the request body is not valid JSON: {reason} at character {position}"),
+                                status_code=400)
         problems, params = [], []
-        for err in exc.errors():
+        for err in errors:
             loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path")]
             params.append(".".join(loc))
             problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")

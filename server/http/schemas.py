@@ -10,7 +10,7 @@ from server.engine.sampling import MAX_LOGPROBS
 
 
 class SamplingFields(BaseModel):
-    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate (default 16).")
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate; absent = until EOS or the context is full.")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off.")
@@ -59,6 +59,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(..., description='Only "text" is served; "json_object" and "json_schema" answer 400.')
+
+
 class OpenAIFields(SamplingFields):
     """Fields common to the OpenAI completion endpoints; unknown fields are ignored as OpenAI clients expect."""
 
@@ -70,6 +75,7 @@ class OpenAIFields(SamplingFields):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
 
@@ -142,3 +148,26 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def json_or_sse(model: type[BaseModel] | None = None) -> dict:
+    """OpenAPI for a 200 that is JSON, or SSE (`data: <json>` events, then `data: [DONE]`) with `stream: true`."""
+    json_schema = {"$ref": f"#/components/schemas/{model.__name__}"} if model else {"type": "object"}
+    return {200: {"description": "JSON; with `stream: true`, server-sent events ending in `data: [DONE]`",
+                  "content": {"application/json": {"schema": json_schema},
+                              "text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["adapter_id", "files"],
+        "properties": {
+            "adapter_id": {"type": "string", "description": "1-128 characters of A-Za-z0-9._-"},
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                      "description": "adapter_config.json and adapter_model.safetensors, or one "
+                                     ".tar.gz/.tgz/.tar/.zip archive of the adapter folder"},
+        },
+    }}},
+}

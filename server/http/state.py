@@ -25,7 +25,6 @@ from server.metrics import Metrics
 from server.model_loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_TOKENS = 16
 
 
 @dataclass
@@ -61,13 +60,20 @@ class ServerState:
         return handle
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: AdapterHandle | None) -> RequestStream:
-        """Queue a request; 400 for one the engine cannot serve, 429 when the queue is full."""
+        """Queue a request; 400 for one the engine cannot serve, 429 when the batch and the queue are full."""
         try:
             return self.async_engine.submit(uuid.uuid4().hex, prompt_ids, params, adapter)
         except QueueFullError as exc:
             raise APIError(429, str(exc)) from exc
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
+
+    def max_tokens_for(self, prompt_ids: list[int], requested: int | None) -> int:
+        """`max_tokens` as asked; absent, what the context leaves after the prompt (as OpenAI and vLLM do:
+        generation runs to EOS). A prompt that fills the context gets 1, which check_request refuses."""
+        if requested is not None:
+            return requested
+        return max(1, self.engine.limits.max_model_len - len(prompt_ids))
 
     def tokenize(self, text: str) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -81,13 +87,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def sampling_params(body, max_tokens: int | None, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
+def sampling_params(body, max_tokens: int, logprobs: int | None, seed_offset: int = 0) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 8:
         raise APIError(400, "at most 8 stop strings are allowed", "stop")
     try:
         return SamplingParams(
-            max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,

@@ -28,6 +28,10 @@ def test_gpu_stack_validates():
     assert serve["environment"]["PICA_ADAPTER_DIR"] == "/data/adapters"
     assert "http://127.0.0.1:8000/ready" in " ".join(serve["healthcheck"]["test"])
     assert serve["restart"] == "unless-stopped"
+    # the server binds 0.0.0.0 in the container, so it needs the admin key from .env; open only on request
+    raw_env = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-pica-env"]
+    assert raw_env["PICA_ADMIN_KEY"] == "${PICA_ADMIN_KEY:-}"
+    assert raw_env["PICA_ALLOW_INSECURE_NO_AUTH"] == "${PICA_ALLOW_INSECURE_NO_AUTH:-}"
     assert {"prometheus", "grafana"} <= set(services)
 
 
@@ -51,3 +55,8 @@ def test_env_example_names_only_known_options():
     pica = [n for n in names if n.startswith("PICA_") and not n.endswith("_HOST_PORT")]
     unknown = [n for n in pica if n[5:] not in options]
     assert not unknown, f".env.example names options the CLI does not have: {unknown}"
+
+
+def test_env_file_with_the_keys_is_not_committed():
+    result = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT, timeout=30)
+    assert result.returncode == 0, ".env (which holds the keys) must be in .gitignore"

@@ -87,7 +87,7 @@ def test_async_stream_cancel_frees_everything(world_factory):
 
 def test_async_queue_full_and_bad_request(world_factory):
     world = world_factory(num_adapters=0)
-    async_engine = AsyncEngine(world.engine(max_model_len=64), max_queue=1)  # not started: nothing drains
+    async_engine = AsyncEngine(world.engine(max_model_len=64, max_num_seqs=1), max_queue=1)  # not started: nothing drains
 
     async def first(prompt, max_tokens=4):
         stream = async_engine.submit(f"id{len(prompt)}", prompt, SamplingParams(max_tokens=max_tokens))
@@ -98,12 +98,30 @@ def test_async_queue_full_and_bad_request(world_factory):
             await first([3] * 60, max_tokens=10)
         with pytest.raises(ValueError, match="the prompt is empty"):
             await first([])
-        with pytest.raises(asyncio.TimeoutError):
-            await first([3, 4])  # accepted, queued (never runs here)
-        with pytest.raises(QueueFullError, match="queue is full"):
-            await first([3, 4, 5])
+        for prompt in ([3, 4], [3, 4, 5]):  # one for the batch, one for the queue (never run here)
+            with pytest.raises(asyncio.TimeoutError):
+                await first(prompt)
+        with pytest.raises(QueueFullError, match="the server is full"):
+            await first([3, 4, 5, 6])
 
     asyncio.run(main())
+
+
+def test_a_burst_fills_the_batch_and_the_queue_before_refusing(world_factory):
+    world = world_factory(num_adapters=0)
+    async_engine = AsyncEngine(world.engine(max_num_seqs=8), max_queue=8)  # not started: the burst sits in the inbox
+
+    async def burst():
+        admitted = refused = 0
+        for i in range(40):
+            try:
+                async_engine.submit(f"b{i}", [3, 4], SamplingParams(max_tokens=4))
+                admitted += 1
+            except QueueFullError:
+                refused += 1
+        return admitted, refused
+
+    assert asyncio.run(burst()) == (16, 24)
 
 
 def test_host_cache_evicts_and_reloads_from_disk(tmp_path, world_factory):

@@ -1,3 +1,8 @@
+import json
+import re
+import socket
+import time
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +17,8 @@ from tests.helpers import write_random_adapter
 
 @pytest.fixture(scope="module")
 def keyed(server_root):
-    with LiveServer(build_app(app_config(server_root, api_key="user-key", admin_key="admin-key"))) as server:
+    config = app_config(server_root, api_key="user-key", admin_key="admin-key", max_body_bytes=4096)
+    with LiveServer(build_app(config)) as server:
         yield server
 
 
@@ -32,6 +38,43 @@ def test_api_key_and_admin_key(keyed, tmp_path):
     assert upload(url, "keyed-a", folder, headers=admin).status_code == 201
     assert httpx.delete(f"{url}/v1/adapters/keyed-a", headers=user).status_code == 403
     assert httpx.delete(f"{url}/v1/adapters/keyed-a", headers=admin).status_code == 204
+
+
+def raw_request(server, head: bytes) -> bytes:
+    """Send request headers alone over a socket (no body follows) and return the answer's status line."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        return sock.makefile("rb").readline()
+
+
+def test_the_key_is_checked_before_the_body_is_read(keyed):
+    url = keyed.base_url
+    bad_json = b'{"prompt": '
+    response = httpx.post(f"{url}/v1/generate", content=bad_json, headers={"content-type": "application/json"})
+    assert error_of(response, 401)["type"] == "authentication_error"
+    # a 200 MB body that never comes: the 401 answers the headers, without waiting for (or reading) it
+    head = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 209715200\r\n\r\n")
+    assert raw_request(keyed, head).startswith(b"HTTP/1.1 401")
+
+
+def test_bodies_are_bounded(keyed):
+    url, user = keyed.base_url, {"authorization": "Bearer user-key"}
+    big = json.dumps({"prompt": "x" * 5000, "max_tokens": 1}).encode()
+    err = error_of(httpx.post(f"{url}/v1/generate", content=big, headers={**user, "content-type": "application/json"}), 413)
+    assert "larger than the limit of 4096 bytes" in err["message"] and err["type"] == "request_too_large"
+
+    def chunks():  # no Content-Length: counted while it is read
+        yield big[:3000]
+        yield big[3000:]
+
+    response = httpx.post(f"{url}/v1/generate", content=chunks(), headers={**user, "content-type": "application/json"})
+    assert "larger than the limit of 4096 bytes" in error_of(response, 413)["message"]
+    head = (b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer user-key\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 209715200\r\n\r\n")
+    assert raw_request(keyed, head).startswith(b"HTTP/1.1 413")
+    small = {"prompt": "x", "max_tokens": 1}
+    assert httpx.post(f"{url}/v1/generate", json=small, headers=user).status_code == 200
 
 
 def scrape(url) -> dict:
@@ -75,6 +118,44 @@ def test_metrics_parse_and_move(live, tmp_path):
 
 def test_openapi_docs(live):
     spec = httpx.get(live.base_url + "/openapi.json").json()
-    assert {"/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/adapters",
-            "/v1/adapters/{adapter_id}", "/health", "/ready", "/metrics"} <= set(spec["paths"])
-    assert httpx.get(live.base_url + "/docs").status_code == 200
+    paths = spec["paths"]
+    assert {"/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id}",
+            "/v1/adapters", "/v1/adapters/{adapter_id}", "/health", "/ready", "/metrics"} <= set(paths)
+    schemes = spec["components"]["securitySchemes"]
+    assert [s["scheme"] for s in schemes.values()] == ["bearer"]
+    for path, method in (("/v1/generate", "post"), ("/v1/adapters", "post"), ("/v1/models", "get")):
+        assert paths[path][method]["security"] == [{name: []} for name in schemes], path
+    assert "security" not in paths["/health"]["get"]
+    upload = paths["/v1/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(upload["required"]) == {"adapter_id", "files"} and upload["properties"]["files"]["items"]["format"] == "binary"
+    for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions"):
+        assert {"application/json", "text/event-stream"} <= set(paths[path]["post"]["responses"]["200"]["content"])
+    assert [c.split(";")[0] for c in paths["/metrics"]["get"]["responses"]["200"]["content"]] == ["text/plain"]
+
+
+def test_docs_work_offline(live):
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(live.base_url + page)
+        assert html.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html.text) + re.findall(r"url: '([^']+)'", html.text)
+        assert assets, page
+        for asset in assets:
+            assert asset.startswith("/"), f"{page} loads {asset} from elsewhere"
+            assert httpx.get(live.base_url + asset).status_code == 200, asset
+
+
+def test_running_waiting_and_kv_gauges_follow_cancellations(live):
+    engine = live.state.engine
+    with httpx.stream("POST", f"{live.base_url}/v1/generate", timeout=60, json={
+            "prompt": "keep going", "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        running = scrape(live.base_url)
+    assert value(running, "pica_requests_running") == 1 and value(running, "pica_kv_cache_usage_ratio") > 0
+    deadline = time.monotonic() + 30  # returns as soon as the engine took the cancellation
+    while engine.has_work and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_work
+    after = scrape(live.base_url)
+    assert value(after, "pica_requests_running") == 0 and value(after, "pica_requests_waiting") == 0
+    assert value(after, "pica_kv_cache_usage_ratio") == 0

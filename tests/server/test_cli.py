@@ -1,5 +1,6 @@
 import json
 
+import httpx
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -72,3 +73,95 @@ def test_options_default_from_pica_env(monkeypatch):
     cfg = app_config(parser.parse_args(["serve"]))
     assert (cfg.engine.max_gpu_adapters, cfg.model.model, cfg.server.port) == (7, "/models/x", 9001)
     assert app_config(parser.parse_args(["serve", "--port", "9002"])).server.port == 9002
+
+
+def test_help_shows_every_option_with_help_and_defaults(capsys):
+    import argparse
+
+    import pytest
+
+    from server.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        undocumented = [a.option_strings[0] for a in sub._actions if a.option_strings and not a.help]
+        assert not undocumented, f"{name}: options without help {undocumented}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 64)" in out and "(default: 127.0.0.1)" in out and "(default: None)" not in out
+
+
+def test_version_and_log_level_after_the_subcommand(capsys, monkeypatch):
+    import pytest
+
+    from server import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("pica-serve ")
+    parser = cli.build_parser()
+    assert parser.parse_args(["precompute", "--log-level", "debug"]).log_level == "DEBUG"
+    assert parser.parse_args(["--log-level", "warning", "precompute"]).log_level == "WARNING"
+    assert parser.parse_args(["precompute"]).log_level == "INFO"
+
+
+def refuse_to_serve(monkeypatch):
+    """A serve that gets as far as running the server fails the test at once instead of blocking it."""
+    import uvicorn
+
+    def serve(self, *args, **kwargs):
+        raise AssertionError("the server was started")
+
+    monkeypatch.setattr(uvicorn.Server, "run", serve)
+
+
+def test_serve_with_a_missing_model_folder_exits_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    from server.model_loader import ModelNotFoundError
+
+    refuse_to_serve(monkeypatch)
+    missing = tmp_path / "no-such-model"
+    assert main(cli_args("serve", missing, tmp_path)) == 2
+    assert f"model folder {missing} does not exist" in capsys.readouterr().err
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        load_model(ModelConfig(model=str(missing), device="cpu", cache_dir=tmp_path / "c"))
+
+
+def test_a_failed_start_up_stops_the_server(tmp_path):
+    import threading
+
+    from server.config import AppConfig
+    from server.http.app import build_app
+    from tests.server.live import LiveServer
+
+    failed = threading.Event()
+    config = AppConfig(model=ModelConfig(model=str(tmp_path / "gone"), device="cpu", cache_dir=tmp_path / "c"))
+    server = LiveServer(build_app(config, on_load_failed=failed.set)).start()
+    try:
+        assert failed.wait(60)
+        ready = httpx.get(server.base_url + "/ready")
+        assert ready.status_code == 503 and "model failed to load" in ready.text
+        assert str(tmp_path) not in ready.text  # /ready is open to anyone: no paths
+    finally:
+        server.__exit__(None, None, None)
+
+
+def test_serve_refuses_an_open_non_loopback_bind(tmp_path, capsys, monkeypatch):
+    from server.cli import app_config, build_parser
+
+    refuse_to_serve(monkeypatch)
+    model_dir = build_tiny_model(tmp_path / "m")
+    assert main(cli_args("serve", model_dir, tmp_path, "--host", "0.0.0.0")) == 2
+    assert "refusing to listen on 0.0.0.0 without an admin key" in capsys.readouterr().err
+    parser = build_parser()
+    assert app_config(parser.parse_args(["serve", "--host", "0.0.0.0", "--admin-key", "k"])).server.admin_key == "k"
+    assert app_config(parser.parse_args(["serve", "--host", "0.0.0.0", "--allow-insecure-no-auth"])).server.host == "0.0.0.0"
+    monkeypatch.setenv("PICA_ALLOW_INSECURE_NO_AUTH", "0")
+    from server.cli import apply_env_defaults
+
+    apply_env_defaults(parser)
+    assert parser.parse_args(["serve"]).allow_insecure_no_auth is False

@@ -165,10 +165,42 @@ def test_openai_bad_input(live, path, payload, status, message):
     assert message in err["message"]
 
 
+def test_invalid_json_is_a_400_in_words(live):
+    for path in ("/v1/generate", "/v1/chat/completions"):
+        response = httpx.post(live.base_url + path, content=b'{"prompt": "hi",}', headers={"content-type": "application/json"})
+        err = error_of(response, 400)
+        assert err["type"] == "invalid_request_error"
+        assert err["message"].startswith("the request body is not valid JSON: ") and "at character 16" in err["message"]
+
+
+@pytest.mark.parametrize("path,extra", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/completions", {"prompt": "x"}),
+])
+def test_response_format_is_refused_unless_text(live, path, extra):
+    payload = {"model": live.state.model_name, "max_tokens": 2, **extra}
+    for kind in ("json_object", "json_schema"):
+        err = error_of(httpx.post(live.base_url + path, json={**payload, "response_format": {"type": kind}}), 400)
+        assert f"response_format '{kind}' is not supported" in err["message"] and err["param"] == "response_format"
+    assert httpx.post(live.base_url + path, json={**payload, "response_format": {"type": "text"}}).status_code == 200
+
+
+def test_errors_do_not_echo_huge_input(live, good_files):
+    huge = "q" * 10_000_000
+    config = {"method": "pica", "r": 4, "target_modules": huge}
+    err = error_of(post_files(live, "huge", {**good_files, "adapter_config.json": json.dumps(config).encode()}), 400)
+    assert "target_modules must be a non-empty list of strings" in err["message"]
+    assert len(err["message"]) < 3000 and "more characters" in err["message"]
+    err = error_of(httpx.post(f"{live.base_url}/v1/generate", json={"prompt": "hi", "x" * 100_000: 1}), 422)
+    assert len(err["message"]) < 3000 and len(err["param"]) < 300
+    err = error_of(httpx.post(f"{live.base_url}/v1/completions", json={"model": "m" * 100_000, "prompt": "x"}), 404)
+    assert len(err["message"]) < 3000
+
+
 def test_queue_full_is_429(live, monkeypatch):
-    monkeypatch.setattr(live.state.async_engine, "max_queue", 0)
+    monkeypatch.setattr(live.state.async_engine, "max_num_requests", 0)
     err = error_of(httpx.post(f"{live.base_url}/v1/generate", json={"prompt": "hi"}), 429)
-    assert "queue is full" in err["message"] and err["type"] == "rate_limit_error"
+    assert "the server is full" in err["message"] and err["type"] == "rate_limit_error"
 
 
 def test_unknown_route_and_method(live):

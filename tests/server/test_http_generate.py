@@ -161,3 +161,27 @@ def test_delete_then_404_and_restart_keeps_adapters(live, adapter_ids, server_ro
         listed = [a["id"] for a in httpx.get(f"{restarted.base_url}/v1/adapters").json()["data"]]
         assert set(adapter_ids) <= set(listed)
         assert native(restarted, adapter_ids[0])["text"] == before
+
+
+def test_no_max_tokens_generates_until_the_context_is_full(live):
+    """As OpenAI and vLLM: without max_tokens a request runs to EOS, bounded only by the context."""
+    limit = live.state.engine.limits.max_model_len
+    body = native(live, None, max_tokens=None)
+    assert body["finish_reason"] == "length"
+    assert body["usage"]["total_tokens"] == limit and body["usage"]["completion_tokens"] > 16
+    chat = httpx.post(f"{live.base_url}/v1/chat/completions", timeout=60, json={
+        "model": live.state.model_name, "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+        "ignore_eos": True}).json()
+    assert chat["usage"]["total_tokens"] == limit and chat["choices"][0]["finish_reason"] == "length"
+
+
+def test_get_one_model(live, adapter_ids):
+    base = live.state.model_name
+    card = httpx.get(f"{live.base_url}/v1/models/{base}").json()
+    assert card["id"] == base and card["object"] == "model" and card["parent"] is None
+    card = httpx.get(f"{live.base_url}/v1/models/{adapter_ids[0]}").json()
+    assert card["id"] == adapter_ids[0] and card["parent"] == base and card["method"] == "pica"
+    client = openai.OpenAI(base_url=f"{live.base_url}/v1", api_key="unused")
+    assert client.models.retrieve(adapter_ids[1]).id == adapter_ids[1]
+    response = httpx.get(f"{live.base_url}/v1/models/ghost")
+    assert response.status_code == 404 and "model 'ghost' not found" in response.json()["error"]["message"]

@@ -16,12 +16,13 @@ from adapters.archive import ArchiveError, ArchiveTooLarge, unpack_adapter_archi
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError
 from adapters.store import AdapterIdError, AdapterInfo, check_adapter_id
 from server.http.deps import get_state, require_admin_key, require_api_key
-from server.http.errors import APIError
-from server.http.schemas import AdapterList, AdapterOut, ErrorResponse
+from server.http.errors import APIError, clip
+from server.http.schemas import UPLOAD_BODY, AdapterList, AdapterOut, ErrorResponse
 from server.http.state import ServerState
 
 router = APIRouter(tags=["adapters"], dependencies=[Depends(require_api_key)])
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+MAX_PROBLEM_CHARS = 300
 
 
 def already_exists(adapter_id: str) -> APIError:
@@ -71,7 +72,8 @@ async def read_upload(request: Request, state: ServerState) -> tuple[str, dict[s
 
 
 @router.post("/v1/adapters", status_code=201, response_model=AdapterOut, dependencies=[Depends(require_admin_key)],
-             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 411, 413, 503)})
+             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 409, 411, 413, 503)},
+             openapi_extra={"requestBody": UPLOAD_BODY})  # the route parses the multipart form itself
 async def upload_adapter(request: Request, state: ServerState = Depends(get_state)):
     """Upload an adapter (see the module docstring); 201 with its summary."""
     adapter_id, files = await read_upload(request, state)
@@ -86,7 +88,8 @@ async def upload_adapter(request: Request, state: ServerState = Depends(get_stat
     try:
         info = await run_in_threadpool(state.store.put, adapter_id, files[CONFIG_FILE], files[WEIGHTS_FILE])
     except AdapterValidationError as exc:
-        raise APIError(400, "invalid adapter: " + "; ".join(exc.problems), "files") from exc
+        problems = [clip(problem, MAX_PROBLEM_CHARS) for problem in exc.problems]  # each may echo a huge value
+        raise APIError(400, "invalid adapter: " + "; ".join(problems), "files") from exc
     except FileExistsError as exc:
         raise already_exists(adapter_id) from exc
     return adapter_out(info)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from server.http.deps import get_state, require_api_key
-from server.http.schemas import ErrorResponse, GenerateRequest, GenerateResponse, TokenLogprobOut, TopLogprob
+from server.http.schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    TokenLogprobOut,
+    TopLogprob,
+    json_or_sse,
+)
 from server.http.sse import DONE, sse_event, sse_response
 from server.http.state import ServerState, collect, sampling_params, usage
 
@@ -23,14 +30,15 @@ def logprobs_out(state: ServerState, logprobs) -> list[dict]:
     ]
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
+@router.post("/v1/generate", response_model=GenerateResponse, responses={**ERRORS, **json_or_sse(GenerateResponse)})
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)):
     """Generate text for one prompt with one adapter (or none). `stream: true` sends SSE token deltas,
     then a final event with `finish_reason` and `usage`, then `[DONE]`."""
     adapter = await state.resolve_adapter(body.adapter_id, "adapter_id")
     adapter_id = adapter.adapter_id if adapter else None
-    params = sampling_params(body, body.max_tokens, body.logprobs)
-    stream = state.submit(state.tokenize(body.prompt), params, adapter)
+    prompt = state.tokenize(body.prompt)
+    params = sampling_params(body, state.max_tokens_for(prompt, body.max_tokens), body.logprobs)
+    stream = state.submit(prompt, params, adapter)
     request_id = f"gen-{stream.request_id}"
     if body.stream:
 

@@ -14,7 +14,14 @@ from fastapi import APIRouter, Depends, Request
 from server.chat_template import encode_chat
 from server.http.deps import get_state, require_api_key
 from server.http.errors import APIError
-from server.http.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.http.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    json_or_sse,
+)
 from server.http.sse import DONE, sse_event, sse_response
 from server.http.state import ServerState, collect, merge_streams, sampling_params, usage
 
@@ -37,6 +44,9 @@ def refuse_unsupported(body) -> None:
         raise APIError(400, "best_of is not supported (use n)", "best_of")
     if getattr(body, "tools", None):
         raise APIError(400, "tools are not supported", "tools")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format {body.response_format.type!r} is not supported (output is not "
+                       'constrained); only {"type": "text"} is', "response_format")
 
 
 def submit_all(state: ServerState, prompts: list[list[int]], body, max_tokens, logprobs, adapter):
@@ -44,8 +54,10 @@ def submit_all(state: ServerState, prompts: list[list[int]], body, max_tokens, l
     streams = []
     try:
         for prompt in prompts:
+            prompt_max_tokens = state.max_tokens_for(prompt, max_tokens)
             for i in range(body.n):
-                streams.append(state.submit(prompt, sampling_params(body, max_tokens, logprobs, seed_offset=i), adapter))
+                params = sampling_params(body, prompt_max_tokens, logprobs, seed_offset=i)
+                streams.append(state.submit(prompt, params, adapter))
     except BaseException:
         for stream in streams:
             stream.cancel()
@@ -77,7 +89,7 @@ def completion_logprobs(state: ServerState, logprobs, offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-@router.post("/v1/completions", responses=ERRORS)
+@router.post("/v1/completions", responses={**ERRORS, **json_or_sse()})
 async def completions(body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)):
     """OpenAI text completion (streaming with `stream: true`)."""
     refuse_unsupported(body)
@@ -144,7 +156,7 @@ def chat_logprobs(state: ServerState, logprobs) -> dict:
                         for lp in logprobs]}
 
 
-@router.post("/v1/chat/completions", responses=ERRORS)
+@router.post("/v1/chat/completions", responses={**ERRORS, **json_or_sse()})
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: ServerState = Depends(get_state)):
     """OpenAI chat completion (streaming with `stream: true`), using the tokenizer's chat template."""
     refuse_unsupported(body)
@@ -185,15 +197,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             "usage": usage(results[0].num_prompt_tokens, sum(r.num_output_tokens for r in results))}
 
 
+def model_card(state: ServerState, model_id: str) -> ModelCard:
+    """The base model's card, or an adapter's (KeyError if there is no such adapter)."""
+    if model_id == state.model_name:
+        return ModelCard(id=state.model_name, created=state.started_at, root=state.model_name)
+    info = state.store.info(model_id)
+    return ModelCard(id=model_id, created=info.created, parent=state.model_name, root=state.model_name,
+                     method=info.method)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: ServerState = Depends(get_state)):
     """The base model and every stored adapter (`parent` is the base model)."""
-    cards = [ModelCard(id=state.model_name, created=state.started_at, root=state.model_name)]
+    cards = [model_card(state, state.model_name)]
     for adapter_id in state.store.ids():
         try:
-            info = state.store.info(adapter_id)
+            cards.append(model_card(state, adapter_id))
         except KeyError:  # deleted meanwhile
             continue
-        cards.append(ModelCard(id=adapter_id, created=info.created, parent=state.model_name,
-                               root=state.model_name, method=info.method))
     return ModelList(data=cards)
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def get_model(model_id: str, state: ServerState = Depends(get_state)):
+    """One model: the base model or an adapter (a hub-style base name may hold a `/`)."""
+    try:
+        return model_card(state, model_id)
+    except KeyError:
+        raise APIError(404, f"model {model_id!r} not found", "model_id") from None

@@ -21,13 +21,16 @@ async def health():
 async def ready(request: Request):
     """200 once the model and basis are loaded and the engine runs; 503 before (or if loading failed)."""
     state = request.app.state.server_state
-    if state is None:
-        error = request.app.state.load_error
-        message = f"model failed to load: {error}" if error else "the model is still loading"
+    if state is None:  # open to anyone: the cause (which may name paths) is in the server log only
+        failed = request.app.state.load_error is not None
+        message = "model failed to load; the server log says why" if failed else "the model is still loading"
         return JSONResponse(error_body(503, message), status_code=503)
     return {"status": "ready", "model": state.model_name, "basis_checksum": state.basis.checksum}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
+    """Every `pica_` metric, for Prometheus."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
