@@ -19,7 +19,7 @@ from pathlib import Path
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, Adapter, AdapterExpectation, load_adapter_dir, parse_adapter
 from cache.atomic import atomic_write
 
-ADAPTER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 META_FILE = "meta.json"
 
 
@@ -28,9 +28,11 @@ class AdapterIdError(ValueError):
 
 
 def check_adapter_id(adapter_id: str) -> str:
-    """Adapter ids are 1-128 of [A-Za-z0-9._-], and never a path trick like '.' or '..'."""
-    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.match(adapter_id) or set(adapter_id) == {"."}:
-        raise AdapterIdError(f"invalid adapter id {adapter_id!r}: use 1-128 characters of A-Z a-z 0-9 . _ -")
+    """Adapter ids are 1-128 of [A-Za-z0-9._-] not starting with '.': never a path trick like '..', and
+    never in the store's own name space (`.upload-*` and `.deleted-*` folders are removed at start)."""
+    if not isinstance(adapter_id, str) or not ADAPTER_ID_PATTERN.fullmatch(adapter_id):
+        raise AdapterIdError(f"invalid adapter id {adapter_id!r}: use 1-128 characters of A-Z a-z 0-9 . _ -, "
+                             "not starting with '.'")
     return adapter_id
 
 

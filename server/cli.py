@@ -154,7 +154,7 @@ def cmd_train(args) -> int:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "completion"} or {"messages"}')
-    t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints inside)")
+    t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints go to OUT-checkpoints/)")
     t.add_argument("--rank", type=int, default=16)
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--lr", type=float, default=1e-3)
