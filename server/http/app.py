@@ -7,10 +7,11 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from server.config import AppConfig
 from server.http.errors import install_error_handlers
+from server.http.middleware import RequestAccounting
 from server.http.routes import adapters, generate, openai_api, ops
 from server.http.state import build_state
 from server.metrics import Metrics
@@ -52,13 +53,7 @@ def build_app(config: AppConfig) -> FastAPI:
     app.state.load_error = None
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestAccounting, metrics=metrics)
     for router in (ops.router, generate.router, openai_api.router, adapters.router):
         app.include_router(router)
     return app
