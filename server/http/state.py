@@ -17,7 +17,7 @@ from adapters.store import AdapterIdError, AdapterStore, check_adapter_id
 from cache.basis_cache import Basis, BasisCache
 from cache.host_cache import AdapterHandle, HostCache
 from server.config import AppConfig
-from server.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
+from server.engine.async_engine import AsyncEngine, QueueFullError, RequestFailed, RequestStream
 from server.engine.engine import Engine, RequestOutput
 from server.engine.sampling import SamplingParams
 from server.http.errors import APIError
@@ -125,7 +125,10 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Collec
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if not done and await request.is_disconnected():
                 raise APIError(499, "client disconnected")
-        task.result()
+        try:
+            task.result()
+        except RequestFailed as exc:
+            raise APIError(500, f"the request failed: {exc}") from exc
         return results
     finally:
         if not task.done():
