@@ -82,6 +82,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def adapter_arg(value: str) -> tuple[str, Path]:
+    from adapters.store import AdapterIdError, check_adapter_id
+
+    adapter_id, sep, path = value.partition("=")
+    try:
+        if not sep or not path:
+            raise AdapterIdError(f"expected ID=PATH, got {value!r}")
+        return check_adapter_id(adapter_id), Path(path)
+    except AdapterIdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     defaults = EngineConfig()
@@ -108,13 +120,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--adapter-dir", type=Path, default=None, help="adapter store (default <cache-dir>/adapters)")
     h.add_argument("--served-model-name", default=None, help="base model name in the API")
     h.add_argument("--max-upload-mb", type=int, default=512)
+    h.add_argument("--adapter", dest="adapters", action="append", type=adapter_arg, default=[], metavar="ID=PATH",
+                   help="serve the adapter folder PATH as ID (repeatable); a bad one is logged and skipped")
 
 
 def app_config(args) -> AppConfig:
     engine_fields = [f for f in EngineConfig.__dataclass_fields__ if f != "cuda_graphs"]
     engine = EngineConfig(**{f: getattr(args, f) for f in engine_fields}, cuda_graphs=not args.enforce_eager)
     server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
-                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20)
+                     served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20,
+                     adapters=tuple(args.adapters))
     if args.api_key:
         server_kw["api_key"] = args.api_key
     if args.admin_key:
@@ -204,7 +219,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 apply_env_defaults(sub)
-        elif action.option_strings and action.dest not in ("help", "api_key", "admin_key"):
+        elif action.option_strings and action.dest not in ("help", "api_key", "admin_key", "adapters"):
             value = env_default(action.dest)
             if value is not None:
                 action.default = value

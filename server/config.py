@@ -128,6 +128,8 @@ class ServerConfig:
     max_unpacked_bytes: int = 1024 * 2**20
     max_adapter_labels: int = 100
     """Adapters that get their own metrics label; the rest are counted as 'other'."""
+    adapters: tuple[tuple[str, Path], ...] = ()
+    """(adapter_id, folder) pairs stored at start, as `--adapter ID=PATH` gives them."""
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

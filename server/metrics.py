@@ -44,6 +44,9 @@ class _CacheCollector:
         adapters.add_metric(["host"], len(state.host_cache))
         adapters.add_metric(["gpu"], state.engine.slots.num_resident)
         yield adapters
+        yield GaugeMetricFamily("pica_store_damaged_adapters",
+                                "Store entries that cannot be read back (logged, left out of listings)",
+                                value=len(state.store.damaged))
 
 
 class Metrics:

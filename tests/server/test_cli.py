@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -72,3 +73,16 @@ def test_options_default_from_pica_env(monkeypatch):
     cfg = app_config(parser.parse_args(["serve"]))
     assert (cfg.engine.max_gpu_adapters, cfg.model.model, cfg.server.port) == (7, "/models/x", 9001)
     assert app_config(parser.parse_args(["serve", "--port", "9002"])).server.port == 9002
+
+
+def test_adapter_flags_provision_folders(tmp_path, capsys):
+    import pytest
+
+    from server.cli import app_config, build_parser
+
+    args = build_parser().parse_args(["serve", "--adapter", "a=/x/a", "--adapter", "b-2=rel/b"])
+    assert app_config(args).server.adapters == (("a", Path("/x/a")), ("b-2", Path("rel/b")))
+    for bad in (".hidden=/x", "noequals", "a="):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--adapter", bad])
+        assert "--adapter" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from adapters.archive import ArchiveError, ArchiveTooLarge, unpack_adapter_archive
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError
-from adapters.store import AdapterIdError, AdapterInfo, check_adapter_id
+from adapters.store import AdapterIdError, AdapterInfo, DamagedAdapterError, check_adapter_id
 from server.http.deps import get_state, require_admin_key, require_api_key
 from server.http.errors import APIError
 from server.http.schemas import AdapterList, AdapterOut, ErrorResponse
@@ -117,7 +117,7 @@ async def list_adapters(state: ServerState = Depends(get_state)):
     for adapter_id in state.store.ids():
         try:
             infos.append(adapter_out(state.store.info(adapter_id)))
-        except KeyError:  # deleted meanwhile
+        except (KeyError, DamagedAdapterError):  # deleted meanwhile, or damaged (logged and counted)
             continue
     return AdapterList(data=infos)
 
@@ -128,6 +128,8 @@ async def get_adapter(adapter_id: str, state: ServerState = Depends(get_state)):
         return adapter_out(state.store.info(adapter_id))
     except KeyError:
         raise not_found(adapter_id) from None
+    except DamagedAdapterError as exc:
+        raise APIError(500, str(exc), "adapter_id") from exc
 
 
 @router.delete("/v1/adapters/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)],
