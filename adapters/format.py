@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
         problems.append(f"target_modules must be a non-empty list of strings, got {targets!r}")
         targets = None
     else:
-        repeated = sorted({t for t in targets if targets.count(t) > 1})
+        repeated = sorted(t for t, n in Counter(targets).items() if n > 1)
         if repeated:
             problems.append(f"target_modules lists {repeated} more than once")
         unknown_groups = [t for t in targets if t not in expect.groups]

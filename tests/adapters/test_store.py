@@ -14,7 +14,7 @@ from tests.helpers import build_tiny_model, write_random_adapter
 
 
 @pytest.fixture(scope="module")
-def basis(tmp_path_factory, ):
+def basis(tmp_path_factory):
     from server.config import ModelConfig
 
     root = tmp_path_factory.mktemp("store")
