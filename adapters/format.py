@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +77,15 @@ class AdapterExpectation:
     def from_basis(cls, basis) -> "AdapterExpectation":
         return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind)
 
+    @property
+    def max_weights_bytes(self) -> int:
+        """An upper bound on any weights file this server accepts (every group at its largest rank in
+        float32, plus room for the header), so an oversized upload is refused before it is read."""
+        r = max(self.group_rank.values())
+        elements = max(sum(math.prod(shape) for shape in get_method(m).expected_tensors(r, self.groups).values())
+                       for m in method_names())
+        return 4 * elements + 2**20
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -96,7 +107,10 @@ class Adapter:
 def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: list[str], warnings: list[str]):
     try:
         raw = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        problems.append(f"{CONFIG_FILE} nests too deeply to be an adapter config")
+        return None
+    except ValueError as exc:  # also undecodable bytes and numbers of thousands of digits
         problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
         return None
     if not isinstance(raw, dict):
@@ -117,6 +131,9 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
         problems.append(f"target_modules must be a non-empty list of strings, got {targets!r}")
         targets = None
     else:
+        repeated = sorted(t for t, n in Counter(targets).items() if n > 1)
+        if repeated:
+            problems.append(f"target_modules lists {repeated} more than once")
         unknown_groups = [t for t in targets if t not in expect.groups]
         if unknown_groups:
             problems.append(

@@ -57,6 +57,9 @@ class TrainConfig:
     save_every: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
     resume_from: Path | None = None
+    checkpoint_dir: Path | None = None
+    """Where `checkpoint-N/` folders go; None = `<out>-checkpoints` beside `out`, never inside it, so that
+    an archive of `out` holds one adapter."""
 
     def __post_init__(self):
         problems = [f"{n} must be >= 1" for n in ("rank", "epochs", "batch_size", "max_length") if getattr(self, n) < 1]
@@ -68,6 +71,11 @@ class TrainConfig:
             problems.append("lr must be > 0 and warmup_ratio in [0, 1)")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def checkpoints(self) -> Path:
+        out = Path(self.out)
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else out.parent / f"{out.name}-checkpoints"
 
     @property
     def basis_kind(self) -> str:
@@ -209,7 +217,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, progress: bool = True):
         log.info("resuming from %s at step %d", cfg.resume_from, state.step)
 
     def checkpoint(state: FitState, optimizer) -> None:
-        save_checkpoint(Path(cfg.out) / f"checkpoint-{state.step}", adapter_config, params, optimizer, state, cfg)
+        save_checkpoint(cfg.checkpoints / f"checkpoint-{state.step}", adapter_config, params, optimizer, state, cfg)
 
     state = fit(loaded.model, params, examples, cfg, pad_id, state, optimizer_state, checkpoint, progress)
     out = Path(cfg.out)

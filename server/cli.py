@@ -84,6 +84,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def adapter_arg(value: str) -> tuple[str, Path]:
+    from adapters.store import AdapterIdError, check_adapter_id
+
+    adapter_id, sep, path = value.partition("=")
+    try:
+        if not sep or not path:
+            raise AdapterIdError(f"expected ID=PATH, got {value!r}")
+        return check_adapter_id(adapter_id), Path(path)
+    except AdapterIdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     defaults = EngineConfig()
@@ -114,6 +126,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--max-body-mb", type=int, default=16, help="largest body of any other request")
     h.add_argument("--allow-insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address without an admin key (anyone may upload and delete adapters)")
+    h.add_argument("--adapter", dest="adapters", action="append", type=adapter_arg, default=[], metavar="ID=PATH",
+                   help="serve the adapter folder PATH as ID (repeatable); a bad one is logged and skipped")
 
 
 def app_config(args) -> AppConfig:
@@ -122,7 +136,7 @@ def app_config(args) -> AppConfig:
     server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
                      served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20,
                      max_body_bytes=args.max_body_mb * 2**20,
-                     allow_insecure_no_auth=args.allow_insecure_no_auth)
+                     allow_insecure_no_auth=args.allow_insecure_no_auth, adapters=tuple(args.adapters))
     if args.api_key:
         server_kw["api_key"] = args.api_key
     if args.admin_key:
@@ -180,7 +194,7 @@ def cmd_train(args) -> int:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "completion"} or {"messages"}')
-    t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints inside)")
+    t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints go to OUT-checkpoints/)")
     t.add_argument("--rank", type=int, default=16, help="adapter rank r (at most --rank-max)")
     t.add_argument("--epochs", type=int, default=3, help="passes over the data")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
@@ -259,7 +273,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
                 apply_env_defaults(sub)
-        elif action.option_strings and action.dest not in ("help", "version", "api_key", "admin_key"):
+        elif action.option_strings and action.dest not in ("help", "version", "api_key", "admin_key", "adapters"):
             value = env_default(action.dest)
             if value is None:
                 continue

@@ -144,6 +144,8 @@ class ServerConfig:
     allow_insecure_no_auth: bool = False
     """Listen on a non-loopback address without an admin key (anyone who reaches the port may then
     upload and delete adapters). Without it such a configuration is refused."""
+    adapters: tuple[tuple[str, Path], ...] = ()
+    """(adapter_id, folder) pairs stored at start, as `--adapter ID=PATH` gives them."""
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

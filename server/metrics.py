@@ -51,6 +51,9 @@ class _StateCollector:
                                 value=engine.num_waiting)
         yield GaugeMetricFamily("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use",
                                 value=engine.blocks.num_used_blocks / max(1, engine.blocks.num_blocks))
+        yield GaugeMetricFamily("pica_store_damaged_adapters",
+                                "Store entries that cannot be read back (logged, left out of listings)",
+                                value=len(state.store.damaged))
 
 
 class Metrics:

@@ -24,6 +24,10 @@ class QueueFullError(RuntimeError):
     pass
 
 
+class RequestFailed(RuntimeError):
+    """This request failed inside the engine (the requests batched with it went on)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, max_queue: int, on_stats: Callable[[StepStats], None] | None = None):
         self.engine = engine
@@ -124,7 +128,7 @@ class AsyncEngine:
                 except Exception:
                     log.exception("stats callback failed")
             for output in outputs:
-                self._deliver(output.request_id, output)
+                self._deliver(output.request_id, RequestFailed(output.error) if output.error else output)
 
 
 class RequestStream:

@@ -6,6 +6,7 @@ AsyncEngine drives it from a background thread for the HTTP server.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, TokenLogprob
 from server.engine.stats import FinishedRequest, StepStats
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 
 
@@ -36,6 +38,8 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None
+    """Set (with finish_reason 'error') when this request failed inside a step; the others go on."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class Engine:
         self.check_request(prompt_token_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter, detok)
+        self.runner.sampler.add(seq)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -148,7 +153,11 @@ class Engine:
                 else:
                     itl.append(now - seq.last_token_time)
                 seq.last_token_time = now
-                outputs.append(self._postprocess(seq, token, logprob))
+                try:
+                    outputs.append(self._postprocess(seq, token, logprob))
+                except Exception as exc:  # this request's own failure (detokenizing, stop strings): it alone ends
+                    log.exception("request %s failed in a step; the others go on", seq.request_id)
+                    outputs.append(self._fail(seq, exc))
                 if seq.is_finished:
                     finished.append(FinishedRequest.of(seq, now))
         stats = StepStats(
@@ -169,6 +178,15 @@ class Engine:
             finished=tuple(finished),
         )
         return outputs, stats
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        self._seqs.pop(seq.request_id, None)
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "error")
+        seq.finish_reason = "error"
+        self.runner.sampler.forget(seq.request_id)
+        return RequestOutput(seq.request_id, seq.adapter_id, "", (), (), True, "error", seq.num_prompt_tokens,
+                             seq.num_output_tokens, f"{type(exc).__name__}: {exc}")
 
     def _postprocess(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         seq.token_ids.append(token)

@@ -17,6 +17,16 @@ class Sampler:
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
 
+    def add(self, seq: Sequence) -> None:
+        """Seed a request's generator when it arrives, so a seed torch refuses fails that request alone
+        (ValueError) instead of a step that serves others."""
+        if seq.params.seed is None:
+            return
+        try:
+            self._generators[seq.request_id] = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        except (RuntimeError, OverflowError, ValueError) as exc:
+            raise ValueError(f"seed {seq.params.seed} cannot seed a generator: {exc}") from exc
+
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 

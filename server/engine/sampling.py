@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+"""The seeds torch.Generator.manual_seed takes."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class SamplingParams:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if any(not s for s in self.stop):
             problems.append("stop strings must be non-empty")
         if problems:

@@ -8,12 +8,13 @@ import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from server.config import AppConfig
 from server.http.errors import install_error_handlers
 from server.http.guard import RequestGuard
+from server.http.middleware import RequestAccounting
 from server.http.routes import adapters, generate, openai_api, ops
 from server.http.state import build_state
 from server.metrics import Metrics
@@ -58,15 +59,8 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
     app.state.server_state = None
     app.state.load_error = None
     install_error_handlers(app)
-    app.add_middleware(RequestGuard, config=config.server)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(RequestGuard, config=config.server)  # inner: checks the key before any body is read
+    app.add_middleware(RequestAccounting, metrics=metrics)  # outermost: counts every request, answers 500s itself
     for router in (ops.router, generate.router, openai_api.router, adapters.router):
         app.include_router(router)
     return app

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.engine.sampling import MAX_LOGPROBS
+from server.engine.sampling import MAX_LOGPROBS, MAX_SEED, MIN_SEED
 
 
 class SamplingFields(BaseModel):
@@ -14,7 +14,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off.")
-    seed: int | None = Field(None, description="Same seed, prompt and adapter -> same output.")
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED, description="Same seed, prompt and adapter -> same output.")
     stop: str | list[str] | None = Field(None, description="Up to 8 stop strings; the text ends before the first.")
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

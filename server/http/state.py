@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from adapters.format import AdapterExpectation
-from adapters.store import AdapterIdError, AdapterStore, check_adapter_id
+from adapters.format import AdapterExpectation, AdapterValidationError
+from adapters.store import AdapterIdError, AdapterStore, DamagedAdapterError, check_adapter_id
 from cache.basis_cache import Basis, BasisCache
 from cache.host_cache import AdapterHandle, HostCache
 from server.config import AppConfig
-from server.engine.async_engine import AsyncEngine, QueueFullError, RequestStream
+from server.engine.async_engine import AsyncEngine, QueueFullError, RequestFailed, RequestStream
 from server.engine.engine import Engine, RequestOutput
 from server.engine.sampling import SamplingParams
 from server.http.errors import APIError
@@ -55,6 +55,8 @@ class ServerState:
             handle = await run_in_threadpool(self.host_cache.get, adapter_id)
         except KeyError:
             raise not_found from None
+        except DamagedAdapterError as exc:
+            raise APIError(500, str(exc), param) from exc
         if not in_host:
             self.metrics.observe_disk_load(time.perf_counter() - start)
         return handle
@@ -131,7 +133,10 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Collec
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if not done and await request.is_disconnected():
                 raise APIError(499, "client disconnected")
-        task.result()
+        try:
+            task.result()
+        except RequestFailed as exc:
+            raise APIError(500, f"the request failed: {exc}") from exc
         return results
     finally:
         if not task.done():
@@ -177,6 +182,17 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
             stream.cancel()
 
 
+def provision_adapters(store: AdapterStore, adapters) -> None:
+    """`--adapter ID=PATH`: store each folder under its id; a bad one is logged and skipped."""
+    for adapter_id, folder in adapters:
+        try:
+            info = store.provision(adapter_id, folder)
+        except (AdapterIdError, AdapterValidationError, FileExistsError, OSError) as exc:
+            log.error("--adapter %s=%s skipped: %s", adapter_id, folder, exc)
+        else:
+            log.info("--adapter %s=%s: serving it (checksum %s)", adapter_id, folder, info.checksum[:12])
+
+
 def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
     """Load the model once, its basis from the cache (computing it if missing), and start the engine."""
     loaded = load_model(config.model)
@@ -186,6 +202,7 @@ def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
     )
     expect = AdapterExpectation.from_basis(basis)
     store = AdapterStore(config.adapter_dir, expect)
+    provision_adapters(store, config.server.adapters)
     host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
     engine = Engine(loaded, basis, config.engine)
     async_engine = AsyncEngine(engine, config.engine.max_queue, on_stats=metrics.observe_step)

@@ -120,9 +120,10 @@ def test_resume_continues_exactly(task, tmp_path):
     model_cfg = ModelConfig(model=str(root / "model"), device="cpu", rank_max=8, cache_dir=root / "cache")
     base = dict(data=root / "train.jsonl", rank=8, epochs=6, lr=2e-2, batch_size=4, save_every=5)
     first, *_ = train(TrainConfig(out=tmp_path / "a", **base), model_cfg, progress=False)
-    resumed, *_ = train(TrainConfig(out=tmp_path / "b", resume_from=tmp_path / "a" / "checkpoint-5", **base),
+    resumed, *_ = train(TrainConfig(out=tmp_path / "b", resume_from=tmp_path / "a-checkpoints" / "checkpoint-5", **base),
                         model_cfg, progress=False)
     assert first.step == resumed.step == 18 and resumed.losses[:5] == first.losses[:5]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     a = load_adapter_dir(tmp_path / "a", AdapterExpectation.from_basis(_basis(model_cfg)))
     b = load_adapter_dir(tmp_path / "b", AdapterExpectation.from_basis(_basis(model_cfg)))
     for name in a.tensors:

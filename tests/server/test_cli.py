@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import httpx
 import torch
@@ -165,3 +166,14 @@ def test_serve_refuses_an_open_non_loopback_bind(tmp_path, capsys, monkeypatch):
 
     apply_env_defaults(parser)
     assert parser.parse_args(["serve"]).allow_insecure_no_auth is False
+def test_adapter_flags_provision_folders(tmp_path, capsys):
+    import pytest
+
+    from server.cli import app_config, build_parser
+
+    args = build_parser().parse_args(["serve", "--adapter", "a=/x/a", "--adapter", "b-2=rel/b"])
+    assert app_config(args).server.adapters == (("a", Path("/x/a")), ("b-2", Path("rel/b")))
+    for bad in (".hidden=/x", "noequals", "a="):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--adapter", bad])
+        assert "--adapter" in capsys.readouterr().err

@@ -141,6 +141,8 @@ def test_upload_size_and_archive_limits(live, good_files, monkeypatch):
     ({"prompt": "hi", "max_tokens": 0}, 422, "max_tokens: Input should be greater than or equal to 1"),
     ({"prompt": "x" * 300, "max_tokens": 4}, 400, "more than this model's context length 256"),
     ({"prompt": "hi", "stop": ["a"] * 9}, 400, "at most 8 stop strings"),
+    ({"prompt": "hi", "seed": 2**64}, 422, "seed: Input should be less than or equal to 18446744073709551615"),
+    ({"prompt": "hi", "seed": -(2**63) - 1}, 422, "seed: Input should be greater than or equal to"),
 ])
 def test_generate_bad_input(live, payload, status, message):
     err = error_of(httpx.post(f"{live.base_url}/v1/generate", json=payload, timeout=30), status)
@@ -195,6 +197,25 @@ def test_errors_do_not_echo_huge_input(live, good_files):
     assert len(err["message"]) < 3000 and len(err["param"]) < 300
     err = error_of(httpx.post(f"{live.base_url}/v1/completions", json={"model": "m" * 100_000, "prompt": "x"}), 404)
     assert len(err["message"]) < 3000
+def test_a_bad_seed_fails_only_its_own_request(live):
+    """Seeds torch refuses used to fail the engine step, and with it every request in flight."""
+    base = live.state.model_name
+    payload = {"model": base, "prompt": "hi", "max_tokens": 30, "ignore_eos": True, "temperature": 1.0}
+    results = {}
+
+    def run(i):
+        results[i] = httpx.post(f"{live.base_url}/v1/completions", json={**payload, "seed": i}, timeout=60)
+
+    others = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in others:
+        thread.start()
+    err = error_of(httpx.post(f"{live.base_url}/v1/completions", json={**payload, "seed": 2**64 - 1, "n": 2}), 400)
+    assert "seed must be in" in err["message"]  # choice 1 would use seed + 1
+    error_of(httpx.post(f"{live.base_url}/v1/completions", json={**payload, "seed": 2**64}), 422)
+    for thread in others:
+        thread.join(60)
+    assert [results[i].status_code for i in range(4)] == [200] * 4
+    assert all(results[i].json()["usage"]["completion_tokens"] == 30 for i in range(4))
 
 
 def test_queue_full_is_429(live, monkeypatch):

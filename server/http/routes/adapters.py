@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from adapters.archive import ArchiveError, ArchiveTooLarge, unpack_adapter_archive
 from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError
-from adapters.store import AdapterIdError, AdapterInfo, check_adapter_id
+from adapters.store import AdapterIdError, AdapterInfo, DamagedAdapterError, check_adapter_id
 from server.http.deps import get_state, require_admin_key, require_api_key
 from server.http.errors import APIError, clip
 from server.http.schemas import UPLOAD_BODY, AdapterList, AdapterOut, ErrorResponse
@@ -38,6 +38,26 @@ def adapter_out(info: AdapterInfo) -> AdapterOut:
                       size_bytes=info.size_bytes, checksum=info.checksum, created=info.created, base_model=info.base_model)
 
 
+async def read_files(uploads: dict[str, UploadFile], state: ServerState) -> dict[str, bytes]:
+    """The two adapter files' bytes, from the parts themselves or unpacked (off the event loop) from one
+    archive; a weights file larger than any this server accepts is refused before it is read."""
+    max_weights = state.store.expect.max_weights_bytes
+    if len(uploads) == 1 and next(iter(uploads)).lower().endswith(ARCHIVE_SUFFIXES):
+        name, upload = next(iter(uploads.items()))
+        try:
+            return await run_in_threadpool(unpack_adapter_archive, name, upload.file,
+                                           state.config.server.max_unpacked_bytes, max_weights)
+        except ArchiveTooLarge as exc:
+            raise APIError(413, str(exc), "files") from exc
+        except ArchiveError as exc:
+            raise APIError(400, str(exc), "files") from exc
+    weights = uploads.get(WEIGHTS_FILE)
+    if weights is not None and weights.size is not None and weights.size > max_weights:
+        raise APIError(413, f"{WEIGHTS_FILE} is {weights.size} bytes, more than this server accepts ({max_weights} bytes)",
+                       "files")
+    return {name: await upload.read() for name, upload in uploads.items()}
+
+
 async def read_upload(request: Request, state: ServerState) -> tuple[str, dict[str, bytes]]:
     limits = state.config.server
     length = request.headers.get("content-length")
@@ -51,20 +71,19 @@ async def read_upload(request: Request, state: ServerState) -> tuple[str, dict[s
         form = await request.form(max_files=4, max_fields=8, max_part_size=limits.max_upload_bytes)
     except Exception as exc:  # malformed multipart bodies
         raise APIError(400, f"could not parse the multipart upload: {exc}") from exc
-    adapter_id = form.get("adapter_id")
-    if not isinstance(adapter_id, str) or not adapter_id:
-        raise APIError(400, "missing form field adapter_id", "adapter_id")
-    uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    files = {(u.filename or "").rsplit("/", 1)[-1]: await u.read() for u in uploads}
-    await form.close()
-    if len(files) == 1 and next(iter(files)).lower().endswith(ARCHIVE_SUFFIXES):
-        name, data = next(iter(files.items()))
-        try:
-            files = unpack_adapter_archive(name, data, limits.max_unpacked_bytes)
-        except ArchiveTooLarge as exc:
-            raise APIError(413, str(exc), "files") from exc
-        except ArchiveError as exc:
-            raise APIError(400, str(exc), "files") from exc
+    try:
+        adapter_id = form.get("adapter_id")
+        if not isinstance(adapter_id, str) or not adapter_id:
+            raise APIError(400, "missing form field adapter_id", "adapter_id")
+        uploads = {}
+        for upload in (v for _, v in form.multi_items() if isinstance(v, UploadFile)):
+            name = (upload.filename or "").rsplit("/", 1)[-1]
+            if name in uploads:
+                raise APIError(400, f"upload holds {name or 'a file without a name'} more than once", "files")
+            uploads[name] = upload
+        files = await read_files(uploads, state)
+    finally:
+        await form.close()
     missing = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if n not in files]
     if missing:
         raise APIError(400, f"upload lacks {missing}: send both files by these names, or one archive of the folder", "files")
@@ -101,7 +120,7 @@ async def list_adapters(state: ServerState = Depends(get_state)):
     for adapter_id in state.store.ids():
         try:
             infos.append(adapter_out(state.store.info(adapter_id)))
-        except KeyError:  # deleted meanwhile
+        except (KeyError, DamagedAdapterError):  # deleted meanwhile, or damaged (logged and counted)
             continue
     return AdapterList(data=infos)
 
@@ -112,6 +131,8 @@ async def get_adapter(adapter_id: str, state: ServerState = Depends(get_state)):
         return adapter_out(state.store.info(adapter_id))
     except KeyError:
         raise not_found(adapter_id) from None
+    except DamagedAdapterError as exc:
+        raise APIError(500, str(exc), "adapter_id") from exc
 
 
 @router.delete("/v1/adapters/{adapter_id}", status_code=204, dependencies=[Depends(require_admin_key)],

@@ -11,6 +11,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, Request
 
+from adapters.store import DamagedAdapterError
 from server.chat_template import encode_chat
 from server.http.deps import get_state, require_api_key
 from server.http.errors import APIError
@@ -213,7 +214,7 @@ async def list_models(state: ServerState = Depends(get_state)):
     for adapter_id in state.store.ids():
         try:
             cards.append(model_card(state, adapter_id))
-        except KeyError:  # deleted meanwhile
+        except (KeyError, DamagedAdapterError):  # deleted meanwhile, or damaged (logged and counted)
             continue
     return ModelList(data=cards)
 
