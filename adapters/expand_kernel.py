@@ -22,8 +22,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr, tile_slot_ptr,
-                   num_tiles_ptr, last_tile, stride_out, stride_stack_s, stride_stack_n, stride_ranks_m,
+def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, signs_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr,
+                   tile_slot_ptr, num_tiles_ptr, last_tile, layer, stride_out, stride_stack_s, stride_stack_n,
+                   stride_ranks_m, stride_signs_s, stride_signs_l,
                    NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -44,12 +45,14 @@ def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, token_order_ptr, tile_start_pt
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NUM_OUT
     z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
+    sign_ptrs = signs_ptr + slot.to(tl.int64) * stride_signs_s + layer * stride_signs_l + member * RANK
     m_ptrs = stack_ptr + slot.to(tl.int64) * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < rank
         z = tl.load(z_ptrs + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        z = z * tl.load(sign_ptrs + offs_k, mask=mask_k, other=0.0)[None, :]  # the layer's diagonal core (+-1)
         m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(z, tl.trans(m), input_precision=PRECISION)
     y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
@@ -82,22 +85,25 @@ def default_config(rank: int, bounds: list[int]) -> ExpandConfig:
     return ExpandConfig(block_n=block_n, block_k=max(16, min(64, triton.next_power_of_2(rank))))
 
 
-def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, bounds: list[int], groups,
-                   config: ExpandConfig | None = None) -> torch.Tensor:
+def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
+                   bounds: list[int], groups, config: ExpandConfig | None = None) -> torch.Tensor:
     """y0z [T, num_out + M*R] (row-major), stack [S, num_out, R] (rows contiguous), ranks [M, S] int32,
-    bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out], updated."""
+    signs [S, L, M*R] (rows contiguous), layer: the row of signs to use, bounds: the M members' column
+    bounds, groups: the step's SlotIndex -> y0z[:, :num_out], updated."""
     num_tokens = y0z.shape[0]
     num_members, num_out, rank = len(bounds) - 1, bounds[-1], stack.shape[2]
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
     assert stack.shape[1] == num_out and stack.stride(2) == 1 and ranks.shape[0] == num_members
+    assert signs.shape[2] == num_members * rank and signs.stride(2) == 1 and 0 <= layer < signs.shape[1]
     cfg = config or default_config(rank, bounds)
     assert all(b % cfg.block_n == 0 for b in bounds[1:-1])
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
     grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, cfg.block_n))
     _expand_kernel[grid](
-        y0z, stack, ranks, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
-        groups.max_tokens - 1, y0z.stride(0), stack.stride(0), stack.stride(1), ranks.stride(0), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
+        y0z, stack, ranks, signs, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
+        groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), stack.stride(0), stack.stride(1),
+        ranks.stride(0), signs.stride(0), signs.stride(1), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
         BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -82,7 +82,9 @@ class AdapterExpectation:
         """An upper bound on any weights file this server accepts (every group at its largest rank in
         float32, plus room for the header), so an oversized upload is refused before it is read."""
         r = max(self.group_rank.values())
-        elements = max(sum(math.prod(shape) for shape in get_method(m).expected_tensors(r, self.groups).values())
+        elements = max(sum(math.prod(shape) for tensors in (get_method(m).expected_tensors(r, self.groups),
+                                                             get_method(m).optional_tensors(r, self.groups))
+                           for shape in tensors.values())
                        for m in method_names())
         return 4 * elements + 2**20
 
@@ -176,8 +178,10 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
         method = get_method(config.method)
         groups = {g: expect.groups[g] for g in config.target_modules}
         expected = method.expected_tensors(config.r, groups)
+        optional = method.optional_tensors(config.r, groups)
         missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
+        extra = sorted(set(tensors) - set(expected) - set(optional))
+        expected = {**expected, **{name: shape for name, shape in optional.items() if name in tensors}}
         if config.method == "pica" and any(name.startswith("B.") for name in tensors):
             problems.append(
                 "tensors B.<group> [r, in_features] are the transposed PiCa of adapter format 1 (W0 + U B); format 2 "
@@ -196,6 +200,7 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
                 problems.append(f"tensor {name} has dtype {t.dtype}, expected float32, bfloat16 or float16")
             elif not torch.isfinite(t).all():
                 problems.append(f"tensor {name} has non-finite values (NaN or inf)")
+        problems += method.check_values({n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n)})
     if problems:
         raise AdapterValidationError(problems)
     for w in warnings:

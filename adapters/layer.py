@@ -107,42 +107,63 @@ class SlotIndex:
 
 class SlotStacks:
     """Per-group preallocated adapter M's: group -> [num_slots, out_g, r_max_g], zero-padded, with each
-    slot's rank per group (0 where the adapter leaves the group alone)."""
+    slot's rank per group (0 where the adapter leaves the group alone) and its per-layer signs
+    [num_slots, num_layers_g, r_max_g] (the diagonal core; ones unless the adapter has its own)."""
 
-    def __init__(self, group_shapes: dict[str, tuple[int, int]], num_slots: int, dtype, device):
-        """group_shapes: group -> (out_features, r_max)."""
+    def __init__(self, group_shapes: dict[str, tuple[int, int, int]], num_slots: int, dtype, device):
+        """group_shapes: group -> (out_features, r_max, num_layers)."""
         self.num_slots = num_slots
         self.stacks = {
             g: torch.zeros(num_slots, out_features, r, dtype=dtype, device=device)
-            for g, (out_features, r) in group_shapes.items()
+            for g, (out_features, r, _) in group_shapes.items()
+        }
+        self.signs = {
+            g: torch.ones(num_slots, num_layers, r, dtype=dtype, device=device)
+            for g, (_, r, num_layers) in group_shapes.items()
         }
         self.ranks = {g: torch.zeros(num_slots, dtype=torch.int32, device=device) for g in group_shapes}
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
-        """Copy an adapter's M's [out, r] into `slot` (groups it does not adapt get rank 0 and zeros)."""
+        """Copy an adapter's slot tensors into `slot`: `<group>` -> M [out, r] (groups it does not adapt get
+        rank 0 and zeros), `signs.<group>` -> [num_layers, r] where it has them."""
         for g, stack in self.stacks.items():
-            m = tensors.get(g)
+            m, signs = tensors.get(g), tensors.get(f"signs.{g}")
             rank = 0 if m is None else m.shape[1]
             stack[slot, :, rank:].zero_()
+            self.signs[g][slot].fill_(1)
             if m is not None:
                 stack[slot, :, :rank].copy_(m, non_blocking=non_blocking)
+            if signs is not None:
+                self.signs[g][slot, :, :rank].copy_(signs, non_blocking=non_blocking)
             self.ranks[g][slot] = rank
 
-    def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
-        returns (stack [S, sum(out), R], ranks [M, S]); each group's stack becomes a view of it."""
+        returns (stack [S, sum(out), R], ranks [M, S], signs [S, L, M*R]); each group's tensors become
+        views of these."""
         first = self.stacks[groups[0]]
         num_slots, rank = first.shape[0], first.shape[2]
+        num_layers = self.signs[groups[0]].shape[1]
         outs = [self.stacks[g].shape[1] for g in groups]
         stack = torch.zeros(num_slots, sum(outs), rank, dtype=first.dtype, device=first.device)
         ranks = torch.zeros(len(groups), num_slots, dtype=torch.int32, device=first.device)
+        signs = torch.ones(num_slots, num_layers, len(groups) * rank, dtype=first.dtype, device=first.device)
         offset = 0
         for m, (g, out_features) in enumerate(zip(groups, outs)):
             stack[:, offset : offset + out_features].copy_(self.stacks[g])
             ranks[m].copy_(self.ranks[g])
+            signs[:, :, m * rank : (m + 1) * rank].copy_(self.signs[g])
             self.stacks[g], self.ranks[g] = stack[:, offset : offset + out_features], ranks[m]
+            self.signs[g] = signs[:, :, m * rank : (m + 1) * rank]
             offset += out_features
-        return stack, ranks
+        return stack, ranks, signs
+
+    def served(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(stack, ranks [M, S], signs) for one GEMM's groups: fused where there are several."""
+        if len(groups) > 1:
+            return self.fuse(groups)
+        g = groups[0]
+        return self.stacks[g], self.ranks[g][None], self.signs[g]
 
 
 class SharedGemm:
@@ -152,8 +173,11 @@ class SharedGemm:
     linear keeps a view of its W rows, so nothing is stored twice. A layer that reads its own input is a
     group of one."""
 
-    def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], stack: torch.Tensor,
-                 ranks: torch.Tensor, slot_index: SlotIndex):
+    def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], served: tuple, layer: int,
+                 slot_index: SlotIndex):
+        """served: (stack, ranks, signs) of the members' groups (SlotStacks.served); layer: the members'
+        index in their groups (the row of the signs they read)."""
+        stack, ranks, signs = served
         first = linears[0].weight
         in_features, rank = first.shape[1], stack.shape[2]
         outs = [lin.out_features for lin in linears]
@@ -170,7 +194,7 @@ class SharedGemm:
             if lin.bias is not None:
                 self.bias[lo:hi].copy_(lin.bias.detach())
                 lin.bias = nn.Parameter(self.bias[lo:hi], requires_grad=lin.bias.requires_grad)
-        self.stack, self.ranks, self.slot_index = stack, ranks, slot_index
+        self.stack, self.ranks, self.signs, self.layer, self.slot_index = stack, ranks, signs, layer, slot_index
         self._x: torch.Tensor | None = None
         self._version = -1
         self._out: torch.Tensor | None = None
@@ -181,8 +205,8 @@ class SharedGemm:
         if x is not self._x or self._version != self.slot_index.version:
             x2 = x.reshape(-1, x.shape[-1])
             if self.slot_index.any_adapter:
-                out = expand(F.linear(x2, self.weight, self.bias), self.stack, self.ranks, self.bounds,
-                             self.slot_index)
+                out = expand(F.linear(x2, self.weight, self.bias), self.stack, self.ranks, self.signs, self.layer,
+                             self.bounds, self.slot_index)
             else:
                 bias = None if self.bias is None else self.bias[: self.num_out]
                 out = F.linear(x2, self.weight[: self.num_out], bias)
@@ -254,11 +278,12 @@ def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[l
 
 
 def can_share(stacks: SlotStacks, groups: tuple[str, ...]) -> bool:
-    """Whether these groups' layers can share one GEMM and expand launch: distinct groups, one rank, and
-    output widths the kernel's 16-column blocks never straddle."""
+    """Whether these groups' layers can share one GEMM and expand launch: distinct groups, one rank, as many
+    layers each, and output widths the kernel's 16-column blocks never straddle."""
     shapes = [stacks.stacks[g].shape for g in groups]
     return (1 < len(groups) <= MAX_SHARED_MEMBERS and len(set(groups)) == len(groups)
-            and len({s[2] for s in shapes}) == 1 and math.gcd(*(s[1] for s in shapes)) % 16 == 0)
+            and len({s[2] for s in shapes}) == 1 and len({stacks.signs[g].shape[1] for g in groups}) == 1
+            and math.gcd(*(s[1] for s in shapes)) % 16 == 0)
 
 
 def plan_shared(stacks: SlotStacks, shared: list[list[str]]) -> dict[tuple[str, ...], list[list[str]]]:
@@ -287,9 +312,8 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     group_rank = {g: min(max_rank, basis.group_rank(g)) for g in basis.groups}
-    stacks = SlotStacks(
-        {g: (info.out_features, group_rank[g]) for g, info in basis.groups.items()}, num_slots, dtype, device
-    )
+    stacks = SlotStacks({g: (info.out_features, group_rank[g], len(info.layers)) for g, info in basis.groups.items()},
+                        num_slots, dtype, device)
     slot_index = SlotIndex(max_tokens, device)
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
@@ -297,10 +321,13 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     seen = {n for names in shared_inputs for n in names}
     shared_inputs += [[n] for n in linears if n not in seen]  # not called by the probe: each alone
     for groups, members in plan_shared(stacks, shared_inputs).items():
-        stack, ranks = stacks.fuse(groups) if len(groups) > 1 else (stacks.stacks[groups[0]], stacks.ranks[groups[0]][None])
+        served = stacks.served(groups)
         for names in members:
             bases = [basis.p[n][: group_rank[group_of(n)]].to(device=device, dtype=dtype) for n in names]
-            shared = SharedGemm([linears[n] for n in names], bases, stack, ranks, slot_index)
+            layer = {basis.groups[group_of(n)].layers.index(n) for n in names}
+            if len(layer) != 1:
+                raise ValueError(f"layers {names} share an input but sit at different depths of their groups")
+            shared = SharedGemm([linears[n] for n in names], bases, served, layer.pop(), slot_index)
             for member, name in enumerate(names):
                 layers[name] = AdaptedLinear(linears[name], shared, member)
                 replace_module(model, name, layers[name])

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 
-def expand_reference(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, bounds: list[int],
-                     token_slots: torch.Tensor) -> torch.Tensor:
+def expand_reference(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
+                     bounds: list[int], token_slots: torch.Tensor) -> torch.Tensor:
     """Semantics:
         num_out = bounds[-1]; R = stack.shape[2]
         y = y0z[:, :num_out] (copied)
@@ -20,11 +20,12 @@ def expand_reference(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor
             s = token_slots[t]
             if s == -1: continue                    # base model
             for m in members:                       # layers sharing the GEMM, columns bounds[m]:bounds[m+1]
-                z = y0z[t, num_out + m*R : num_out + (m+1)*R]
+                z = y0z[t, num_out + m*R : num_out + (m+1)*R] * signs[s, layer, m*R : (m+1)*R]
                 r = ranks[m, s]
                 y[t, bounds[m]:bounds[m+1]] += stack[s, bounds[m]:bounds[m+1], :r] @ z[:r]
     y0z [T, num_out + M*R] = [y0 | z_1 .. z_M], stack [S, num_out, R] (the members' M's row-wise),
-    ranks [M, S] -> y [T, num_out] (accumulated in float32, rounded once).
+    ranks [M, S], signs [S, L, M*R] (the per-layer diagonal cores) -> y [T, num_out] (accumulated in
+    float32, rounded once).
     """
     num_out, rank = bounds[-1], stack.shape[2]
     y = y0z[:, :num_out].float().clone()
@@ -33,12 +34,13 @@ def expand_reference(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor
             continue
         for m in range(len(bounds) - 1):
             lo, hi, r = bounds[m], bounds[m + 1], int(ranks[m, s])
-            z = y0z[t, num_out + m * rank : num_out + m * rank + r].float()
+            z = y0z[t, num_out + m * rank : num_out + m * rank + r].float() * signs[s, layer, m * rank : m * rank + r]
             y[t, lo:hi] += stack[s, lo:hi, :r].float() @ z
     return y.to(y0z.dtype)
 
 
-def expand_torch(y0z: torch.Tensor, stack: torch.Tensor, bounds: list[int], slot_index) -> torch.Tensor:
+def expand_torch(y0z: torch.Tensor, stack: torch.Tensor, signs: torch.Tensor, layer: int, bounds: list[int],
+                 slot_index) -> torch.Tensor:
     """Same function as expand_reference (up to rounding), in place on y0z's y0 columns: one matmul per
     adapter in the step and member, with the grouping SlotIndex already made on the host (CPU path)."""
     num_out, rank = bounds[-1], stack.shape[2]
@@ -46,17 +48,18 @@ def expand_torch(y0z: torch.Tensor, stack: torch.Tensor, bounds: list[int], slot
     for s, rows in slot_index.segments():
         for m in range(len(bounds) - 1):
             lo, hi = bounds[m], bounds[m + 1]
-            z = y0z[rows, num_out + m * rank : num_out + (m + 1) * rank]
-            y[rows, lo:hi] = (y[rows, lo:hi].float() + z.float() @ stack[s, lo:hi].float().T).to(y.dtype)
+            z = y0z[rows, num_out + m * rank : num_out + (m + 1) * rank].float() * signs[s, layer, m * rank : (m + 1) * rank]
+            y[rows, lo:hi] = (y[rows, lo:hi].float() + z @ stack[s, lo:hi].float().T).to(y.dtype)
     return y
 
 
-def expand(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, bounds: list[int], slot_index) -> torch.Tensor:
-    """y [T, num_out] = y0 + M[slot] z for the step's tokens, written into y0z's first columns (a view is
-    returned): the Triton kernel on CUDA, batched torch elsewhere."""
+def expand(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
+           bounds: list[int], slot_index) -> torch.Tensor:
+    """y [T, num_out] = y0 + M[slot] diag(signs[slot, layer]) z for the step's tokens, written into y0z's
+    first columns (a view is returned): the Triton kernel on CUDA, batched torch elsewhere."""
     if y0z.is_cuda and KERNELS_AVAILABLE:
-        return expand_grouped(y0z, stack, ranks, bounds, slot_index)
-    return expand_torch(y0z, stack, bounds, slot_index)
+        return expand_grouped(y0z, stack, ranks, signs, layer, bounds, slot_index)
+    return expand_torch(y0z, stack, signs, layer, bounds, slot_index)
 
 
 try:  # Triton is only needed (and usually only installed) where CUDA is

@@ -40,8 +40,8 @@ def block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots, dtype
     dev = "cuda"
     gen = torch.Generator().manual_seed(0)
     groups = tuple(f"g{m}" for m in range(len(outs)))
-    stacks = SlotStacks({g: (o, rank) for g, o in zip(groups, outs)}, num_slots, dtype, dev)
-    stack, ranks = stacks.fuse(groups) if len(groups) > 1 else (stacks.stacks["g0"], stacks.ranks["g0"][None])
+    stacks = SlotStacks({g: (o, rank, 1) for g, o in zip(groups, outs)}, num_slots, dtype, dev)
+    served = stacks.served(groups)
     for slot in range(num_adapters):
         stacks.write(slot, {g: (torch.randn(o, rank, generator=gen) * 0.02).to(dtype) for g, o in zip(groups, outs)})
     index = SlotIndex(max(tokens, 16), dev)
@@ -50,7 +50,7 @@ def block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots, dtype
     linears = [torch.nn.Linear(in_features, o, bias=False, device=dev, dtype=dtype) for o in outs]
     contiguous = [lin.weight.detach().clone() for lin in linears]
     bases = [torch.linalg.qr(torch.randn(in_features, rank, generator=gen))[0].T.to(dev, dtype) for _ in outs]
-    shared = SharedGemm(linears, bases, stack, ranks, index)
+    shared = SharedGemm(linears, bases, served, 0, index)
     x = torch.randn(tokens, in_features, device=dev, dtype=dtype)
     return shared, contiguous, x, slots, index
 
@@ -60,8 +60,9 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     shared, contiguous, x, slots, index = block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots)
     bounds = shared.bounds
     y0z = F.linear(x, shared.weight)
-    ref = expand_reference(y0z.float(), shared.stack.float(), shared.ranks, bounds, torch.tensor(slots, device="cuda"))
-    got = expand_grouped(y0z.clone(), shared.stack, shared.ranks, bounds, index).float()
+    ref = expand_reference(y0z.float(), shared.stack.float(), shared.ranks, shared.signs.float(), 0, bounds,
+                           torch.tensor(slots, device="cuda"))
+    got = expand_grouped(y0z.clone(), shared.stack, shared.ranks, shared.signs, 0, bounds, index).float()
     rel_err = float((got - ref).norm() / ref.norm())
     distinct = min(num_adapters, tokens)
     m_bytes = distinct * sum(outs) * rank * 2
@@ -69,7 +70,7 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
            "base_separate_us": bench(lambda: [F.linear(x, w) for w in contiguous]),
            "base_shared_us": bench(lambda: F.linear(x, shared.weight[: shared.num_out])),
            "gemm_with_p_us": bench(lambda: F.linear(x, shared.weight)),
-           "expand_us": bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, bounds, index)),
+           "expand_us": bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.signs, 0, bounds, index)),
            "rel_err_vs_fp32_reference": rel_err}
     index.set(slots)
     row["adapter_path_us"] = bench(lambda: shared.output_for(0, x) if len(outs) == 1 else
@@ -90,7 +91,8 @@ def tune_expand(tokens, in_features, outs, rank, num_adapters):
     for cfg in SWEEP:
         if any(b % cfg.block_n for b in shared.bounds[1:-1]) or cfg.block_k > max(32, rank):
             continue
-        times[cfg] = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.bounds, index, cfg), rep=50)
+        times[cfg] = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.signs, 0, shared.bounds, index,
+                                                  cfg), rep=50)
     default = default_config(rank, shared.bounds)
     best = sorted(times.items(), key=lambda kv: kv[1])[:5]
     return {"tokens": tokens, "outs": list(outs), "rank": rank, "num_adapters": num_adapters,

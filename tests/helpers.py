@@ -40,24 +40,30 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers:
     return Path(path)
 
 
-def random_adapter_tensors(basis, r: int, groups=None, seed: int = 0, scale: float = 0.5) -> dict:
+def random_adapter_tensors(basis, r: int, groups=None, seed: int = 0, scale: float = 0.5, signs: bool = False) -> dict:
+    """M.<group> for each group; with signs, random per-layer signs.<group> too (an imported adapter's form)."""
     gen = torch.Generator().manual_seed(seed)
     groups = groups or sorted(basis.groups)
-    return {
+    tensors = {
         f"M.{g}": torch.randn(basis.groups[g].out_features, r, generator=gen) * scale / r**0.5
         for g in groups
     }
+    if signs:
+        tensors.update({f"signs.{g}": torch.randint(0, 2, (len(basis.groups[g].layers), r), generator=gen) * 2.0 - 1
+                        for g in groups})
+    return tensors
 
 
-def write_random_adapter(path: Path, basis, r: int, groups=None, seed: int = 0, scale: float = 0.5) -> Path:
+def write_random_adapter(path: Path, basis, r: int, groups=None, seed: int = 0, scale: float = 0.5,
+                         signs: bool = False) -> Path:
     groups = groups or sorted(basis.groups)
     config = AdapterConfig("pica", r, tuple(groups), "tiny", basis.checksum)
-    save_adapter_dir(path, config, random_adapter_tensors(basis, r, groups, seed, scale))
+    save_adapter_dir(path, config, random_adapter_tensors(basis, r, groups, seed, scale, signs))
     return Path(path)
 
 
-def make_adapter(tmp_path: Path, basis, r: int, seed: int = 0, groups=None, scale: float = 0.5):
-    folder = write_random_adapter(tmp_path / f"adapter-{seed}-{r}", basis, r, groups, seed, scale)
+def make_adapter(tmp_path: Path, basis, r: int, seed: int = 0, groups=None, scale: float = 0.5, signs: bool = False):
+    folder = write_random_adapter(tmp_path / f"adapter-{seed}-{r}", basis, r, groups, seed, scale, signs)
     return load_adapter_dir(folder, AdapterExpectation.from_basis(basis))
 
 

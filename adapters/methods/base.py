@@ -7,7 +7,8 @@ E [out, r], K [r, r] and S [r, in]. Each factor has a scope:
 - GROUP: per adapter, shared by every layer of a functional group (q_proj, ...);
 - LAYER: per adapter and layer;
 - IDENTITY: no factor (K only).
-PiCa: E per group (M), K identity, S frozen (P). LoRA: S (A) and E (B) per layer, K identity.
+PiCa: E per group (M), S frozen (P), K per layer and diagonal (signs; identity unless the adapter
+was imported from a basis with other signs). LoRA: S (A) and E (B) per layer, K identity.
 PSOFT: E and S frozen (both SVD factors), K per layer (an r x r orthogonal core).
 A method is one module in this folder that subclasses AdapterMethod and registers itself.
 """
@@ -21,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from adapters.targets import GroupInfo
+from adapters.targets import GroupInfo, group_of
 
 
 class Scope(str, Enum):
@@ -40,9 +41,11 @@ class Factors:
     shrink: Scope
 
 
-SLOT_SERVED = Factors(expand=Scope.GROUP, core=Scope.IDENTITY, shrink=Scope.FROZEN)
-"""The layout the slot stacks serve today: S rides in the base GEMM as extra rows ([W0; P] x), and
-each slot holds one E per group. LAYER-scoped and core factors come with the next methods."""
+SLOT_SERVED = Factors(expand=Scope.GROUP, core=Scope.LAYER, shrink=Scope.FROZEN)
+"""The layout the slot stacks serve today: S rides in the base GEMM as extra rows ([W0; P] x), each slot
+holds one E per group, and the per-layer core is diagonal (a sign per basis vector and layer, which
+absorbs another SVD's sign choices: see `pica-serve import`). Full cores and per-layer E's come with
+the next methods."""
 
 
 class AdapterMethod(ABC):
@@ -53,13 +56,22 @@ class AdapterMethod(ABC):
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         """Tensor name -> shape an adapter file must hold for these groups and rank."""
 
+    def optional_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape an adapter file may hold besides (absent: that factor's default)."""
+        return {}
+
+    def check_values(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Problems with tensor values beyond shape, dtype and finiteness (none by default)."""
+        return []
+
     @abstractmethod
-    def trained_factor(self, tensors: dict[str, torch.Tensor], part: str, layer: str) -> torch.Tensor:
-        """The adapter's own factor `part` ('expand', 'core' or 'shrink') of `layer` (a full module name)."""
+    def trained_factor(self, tensors: dict[str, torch.Tensor], part: str, layer: str, group: GroupInfo):
+        """The adapter's own factor `part` ('expand', 'core' or 'shrink') of `layer` (a full module name of
+        `group`), or None where the adapter leaves it at identity."""
 
     def factor(self, tensors: dict[str, torch.Tensor], part: str, layer: str, basis, r: int) -> torch.Tensor | None:
         """Factor `part` of `layer` as a float32 tensor: the adapter's own, the basis's (sliced to r),
-        or None for IDENTITY."""
+        or None for identity."""
         scope = getattr(self.factors, part)
         if scope is Scope.IDENTITY:
             return None
@@ -67,7 +79,8 @@ class AdapterMethod(ABC):
             if part != "shrink":
                 raise NotImplementedError(f"the basis cache holds the shrink factor P only, not a frozen {part}")
             return basis.p[layer][:r].to(torch.float32)
-        return self.trained_factor(tensors, part, layer).to(torch.float32)
+        factor = self.trained_factor(tensors, part, layer, basis.groups[group_of(layer)])
+        return None if factor is None else factor.to(torch.float32)
 
     def delta_weight(self, tensors: dict[str, torch.Tensor], layer: str, basis, r: int) -> torch.Tensor:
         """Dense weight delta [out, in] (float32) of one layer: E @ K @ S."""
@@ -75,8 +88,11 @@ class AdapterMethod(ABC):
         return expand @ shrink if core is None else expand @ core @ shrink
 
     def slot_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
-        """Group -> E [out, r], what one GPU slot holds for this adapter (SLOT_SERVED methods)."""
+        """What one GPU slot holds for this adapter (SLOT_SERVED methods): `<group>` -> E [out, r], and
+        `signs.<group>` -> the diagonal cores [num_layers, r] where the adapter has them."""
         if self.factors != SLOT_SERVED:
             raise NotImplementedError(f"{self.name}: the slot stacks serve {SLOT_SERVED}, not {self.factors}")
-        return {g: self.trained_factor(tensors, "expand", g) for g in groups}  # a bare group names its layers
+        return self.served_tensors(tensors, groups)
 
+    def served_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

@@ -1,6 +1,9 @@
 """PiCa: W = W0 + M_g P, with P the top-r right singular vectors of W0 (rows of Vh, [r, in], frozen,
 per layer) and one M_g [out, r] shared by every layer of functional group g. The file holds one
-tensor `M.<group>` [out_features, r] per group (adapter format 2)."""
+tensor `M.<group>` [out_features, r] per group (adapter format 2), and may hold `signs.<group>`
+[num_layers, r] of +-1: the per-layer diagonal core of an adapter trained against a basis whose
+vectors' signs differ from ours layer by layer (W = W0 + M_g diag(signs_l) P_l; see `pica-serve import`).
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,26 @@ from adapters.targets import GroupInfo, group_of
 @register_method
 class PiCa(AdapterMethod):
     name = "pica"
-    factors = Factors(expand=Scope.GROUP, core=Scope.IDENTITY, shrink=Scope.FROZEN)
+    factors = Factors(expand=Scope.GROUP, core=Scope.LAYER, shrink=Scope.FROZEN)
 
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         return {f"M.{g}": (info.out_features, r) for g, info in groups.items()}
 
-    def trained_factor(self, tensors: dict[str, torch.Tensor], part: str, layer: str) -> torch.Tensor:
-        assert part == "expand", part
-        return tensors[f"M.{group_of(layer)}"]
+    def optional_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
+        return {f"signs.{g}": (len(info.layers), r) for g, info in groups.items()}
+
+    def check_values(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        return [f"tensor {name} must hold only +1 and -1" for name, t in sorted(tensors.items())
+                if name.startswith("signs.") and not bool((t.abs() == 1).all())]
+
+    def trained_factor(self, tensors: dict[str, torch.Tensor], part: str, layer: str, group: GroupInfo):
+        if part == "expand":
+            return tensors[f"M.{group_of(layer)}"]
+        assert part == "core", part
+        signs = tensors.get(f"signs.{group_of(layer)}")
+        return None if signs is None else torch.diag(signs[group.layers.index(layer)].float())
+
+    def served_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
+        served = {g: tensors[f"M.{g}"] for g in groups}
+        served.update({f"signs.{g}": tensors[f"signs.{g}"] for g in groups if f"signs.{g}" in tensors})
+        return served

@@ -16,11 +16,17 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0)."""
     gen = torch.Generator().manual_seed(seed)
     groups = tuple(f"g{m}" for m in range(len(outs)))
-    stacks = SlotStacks({g: (o, rank_max) for g, o in zip(groups, outs)}, num_slots, dtype, device)
-    stack, member_ranks = stacks.fuse(groups) if len(groups) > 1 else (stacks.stacks["g0"], stacks.ranks["g0"][None])
+    num_layers = 3
+    stacks = SlotStacks({g: (o, rank_max, num_layers) for g, o in zip(groups, outs)}, num_slots, dtype, device)
+    stack, member_ranks, signs = stacks.served(groups)
     for slot, r in enumerate(ranks):
-        stacks.write(slot, {g: torch.randn(o, r, generator=gen).to(dtype) for m, (g, o) in enumerate(zip(groups, outs))
-                            if r and not (m and slot == 0)})
+        tensors = {g: torch.randn(o, r, generator=gen).to(dtype) for m, (g, o) in enumerate(zip(groups, outs))
+                   if r and not (m and slot == 0)}
+        if slot % 2:  # odd slots bring per-layer signs (an imported adapter), even ones the identity
+            tensors.update({f"signs.{g}": (torch.randint(0, 2, (num_layers, r), generator=gen) * 2 - 1).to(dtype)
+                            for g in list(tensors)})
+        stacks.write(slot, tensors)
+    layer = seed % num_layers
     slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
     slots[0] = -1
     if num_tokens > 3:
@@ -29,8 +35,9 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     index = SlotIndex(max(num_tokens, 8), device)
     index.set(slots)
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
-    ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), bounds, torch.tensor(slots))
-    got = expand_grouped(y0z.clone(), stack, member_ranks, bounds, index, config).cpu().float()
+    ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), signs.cpu().float(), layer, bounds,
+                           torch.tensor(slots))
+    got = expand_grouped(y0z.clone(), stack, member_ranks, signs, layer, bounds, index, config).cpu().float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, config)
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")

@@ -38,6 +38,11 @@ def problems(cfg=None, w=None):
     return " | ".join(info.value.problems)
 
 
+def test_per_layer_signs_are_optional():
+    adapter = parse_adapter(config(), weights(**{"signs.q_proj": -torch.ones(2, 8)}), EXPECT)
+    assert set(adapter.slot_tensors()) == {"q_proj", "down_proj", "signs.q_proj"}
+
+
 def test_valid_adapter_loads():
     adapter = parse_adapter(config(), weights(), EXPECT)
     assert adapter.config.r == 8 and adapter.num_params == 8 * (64 + 48)  # r x sum of out_features
@@ -77,6 +82,9 @@ def test_config_problems(cfg, message):
         (weights(**{"M.q_proj": torch.zeros(64, 8, dtype=torch.int32)}), "tensor M.q_proj has dtype torch.int32"),
         (weights(**{"M.q_proj": torch.full((64, 8), float("nan"))}), "tensor M.q_proj has non-finite values"),
         (weights(**{"M.down_proj": torch.full((48, 8), float("inf"))}), "tensor M.down_proj has non-finite values"),
+        (weights(**{"signs.q_proj": torch.ones(3, 8)}), "tensor signs.q_proj has shape [3, 8], expected [2, 8]"),
+        (weights(**{"signs.q_proj": torch.full((2, 8), 0.5)}), "tensor signs.q_proj must hold only +1 and -1"),
+        (weights(**{"signs.v_proj": torch.ones(2, 8)}), "unexpected tensors ['signs.v_proj']"),
     ],
 )
 def test_weight_problems(w, message):

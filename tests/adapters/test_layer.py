@@ -19,7 +19,7 @@ def test_mixed_batch_matches_dense_merged_models(tmp_path, model_config_for, arc
     adapters = [
         make_adapter(tmp_path, basis, r=16, seed=seed * 10 + 1),
         make_adapter(tmp_path, basis, r=4, seed=seed * 10 + 2, groups=["q_proj", "v_proj", "down_proj"]),
-        make_adapter(tmp_path, basis, r=9, seed=seed * 10 + 3),
+        make_adapter(tmp_path, basis, r=9, seed=seed * 10 + 3, signs=True),  # per-layer signs (imported form)
     ]
     adapted = attach_adapters(loaded.model, basis, num_slots=4, max_rank=16)
     slot_of = {0: 2, 1: 0, 2: 3}  # adapter index -> slot (not in order, one slot left empty)

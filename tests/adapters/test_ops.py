@@ -17,12 +17,17 @@ def test_expand_torch_matches_reference(bounds, rank):
     ranks[-1, 1] = 0  # the last member left alone by slot 1: its M rows are zero
     for m in range(num_members):
         stack[1, bounds[m] : bounds[m + 1], ranks[m, 1] :] = 0
+    signs = torch.ones(num_slots, 3, num_members * rank)
+    signs[2, 1] = torch.randint(0, 2, (num_members * rank,), generator=gen) * 2.0 - 1  # slot 2's layer-1 core
     slots = [-1, 2, 0, 2, 1, -1, 0, 0, 2, 1, 1]
     index = SlotIndex(16, "cpu")
     index.set(slots)
-    ref = expand_reference(y0z, stack, ranks, bounds, torch.tensor(slots))
-    got = expand_torch(y0z.clone(), stack, bounds, index)
-    torch.testing.assert_close(got, ref)
-    assert torch.equal(got[0], y0z[0, :num_out])  # base-model tokens keep y0
-    z = y0z[1, num_out : num_out + rank]
-    torch.testing.assert_close(got[1, : bounds[1]], y0z[1, : bounds[1]] + stack[2, : bounds[1]] @ z)
+    for layer in (0, 1):
+        ref = expand_reference(y0z, stack, ranks, signs, layer, bounds, torch.tensor(slots))
+        got = expand_torch(y0z.clone(), stack, signs, layer, bounds, index)
+        torch.testing.assert_close(got, ref)
+        assert torch.equal(got[0], y0z[0, :num_out])  # base-model tokens keep y0
+        z = y0z[1, num_out : num_out + rank] * signs[2, layer, :rank]
+        torch.testing.assert_close(got[1, : bounds[1]], y0z[1, : bounds[1]] + stack[2, : bounds[1]] @ z)
+    assert not torch.allclose(expand_torch(y0z.clone(), stack, signs, 0, bounds, index),
+                              expand_torch(y0z.clone(), stack, signs, 1, bounds, index))  # the signs matter

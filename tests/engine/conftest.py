@@ -19,7 +19,8 @@ class World:
         self.basis = BasisCache(self.cfg.basis_dir).load_or_compute(
             self.loaded.model, self.cfg.target_modules, 8, progress=False
         )
-        self.adapters = {f"a{i}": make_adapter(tmp_path, self.basis, r=4 + i % 5, seed=i) for i in range(num_adapters)}
+        self.adapters = {f"a{i}": make_adapter(tmp_path, self.basis, r=4 + i % 5, seed=i, signs=i % 3 == 2)
+                         for i in range(num_adapters)}
         self.host = HostCache(self.adapters.__getitem__, 64, torch.float32, pin_memory=False)
         self._references = {}
 
