@@ -1,4 +1,4 @@
-"""`pica-serve` command line: precompute, merge, serve, train."""
+"""`pica-serve` command line: serve, precompute, train, import, merge."""
 
 from __future__ import annotations
 
@@ -94,6 +94,32 @@ def adapter_arg(value: str) -> tuple[str, Path]:
         return check_adapter_id(adapter_id), Path(path)
     except AdapterIdError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_import(args) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from adapters.format import save_adapter_dir
+    from adapters.reference_import import ReferenceImportError, import_reference
+
+    cfg = model_config(args)
+    loaded, basis = load_model_and_basis(cfg)
+    svd_device = args.svd_device if args.svd_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    train_dtype = {"auto": torch.bfloat16 if svd_device == "cuda" else torch.float32, "float32": torch.float32,
+                   "bfloat16": torch.bfloat16, "float16": torch.float16}[args.train_dtype]
+    try:
+        p_ref = load_file(str(args.reference_basis)) if args.reference_basis else None
+        result = import_reference(args.adapter, loaded.model, basis, p_ref, svd_device, train_dtype, args.max_residual,
+                                  base_model=loaded.name)
+    except (ReferenceImportError, OSError) as exc:
+        print(f"import refused: {exc}", file=sys.stderr)
+        return 2
+    save_adapter_dir(args.out, result.config, result.tensors)
+    for group, residual in sorted(result.residuals.items()):
+        print(f"  {group}: subspace residual {residual:.2e}")
+    print(f"imported {args.adapter} (r={result.config.r}, groups {list(result.config.target_modules)}): {args.out}")
+    return 0
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -258,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = add_command("import", "convert an adapter of the PiCa authors' reference code (pica_config.json + "
+                              "pica_adapter.bin) into an adapter folder this server serves")
+    add_model_args(p)
+    p.add_argument("--adapter", type=Path, required=True, help="the reference adapter's folder")
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--svd-device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="where to recompute the reference's SVD as its trainer did (auto: cuda where present)")
+    p.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the dtype the reference trainer loaded the weights in (auto: bfloat16 on cuda, else float32)")
+    p.add_argument("--reference-basis", type=Path, default=None,
+                   help="the trainer's own P tensors (safetensors, one [r, in] per module path): an exact import")
+    p.add_argument("--max-residual", type=float, default=1e-3,
+                   help="refuse a group whose weight delta changes by more than this (relative) in our basis")
+    p.set_defaults(func=cmd_import)
 
     p = add_command("merge", "write a plain transformers model with an adapter folded in")
     add_model_args(p)
