@@ -222,8 +222,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--data", type=Path, required=True, help='JSONL of {"prompt", "completion"} or {"messages"}')
     t.add_argument("--out", type=Path, required=True, help="adapter folder to write (checkpoints go to OUT-checkpoints/)")
     t.add_argument("--rank", type=int, default=16, help="adapter rank r (at most --rank-max)")
-    t.add_argument("--epochs", type=int, default=3, help="passes over the data")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="passes over the data (default: 3, or as many as make 200 optimizer steps on small data)")
+    t.add_argument("--lr", type=float, default=5e-3, help="AdamW peak learning rate")
     t.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
     t.add_argument("--max-length", type=int, default=512, help="tokens per row; longer rows are truncated")
     t.add_argument("--warmup-ratio", type=float, default=0.03, help="share of the steps spent warming up the lr")

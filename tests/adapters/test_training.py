@@ -181,3 +181,32 @@ def test_chat_rows_take_loss_on_assistant_tokens_only():
     learned = tok.decode([t for t, label in zip(example.input_ids, example.labels) if label != -100])
     assert learned == "hello\nciao\n"  # the template ends each message with a newline
     assert example.input_ids == tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_the_default_recipe_learns_a_small_task_on_the_demo_model(tmp_path):
+    """What a new user runs first: `pica-serve train` on the demo model with every training default."""
+    from adapters.format import load_adapter_dir
+    from server.demo_model import ensure_demo_model
+
+    rng = random.Random(1)
+    answers = {w: str(rng.randrange(10, 100)) for w in WORDS}
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Q: {w}\nA:", "completion": f" {a}\n"}) + "\n"
+                                                  for w, a in answers.items()))
+    common = ["--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", *common, "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "a")]) == 0
+    cfg = ModelConfig(model=str(ensure_demo_model(tmp_path / "cache")), device="cpu", cache_dir=tmp_path / "cache")
+    loaded = load_model(cfg)
+    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, cfg.target_modules, cfg.rank_max, progress=False)
+
+    def accuracy(model):
+        correct = 0
+        for word, answer in answers.items():
+            ids = loaded.tokenizer(f"Q: {word}\nA:", return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            correct += loaded.tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip() == answer
+        return correct / len(answers)
+
+    assert accuracy(loaded.model) == 0
+    merged = merge_adapter(loaded.model, basis, load_adapter_dir(tmp_path / "a", AdapterExpectation.from_basis(basis)))
+    assert accuracy(merged) >= 0.9
