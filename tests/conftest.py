@@ -40,3 +40,18 @@ def live(server_root):
 
     with LiveServer(build_app(app_config(server_root))) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def good_files(live):
+    """A valid upload for the live server: its two files' bytes."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    from tests.helpers import random_adapter_tensors
+
+    basis = live.state.basis
+    config = {"method": "pica", "r": 4, "target_modules": sorted(basis.groups), "basis_checksum": basis.checksum}
+    return {"adapter_config.json": json.dumps(config).encode(),
+            "adapter_model.safetensors": st_save(random_adapter_tensors(basis, 4))}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -65,6 +67,22 @@ def write_random_adapter(path: Path, basis, r: int, groups=None, seed: int = 0, 
 def make_adapter(tmp_path: Path, basis, r: int, seed: int = 0, groups=None, scale: float = 0.5, signs: bool = False):
     folder = write_random_adapter(tmp_path / f"adapter-{seed}-{r}", basis, r, groups, seed, scale, signs)
     return load_adapter_dir(folder, AdapterExpectation.from_basis(basis))
+
+
+def tar_gz(members: dict, symlink: str | None = None) -> bytes:
+    """A .tar.gz of name -> bytes, plus (with symlink) a member of that name linking to /etc/passwd."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
 
 
 def app_config(root, **server_kw) -> AppConfig:

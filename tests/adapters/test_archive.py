@@ -10,6 +10,7 @@ import zipfile
 import pytest
 
 from adapters.archive import ArchiveError, ArchiveTooLarge, unpack_adapter_archive
+from tests.helpers import tar_gz
 
 FILES = {"adapter_config.json": b'{"method": "pica"}', "adapter_model.safetensors": b"w" * 100}
 LIMIT = 10 * 2**20
@@ -30,16 +31,6 @@ def trained_folder(root):
             (folder / sub / "trainer_state.json").write_text("{}")
     (folder / "README.md").write_text("notes")
     return folder
-
-
-def tar_of(members: dict) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def zip_of(members: dict, compression=zipfile.ZIP_STORED) -> bytes:
@@ -71,7 +62,7 @@ def test_archives_made_the_usual_ways_unpack(tmp_path, command, name):
 def test_dot_prefixes_and_ignorable_members():
     members = {"./adapter_config.json": FILES["adapter_config.json"], "./adapter_model.safetensors": b"w" * 100,
                "./checkpoint-3/adapter_config.json": b"{}", "__MACOSX/._adapter_config.json": b"x"}
-    assert unpack("a.tar.gz", tar_of(members)) == FILES
+    assert unpack("a.tar.gz", tar_gz(members)) == FILES
     assert unpack("a.zip", zip_of(members)) == FILES
 
 
@@ -82,7 +73,7 @@ def test_dot_prefixes_and_ignorable_members():
     ({"adapter_config.json": b"{}"}, "archive lacks ['adapter_model.safetensors']"),
 ])
 def test_ambiguous_archives_are_refused(members, message):
-    for name, data in (("a.tar.gz", tar_of(members)), ("a.zip", zip_of(members))):
+    for name, data in (("a.tar.gz", tar_gz(members)), ("a.zip", zip_of(members))):
         with pytest.raises(ArchiveError, match=message.replace("[", r"\[").replace("]", r"\]")):
             unpack(name, data)
 
@@ -119,20 +110,20 @@ def test_damaged_zips_are_archive_errors(case):
 
 
 def test_truncated_tar_gz_is_an_archive_error():
-    data = tar_of({**FILES, "adapter_model.safetensors": bytes(range(256)) * 400})
+    data = tar_gz({**FILES, "adapter_model.safetensors": bytes(range(256)) * 400})
     with pytest.raises(ArchiveError, match="not a readable tar archive"):
         unpack("a.tar.gz", data[: len(data) // 2])
 
 
 def test_an_oversized_adapter_file_is_refused_before_it_is_read():
     big = {**FILES, "adapter_model.safetensors": bytes(2**20)}
-    for name, data in (("a.tar.gz", tar_of(big)), ("a.zip", zip_of(big, zipfile.ZIP_DEFLATED))):
+    for name, data in (("a.tar.gz", tar_gz(big)), ("a.zip", zip_of(big, zipfile.ZIP_DEFLATED))):
         with pytest.raises(ArchiveTooLarge, match="more than this server accepts"):
             unpack(name, data, max_weights=1000)
 
 
 def test_unpacked_size_is_bounded_while_streaming():
-    bomb = tar_of({"padding.bin": bytes(4 * 2**20), **FILES})  # compresses to a few KiB
+    bomb = tar_gz({"padding.bin": bytes(4 * 2**20), **FILES})  # compresses to a few KiB
     assert len(bomb) < 64 * 2**10
     with pytest.raises(ArchiveTooLarge, match="unpacks to more than"):
         unpack("a.tar.gz", bomb, max_unpacked=2**20)

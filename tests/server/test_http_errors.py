@@ -2,7 +2,6 @@
 
 import io
 import json
-import tarfile
 import threading
 import zipfile
 
@@ -13,8 +12,7 @@ from safetensors.torch import save as st_save
 
 import server.http.app as app_module
 from server.http.app import build_app
-from tests.helpers import random_adapter_tensors
-from tests.helpers import app_config
+from tests.helpers import app_config, random_adapter_tensors, tar_gz
 from tests.server.live import LiveServer
 
 
@@ -25,33 +23,10 @@ def error_of(response, status):
     return body["error"]
 
 
-@pytest.fixture(scope="module")
-def good_files(live):
-    basis = live.state.basis
-    config = {"method": "pica", "r": 4, "target_modules": sorted(basis.groups), "basis_checksum": basis.checksum}
-    return {"adapter_config.json": json.dumps(config).encode(),
-            "adapter_model.safetensors": st_save(random_adapter_tensors(basis, 4))}
-
-
 def post_files(live, adapter_id, files: dict, **kw):
     parts = [("files", (name, data)) for name, data in files.items()]
     data = {} if adapter_id is None else {"adapter_id": adapter_id}
     return httpx.post(f"{live.base_url}/v1/adapters", data=data, files=parts, timeout=30, **kw)
-
-
-def tar_bytes(members: dict, symlink: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if symlink:
-            info = tarfile.TarInfo(symlink)
-            info.type = tarfile.SYMTYPE
-            info.linkname = "/etc/passwd"
-            tar.addfile(info)
-    return buf.getvalue()
 
 
 def zip_bytes(members: dict) -> bytes:
@@ -64,7 +39,7 @@ def zip_bytes(members: dict) -> bytes:
 
 def test_archives_upload(live, good_files):
     nested = {f"my-adapter/{k}": v for k, v in good_files.items()}
-    response = post_files(live, "from-tar", {"a.tar.gz": tar_bytes(nested)})
+    response = post_files(live, "from-tar", {"a.tar.gz": tar_gz(nested)})
     assert response.status_code == 201, response.text
     response = post_files(live, "from-zip", {"a.zip": zip_bytes(good_files)})
     assert response.status_code == 201, response.text
@@ -119,9 +94,9 @@ def with_server_limits(live, monkeypatch, **limits):
 
 
 def test_upload_size_and_archive_limits(live, good_files, monkeypatch):
-    traversal = tar_bytes({"../../etc/adapter_config.json": b"{}", "adapter_model.safetensors": b""})
+    traversal = tar_gz({"../../etc/adapter_config.json": b"{}", "adapter_model.safetensors": b""})
     assert "unsafe path" in error_of(post_files(live, "evil", {"a.tar.gz": traversal}), 400)["message"]
-    linked = tar_bytes(good_files, symlink="adapter_extra")
+    linked = tar_gz(good_files, symlink="adapter_extra")
     assert "is a link or special file" in error_of(post_files(live, "evil", {"a.tar.gz": linked}), 400)["message"]
     assert "not a readable tar archive" in error_of(post_files(live, "evil", {"a.tar.gz": b"nope"}), 400)["message"]
     with_server_limits(live, monkeypatch, max_unpacked_bytes=100)

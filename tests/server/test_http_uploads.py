@@ -6,20 +6,11 @@ import threading
 
 import httpx
 import pytest
-from safetensors.torch import save as st_save
 
 import server.http.routes.adapters as adapter_routes
-from tests.adapters.test_archive import damaged_zips, tar_of
-from tests.helpers import random_adapter_tensors
+from tests.adapters.test_archive import damaged_zips
+from tests.helpers import tar_gz
 from tests.server.test_http_errors import error_of, post_files
-
-
-@pytest.fixture(scope="module")
-def good_files(live):
-    basis = live.state.basis
-    config = {"method": "pica", "r": 4, "target_modules": sorted(basis.groups), "basis_checksum": basis.checksum}
-    return {"adapter_config.json": json.dumps(config).encode(),
-            "adapter_model.safetensors": st_save(random_adapter_tensors(basis, 4))}
 
 
 def config_bytes(live, **fields) -> bytes:
@@ -43,7 +34,7 @@ def test_damaged_zips_are_400(live, case):
 
 
 def test_truncated_tar_gz_is_400(live, good_files):
-    data = tar_of(good_files)
+    data = tar_gz(good_files)
     err = error_of(post_files(live, "truncated", {"a.tar.gz": data[: len(data) // 2]}), 400)
     assert "not a readable tar archive" in err["message"]
 
@@ -52,7 +43,7 @@ def test_weights_larger_than_any_servable_adapter_are_413(live, good_files):
     big = bytes(live.state.store.expect.max_weights_bytes + 1)
     err = error_of(post_files(live, "huge", {**good_files, "adapter_model.safetensors": big}), 413)
     assert "more than this server accepts" in err["message"]
-    err = error_of(post_files(live, "huge", {"a.tar.gz": tar_of({**good_files, "adapter_model.safetensors": big})}), 413)
+    err = error_of(post_files(live, "huge", {"a.tar.gz": tar_gz({**good_files, "adapter_model.safetensors": big})}), 413)
     assert "more than this server accepts" in err["message"]
 
 
@@ -74,7 +65,7 @@ def test_two_config_parts_are_refused(live, good_files):
 def test_archive_with_the_files_in_two_folders_is_refused(live, good_files):
     members = {"a/adapter_config.json": good_files["adapter_config.json"],
                "b/adapter_model.safetensors": good_files["adapter_model.safetensors"]}
-    assert "several folders" in error_of(post_files(live, "split", {"a.tar.gz": tar_of(members)}), 400)["message"]
+    assert "several folders" in error_of(post_files(live, "split", {"a.tar.gz": tar_gz(members)}), 400)["message"]
 
 
 @pytest.mark.parametrize("adapter_id", ["abc\n", ".upload-x", ".hidden", ".deleted-y"])
@@ -97,7 +88,7 @@ def test_unpacking_does_not_block_liveness(live, good_files, monkeypatch):
     monkeypatch.setattr(adapter_routes, "unpack_adapter_archive", slow_unpack)
     result = {}
     upload = threading.Thread(target=lambda: result.update(
-        response=post_files(live, "slow", {"a.tar.gz": tar_of(good_files)})))
+        response=post_files(live, "slow", {"a.tar.gz": tar_gz(good_files)})))
     upload.start()
     try:
         assert entered.wait(30)
