@@ -1,6 +1,5 @@
 """Adapters provisioned from disk at start are served; a damaged store entry fails only its own id."""
 
-
 import httpx
 import pytest
 
