@@ -1,0 +1,271 @@
+"""Serving benchmark: the product as users run it, `pica-serve serve` under concurrent HTTP clients.
+
+    python bench/serve_bench.py --out bench/results/serve-demo-cpu.json                      # demo model, CPU
+    python bench/serve_bench.py --model /tmp/b8/model --server-args "--dtype bfloat16" \\
+        --num-adapters 64 --rank 32 --concurrency 64 --num-requests 256 --out $OUT/serve.json   # a GPU run
+
+Starts the server as a user would (or uses `--url`), uploads `--num-adapters` random PiCa adapters
+through the API (shapes from the model's config on the meta device, so the benchmark loads no
+weights), then drives clients: a fixed number in flight (`--concurrency`) or Poisson arrivals
+(`--request-rate`), native `/v1/generate` or OpenAI `/v1/completions`, streaming or not. Reports
+request throughput, output tok/s, steady decode tok/s (while every client is in flight), TTFT and
+inter-token latency p50/p90/p99, and the server's own `/metrics` before and after. vLLM's
+serving benchmark is the model followed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WORDS = "the of and to in is was for on that with as by at from his her an which or be are this have one".split()
+
+
+@dataclass
+class RequestRecord:
+    adapter_id: str | None
+    start: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    """One entry per output token (a streamed event of k tokens gives k entries at its arrival)."""
+    end: float = 0.0
+    error: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, workdir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--cache-dir", str(workdir / "cache"), "--adapter-dir", str(workdir / "adapters"), "--log-level", "warning"]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += shlex.split(args.server_args)
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see {workdir / 'server.log'}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"the server was not ready within {args.start_timeout} s; see {workdir / 'server.log'}")
+
+
+def adapter_shapes(model: str | None, cache_dir: Path) -> dict[str, int]:
+    """Group -> out_features of the model the server runs, from its config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapters.targets import find_target_linears, group_targets
+    from server.config import DEFAULT_TARGET_MODULES
+    from server.demo_model import ensure_demo_model
+
+    path = model or str(ensure_demo_model(cache_dir))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    groups = group_targets(find_target_linears(meta, DEFAULT_TARGET_MODULES), DEFAULT_TARGET_MODULES)
+    return {g: info.out_features for g, info in groups.items()}
+
+
+def upload_adapters(url: str, headers: dict, shapes: dict[str, int], count: int, rank: int) -> list[str]:
+    import torch
+    from safetensors.torch import save
+
+    ids = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(i)
+        tensors = {f"M.{g}": torch.randn(out, rank, generator=gen) * 0.01 for g, out in shapes.items()}
+        config = {"method": "pica", "r": rank, "target_modules": sorted(shapes), "format_version": 2}
+        files = [("files", ("adapter_config.json", json.dumps(config).encode())),
+                 ("files", ("adapter_model.safetensors", save(tensors)))]
+        adapter_id = f"bench-{i}"
+        response = httpx.post(f"{url}/v1/adapters", data={"adapter_id": adapter_id}, files=files, headers=headers,
+                              timeout=120)
+        if response.status_code not in (201, 409):  # 409: kept from an earlier run against the same store
+            raise SystemExit(f"upload of {adapter_id} failed: {response.status_code} {response.text[:500]}")
+        ids.append(adapter_id)
+    return ids
+
+
+def scrape_metrics(url: str, headers: dict) -> dict[str, float]:
+    """The server's pica_* samples (name{labels} -> value) at this moment."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=30).text
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("pica_") and " " in line and "_created" not in line.split("{")[0]:  # not timestamps
+            name, value = line.rsplit(" ", 1)
+            try:
+                samples[name] = float(value)
+            except ValueError:
+                pass
+    return samples
+
+
+async def send(client: httpx.AsyncClient, args, record: RequestRecord, prompt: str) -> None:
+    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": not args.no_stream}
+    if args.api == "generate":
+        path, body = "/v1/generate", {**body, "adapter_id": record.adapter_id}
+    else:
+        path, body = "/v1/completions", {**body, "model": record.adapter_id or args.base_name,
+                                         "stream_options": {"include_usage": True} if not args.no_stream else None}
+        body = {k: v for k, v in body.items() if v is not None}
+    record.start = time.perf_counter()
+    try:
+        if args.no_stream:
+            response = await client.post(path, json=body)
+            response.raise_for_status()
+            now = time.perf_counter()
+            record.token_times = [now] * response.json()["usage"]["completion_tokens"]
+        else:
+            async with client.stream("POST", path, json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event, now = json.loads(line[6:]), time.perf_counter()
+                    if args.api == "generate":
+                        record.token_times += [now] * len(event.get("token_ids", []))
+                    elif event.get("choices") and event["choices"][0].get("text"):
+                        record.token_times.append(now)  # a text delta; the usage event has the true count
+                    elif event.get("usage") and not event.get("choices"):
+                        missing = event["usage"]["completion_tokens"] - len(record.token_times)
+                        record.token_times += [now] * max(0, missing)
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"[:300]
+    record.end = time.perf_counter()
+
+
+async def drive(url: str, headers: dict, args, adapter_ids: list[str]) -> list[RequestRecord]:
+    rng = random.Random(args.seed)
+    choices = adapter_ids or [None]
+    records = [RequestRecord(rng.choice(choices) if args.zipf is None else choices[min(len(choices), int(
+        np.random.default_rng(args.seed + i).zipf(args.zipf))) - 1]) for i in range(args.num_requests)]
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)) for _ in records]
+    limits = httpx.Limits(max_connections=args.concurrency or args.num_requests, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as client:
+        if args.request_rate:  # Poisson arrivals: exponential gaps, every request in flight once sent
+            tasks = []
+            for record, prompt in zip(records, prompts):
+                tasks.append(asyncio.create_task(send(client, args, record, prompt)))
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+            await asyncio.gather(*tasks)
+        else:  # a fixed number of clients, each sending its next request when the last one ends
+            queue = list(zip(records, prompts))[::-1]
+
+            async def client_loop():
+                while queue:
+                    record, prompt = queue.pop()
+                    await send(client, args, record, prompt)
+
+            await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
+    return records
+
+
+def percentiles(values) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    return {f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)} | {"mean": float(np.mean(values))}
+
+
+def summarize(records: list[RequestRecord], concurrency: int) -> dict:
+    done = [r for r in records if r.error is None and r.token_times]
+    start, end = min(r.start for r in records), max(r.end for r in records)
+    times = np.sort(np.concatenate([r.token_times for r in done])) if done else np.zeros(0)
+    report = {"num_requests": len(records), "completed": len(done), "failed": len(records) - len(done),
+              "errors": sorted({r.error for r in records if r.error})[:5], "duration_s": end - start,
+              "request_throughput": len(done) / (end - start), "output_tokens": int(times.size),
+              "output_tok_s": times.size / (end - start),
+              "ttft_s": percentiles([r.token_times[0] - r.start for r in done]),
+              "itl_s": percentiles(np.concatenate([np.diff(r.token_times) for r in done]) if done else [])}
+    # steady decode: from when the first `concurrency` requests all have their first token to when the first
+    # of them ends, every client is in flight and decoding
+    first = sorted(done, key=lambda r: r.start)[:concurrency]
+    if first:
+        lo, hi = max(r.token_times[0] for r in first), min(r.end for r in first)
+        if hi > lo:
+            in_window = np.searchsorted(times, hi) - np.searchsorted(times, lo)
+            report["steady_decode_tok_s"] = float(in_window / (hi - lo))
+            report["steady_window_s"] = hi - lo
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="a running server (default: start one)")
+    parser.add_argument("--model", default=None, help="model folder for the started server (default: the demo model)")
+    parser.add_argument("--server-args", default="", help="more `pica-serve serve` options, one string")
+    parser.add_argument("--workdir", type=Path, default=None, help="cache, store and server log (default: a temp dir)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--admin-key", default=None)
+    parser.add_argument("--base-name", default=None, help="the base model's name for /v1/completions")
+    parser.add_argument("--num-adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--zipf", type=float, default=None, help="adapter popularity exponent (default: uniform)")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8, help="clients in flight (fixed-concurrency mode)")
+    parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead")
+    parser.add_argument("--api", default="generate", choices=("generate", "completions"))
+    parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--prompt-words", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--request-timeout", type=float, default=600)
+    parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-serve-bench-"))
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(args, workdir)
+    headers = {"Authorization": f"Bearer {args.admin_key or args.api_key}"} if (args.admin_key or args.api_key) else {}
+    try:
+        args.base_name = args.base_name or httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+        start = time.perf_counter()
+        ids = upload_adapters(url, headers, adapter_shapes(args.model, workdir / "cache"), args.num_adapters, args.rank)
+        upload_s = time.perf_counter() - start
+        before = scrape_metrics(url, headers)
+        records = asyncio.run(drive(url, headers, args, ids))
+        after = scrape_metrics(url, headers)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    report = {"command": " ".join(sys.argv), "mode": "poisson" if args.request_rate else "fixed-concurrency",
+              **{k: getattr(args, k) for k in ("api", "concurrency", "request_rate", "num_adapters", "rank",
+                                                "prompt_words", "max_tokens", "zipf")},
+              "stream": not args.no_stream, "upload_s": upload_s, **summarize(records, args.concurrency),
+              "metrics_delta": {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)},
+              "metrics_after": after}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("metrics_after", "metrics_delta")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""bench/serve_bench.py runs end to end on the demo model: server started, adapters uploaded, clients driven."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("mode", [["--concurrency", "3"], ["--request-rate", "30", "--api", "completions"],
+                                  ["--concurrency", "2", "--no-stream"]])
+def test_serve_bench_reports_every_request(tmp_path, mode):
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--workdir", str(tmp_path), "--num-requests", "6",
+           "--max-tokens", "5", "--num-adapters", "2", "--rank", "4", "--out", str(out), *mode]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["failed"], report["output_tokens"]) == (6, 0, 30)  # ignore_eos: 5 tokens each
+    assert report["ttft_s"]["p50"] > 0 and report["request_throughput"] > 0
+    assert report["metrics_after"]['pica_http_requests_total{endpoint="/v1/adapters",status="201"}'] == 2  # uploaded
+    generated = sum(v for k, v in report["metrics_delta"].items() if k.startswith("pica_adapter_requests_total"))
+    assert generated == 6  # the server counted every request against an adapter
