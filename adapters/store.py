@@ -33,6 +33,11 @@ ADAPTER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 META_FILE = "meta.json"
 
 
+STALE_TEMP_SECONDS = 900
+"""Temp folders (`.upload-*`, `.deleted-*`) older than this are a crash's leftovers and removed at start;
+younger ones may belong to another replica sharing the store."""
+
+
 class AdapterIdError(ValueError):
     pass
 
@@ -73,10 +78,11 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.expect = expect
         self._lock = threading.Lock()
-        for leftover in self.root.glob(".upload-*"):  # an upload or delete cut short by a crash
-            shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in self.root.glob(".deleted-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        now = time.time()
+        for leftover in [*self.root.glob(".upload-*"), *self.root.glob(".deleted-*")]:
+            # an upload or delete cut short by a crash; a recent one may be another replica's, in flight
+            if now - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
         self.damaged: dict[str, str] = {}
         """adapter_id -> what is wrong with it, for every damaged entry found so far."""
         self._scan()
@@ -188,8 +194,10 @@ class AdapterStore:
                 atomic_write(tmp / WEIGHTS_FILE, weights_bytes)
                 atomic_write(tmp / META_FILE, json.dumps(asdict(info)).encode())
                 tmp.rename(target)
-            except BaseException:
+            except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(exc, OSError) and target.exists():  # another replica stored this id first
+                    raise FileExistsError(adapter_id) from exc
                 raise
         return info
 

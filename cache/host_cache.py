@@ -49,9 +49,14 @@ class HostCache:
     def __contains__(self, adapter_id: str) -> bool:
         return adapter_id in self._entries
 
-    def get(self, adapter_id: str) -> AdapterHandle:
+    def get(self, adapter_id: str, version: str | None = None) -> AdapterHandle:
+        """The adapter's host-resident handle, read from the store on a miss. With `version` (the store's
+        current checksum), a cached handle of another version is a miss: in a store shared by several
+        replicas, a delete and re-upload through another replica is seen at the next request."""
         with self._lock:
             handle = self._entries.get(adapter_id)
+            if handle is not None and version is not None and handle.version != version:
+                handle = None
             if handle is not None:
                 self._entries.move_to_end(adapter_id)
                 self.stats.hits += 1

@@ -52,7 +52,10 @@ class ServerState:
         in_host = adapter_id in self.host_cache
         start = time.perf_counter()
         try:
-            handle = await run_in_threadpool(self.host_cache.get, adapter_id)
+            # the store's record first (one small read): in a store shared by several replicas, what another
+            # replica deleted or replaced must not be served from this one's host cache
+            version = (await run_in_threadpool(self.store.info, adapter_id)).checksum
+            handle = await run_in_threadpool(self.host_cache.get, adapter_id, version)
         except KeyError:
             raise not_found from None
         except DamagedAdapterError as exc:

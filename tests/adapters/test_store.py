@@ -91,3 +91,35 @@ def test_provision_keeps_the_same_weights_and_replaces_others(tmp_path, basis):
     with pytest.raises(AdapterValidationError, match="missing adapter_config.json"):
         store.provision("b", tmp_path / "nowhere")
     assert store.ids() == ["a"]
+
+
+def test_replicas_sharing_one_store_see_each_others_uploads_and_deletes(tmp_path, basis):
+    import os
+    import time
+
+    import torch
+
+    from cache.host_cache import HostCache
+
+    expect = AdapterExpectation.from_basis(basis)
+    a = AdapterStore(tmp_path / "store", expect)
+    b = AdapterStore(tmp_path / "store", expect)  # another replica's store on the same folder
+    host_b = HostCache(b.load, 4, torch.float32, pin_memory=False)
+    a.provision("x", folder_of(tmp_path, basis, "x", seed=1))
+    assert "x" in b and b.ids() == ["x"]
+    first = host_b.get("x", b.info("x").checksum)
+    a.delete("x")
+    with pytest.raises(KeyError):
+        b.info("x")  # what resolve_adapter asks first: a 404 on every replica at once
+    a.provision("x", folder_of(tmp_path, basis, "x2", seed=2))  # the same id, other weights
+    again = host_b.get("x", b.info("x").checksum)
+    assert again.version != first.version and not torch.equal(again.tensors["q_proj"], first.tensors["q_proj"])
+    with pytest.raises(FileExistsError):
+        b.put("x", (a.root / "x" / "adapter_config.json").read_bytes(), (a.root / "x" / "adapter_model.safetensors").read_bytes())
+    # a replica starting beside one that is mid-upload leaves its temp folder alone; a crash's old one goes
+    fresh, stale = a.root / ".upload-fresh", a.root / ".deleted-stale"
+    fresh.mkdir()
+    stale.mkdir()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    AdapterStore(tmp_path / "store", expect)
+    assert fresh.exists() and not stale.exists()
