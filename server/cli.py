@@ -1,4 +1,4 @@
-"""`pica-serve` command line: serve, precompute, train, import, merge."""
+"""`pica-serve` command line: serve, ray, precompute, train, import, merge."""
 
 from __future__ import annotations
 
@@ -198,6 +198,58 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    r = p.add_argument_group("ray serve")
+    r.add_argument("--replicas", type=int, default=1, help="replicas of the server (each loads the model once)")
+    r.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many (with --max-replicas)")
+    r.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many")
+    r.add_argument("--target-ongoing-requests", type=int, default=32, help="autoscaling target per replica")
+    r.add_argument("--max-adapters-per-replica", type=int, default=16,
+                   help="adapters Ray counts as loaded on one replica (its multiplexing LRU)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    r.add_argument("--replica-gpus", type=float, default=None, help="GPUs per replica (default: 1 where CUDA is)")
+    r.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
+
+
+def ray_app_from_args(args):
+    """The Ray Serve application that `pica-serve ray` (and server.ray_serve.app_builder) runs."""
+    import torch
+
+    from server.ray_serve import build_ray_app
+
+    autoscaling = None
+    if args.min_replicas is not None or args.max_replicas is not None:
+        autoscaling = {"min_replicas": args.min_replicas or 1, "max_replicas": args.max_replicas or args.replicas,
+                       "target_ongoing_requests": args.target_ongoing_requests}
+    gpus = args.replica_gpus if args.replica_gpus is not None else float(torch.cuda.is_available())
+    return build_ray_app(app_config(args), args.replicas, args.max_adapters_per_replica, args.replica_cpus, gpus,
+                         autoscaling)
+
+
+def cmd_ray(args) -> int:
+    """Serve through Ray Serve until stopped (replicas share --adapter-dir: on several nodes, a shared volume)."""
+    import time
+
+    import ray
+    from ray import serve
+
+    try:
+        cfg = app_config(args)
+    except ValueError as exc:
+        print(f"ray refused: {exc}", file=sys.stderr)
+        return 2
+    ray.init(address=args.ray_address)
+    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+    serve.run(ray_app_from_args(args), name="pica-serve", route_prefix="/")
+    print(f"pica-serve on Ray Serve at http://{cfg.server.host}:{cfg.server.port} (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def cmd_train(args) -> int:
     from adapters.train_data import DataError
     from adapters.trainer import TrainConfig, train
@@ -276,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = add_command("ray", "run the server as Ray Serve replicas, each adapter routed to a replica that holds it "
+                           "(pip install 'pica-serve[ray]')")
+    add_model_args(p)
+    add_serve_args(p)
+    add_ray_args(p)
+    p.set_defaults(func=cmd_ray)
 
     p = add_command("precompute", "compute and cache the frozen basis of a model")
     add_model_args(p)
