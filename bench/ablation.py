@@ -139,7 +139,7 @@ def main():
             model.requires_grad_(False)
             params = attach_trainable(model, basis, DEFAULT_TARGET_MODULES, args.rank, share_m=shared)
             state = fit(model, params, train_set, cfg, tokenizer.pad_token_id, progress=False)
-            row = {"basis": basis_kind.split(":")[0], "b": "shared" if shared else "per-layer",
+            row = {"basis": basis_kind.split(":")[0], "m": "shared" if shared else "per-layer",
                    "trainable_params": sum(p.numel() for p in params.values()),
                    "final_train_loss": tail_mean(state.losses, 10), **evaluate(model, tokenizer, eval_set, eval_words)}
             rows.append(row)
@@ -150,9 +150,9 @@ def main():
     print(f"\n{report['device']}: small Llama (4x256) pretrained {args.pretrain_steps} steps on synthetic text "
           f"(loss {report['pretrain_final_loss']:.3f}), then lowercase->uppercase, rank {args.rank}, "
           f"{args.epochs} epochs; before fine-tuning: {report['before_finetuning']}")
-    print(f"{'basis':<10}{'B':<11}{'params':>9}{'train loss':>12}{'eval loss':>11}{'eval exact':>12}")
+    print(f"{'basis':<10}{'M':<11}{'params':>9}{'train loss':>12}{'eval loss':>11}{'eval exact':>12}")
     for r in rows:
-        print(f"{r['basis']:<10}{r['b']:<11}{r['trainable_params']:>9}{r['final_train_loss']:>12.4f}"
+        print(f"{r['basis']:<10}{r['m']:<11}{r['trainable_params']:>9}{r['final_train_loss']:>12.4f}"
               f"{r['eval_loss']:>11.4f}{r['eval_exact_match']:>12.1%}")
 
 
