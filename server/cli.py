@@ -1,4 +1,4 @@
-"""`pica-serve` command line: serve, ray, precompute, train, import, merge."""
+"""`pica-serve` command line: serve, ray, precompute, train, import, export, merge."""
 
 from __future__ import annotations
 
@@ -119,6 +119,23 @@ def cmd_import(args) -> int:
     for group, residual in sorted(result.residuals.items()):
         print(f"  {group}: subspace residual {residual:.2e}")
     print(f"imported {args.adapter} (r={result.config.r}, groups {list(result.config.target_modules)}): {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
+    from adapters.peft_export import export_peft_lora
+
+    cfg = model_config(args)
+    loaded, basis = load_model_and_basis(cfg)
+    try:
+        adapter = load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
+    except AdapterValidationError as exc:
+        print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
+        return 2
+    params = export_peft_lora(adapter, basis, args.out, base_model=loaded.name)
+    print(f"exported {args.adapter} as a PEFT LoRA folder ({params:,} parameters against PiCa's "
+          f"{adapter.num_params:,}): {args.out}")
     return 0
 
 
@@ -359,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-residual", type=float, default=1e-3,
                    help="refuse a group whose weight delta changes by more than this (relative) in our basis")
     p.set_defaults(func=cmd_import)
+
+    p = add_command("export", "write an adapter as an exact PEFT LoRA folder (for servers that only know LoRA)")
+    add_model_args(p)
+    p.add_argument("--adapter", type=Path, required=True, help="adapter folder")
+    p.add_argument("--out", type=Path, required=True, help="PEFT folder to write")
+    p.add_argument("--format", default="peft-lora", choices=("peft-lora",), help="what to write")
+    p.set_defaults(func=cmd_export)
 
     p = add_command("merge", "write a plain transformers model with an adapter folded in")
     add_model_args(p)
