@@ -1,5 +1,9 @@
 """Every Prometheus metric of the server, under the `pica_` prefix, in one registry per app.
 
+Beside them, a few gauges under vLLM's names (`vllm:*`), with vLLM's meaning: Kubernetes gateways that
+pick a pod for each request (the Gateway API Inference Extension's endpoint picker, vLLM
+production-stack's router) scrape those names.
+
 The engine and caches only emit plain stats (StepStats, cache counters); this module turns them
 into metrics. Adapter labels are bounded: the first `max_adapter_labels` adapter ids seen get their
 own label, later ones count as "other", the base model is "base".
@@ -8,6 +12,7 @@ own label, later ones count as "other", the base model is "base".
 from __future__ import annotations
 
 import threading
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,6 +22,9 @@ from server.engine.stats import StepStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_LORA_INFO_IDS = 16
+"""Adapter ids per list in vllm:lora_requests_info, oldest first (the waiting ones load next), the rest
+left out: ids are at most 128 characters with no comma, so a label stays near 2 KB at most."""
 
 
 class _StateCollector:
@@ -46,14 +54,39 @@ class _StateCollector:
         adapters.add_metric(["gpu"], state.engine.slots.num_resident)
         yield adapters
         engine = state.engine  # lengths of the engine thread's lists: reading them needs no lock
+        kv_usage = engine.blocks.num_used_blocks / max(1, engine.blocks.num_blocks)
         yield GaugeMetricFamily("pica_requests_running", "Requests in the running batch", value=engine.num_running)
         yield GaugeMetricFamily("pica_requests_waiting", "Requests waiting for a batch slot, KV memory or an adapter slot",
                                 value=engine.num_waiting)
-        yield GaugeMetricFamily("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use",
-                                value=engine.blocks.num_used_blocks / max(1, engine.blocks.num_blocks))
+        yield GaugeMetricFamily("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use", value=kv_usage)
         yield GaugeMetricFamily("pica_store_damaged_adapters",
                                 "Store entries that cannot be read back (logged, left out of listings)",
                                 value=len(state.store.damaged))
+        yield from vllm_families(state, kv_usage)
+
+
+def vllm_families(state, kv_usage: float):
+    """vLLM's gauges that gateways route on, one series each, labelled like vLLM's (model_name)."""
+    engine, model = state.engine, [state.model_name]
+    for name, doc, value in (
+        ("vllm:num_requests_running", "Requests in the running batch (pica_requests_running)", engine.num_running),
+        ("vllm:num_requests_waiting", "Requests waiting to be scheduled (pica_requests_waiting)", engine.num_waiting),
+        ("vllm:kv_cache_usage_perc", "KV cache usage, 1 means 100 percent (pica_kv_cache_usage_ratio)", kv_usage),
+        # vLLM's older name for the same gauge; production-stack's router still reads it
+        ("vllm:gpu_cache_usage_perc", "KV cache usage, 1 means 100 percent (pica_kv_cache_usage_ratio)", kv_usage),
+    ):
+        family = GaugeMetricFamily(name, doc, labels=["model_name"])
+        family.add_metric(model, value)
+        yield family
+    # The value is the time of this scrape: a scraper that keeps several series of this family (vLLM leaves
+    # one per label set it ever had) takes the largest value as the current one. Requests without an
+    # adapter are in neither list, as in vLLM.
+    running, waiting = engine.adapter_ids_by_state()
+    lora = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of running and of waiting requests; value: unix time",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    lora.add_metric([str(engine.cfg.max_gpu_adapters), ",".join(running[:MAX_LORA_INFO_IDS]),
+                     ",".join(waiting[:MAX_LORA_INFO_IDS])], time.time())
+    yield lora
 
 
 class Metrics:

@@ -87,6 +87,15 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def adapter_ids_by_state(self) -> tuple[list[str], list[str]]:
+        """Distinct adapter ids of the running requests and of the waiting ones, each oldest first.
+
+        Read by the metrics scrape from another thread: tuple() copies each queue in one C call, which the
+        engine thread cannot interleave with under the GIL."""
+        running, waiting = tuple(self.scheduler.running), tuple(self.scheduler.waiting)
+        return (list(dict.fromkeys(s.adapter_id for s in running if s.adapter_id is not None)),
+                list(dict.fromkeys(s.adapter_id for s in waiting if s.adapter_id is not None)))
+
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a 400 at the HTTP edge) for a request the engine cannot serve."""
         limit = self.limits.max_model_len
