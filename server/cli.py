@@ -66,17 +66,25 @@ def cmd_precompute(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
+def load_with_adapter(args):
+    """(loaded model, basis, adapter of --adapter), or None after printing why the adapter is refused."""
     from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
-    from adapters.merge import merge_adapter
 
-    cfg = model_config(args)
-    loaded, basis = load_model_and_basis(cfg)
+    loaded, basis = load_model_and_basis(model_config(args))
     try:
-        adapter = load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
+        return loaded, basis, load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
     except AdapterValidationError as exc:
         print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
+        return None
+
+
+def cmd_merge(args) -> int:
+    from adapters.merge import merge_adapter
+
+    found = load_with_adapter(args)
+    if found is None:
         return 2
+    loaded, basis, adapter = found
     merge_adapter(loaded.model, basis, adapter)
     loaded.model.save_pretrained(args.out)
     loaded.tokenizer.save_pretrained(args.out)
@@ -123,16 +131,12 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
     from adapters.peft_export import export_peft_lora
 
-    cfg = model_config(args)
-    loaded, basis = load_model_and_basis(cfg)
-    try:
-        adapter = load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
-    except AdapterValidationError as exc:
-        print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
+    found = load_with_adapter(args)
+    if found is None:
         return 2
+    loaded, basis, adapter = found
     params = export_peft_lora(adapter, basis, args.out, base_model=loaded.name)
     print(f"exported {args.adapter} as a PEFT LoRA folder ({params:,} parameters against PiCa's "
           f"{adapter.num_params:,}): {args.out}")
