@@ -88,11 +88,6 @@ class AdapterMethod(ABC):
         return expand @ shrink if core is None else expand @ core @ shrink
 
     def slot_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
-        """What one GPU slot holds for this adapter (SLOT_SERVED methods): `<group>` -> E [out, r], and
-        `signs.<group>` -> the diagonal cores [num_layers, r] where the adapter has them."""
-        if self.factors != SLOT_SERVED:
-            raise NotImplementedError(f"{self.name}: the slot stacks serve {SLOT_SERVED}, not {self.factors}")
-        return self.served_tensors(tensors, groups)
-
-    def served_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """What one GPU slot holds for this adapter: `<group>` -> E [out, r], and `signs.<group>` -> the
+        diagonal cores [num_layers, r] where the adapter has them. Only SLOT_SERVED methods have one."""
+        raise NotImplementedError(f"{self.name}: the slot stacks serve {SLOT_SERVED}, not {self.factors}")

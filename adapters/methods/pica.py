@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from adapters.methods.base import AdapterMethod, Factors, Scope
+from adapters.methods.base import SLOT_SERVED, AdapterMethod
 from adapters.registry import register_method
 from adapters.targets import GroupInfo, group_of
 
@@ -17,7 +17,7 @@ from adapters.targets import GroupInfo, group_of
 @register_method
 class PiCa(AdapterMethod):
     name = "pica"
-    factors = Factors(expand=Scope.GROUP, core=Scope.LAYER, shrink=Scope.FROZEN)
+    factors = SLOT_SERVED  # M per group, diagonal signs per layer, P frozen: the layout the GPU slot stacks serve
 
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         return {f"M.{g}": (info.out_features, r) for g, info in groups.items()}
@@ -36,7 +36,7 @@ class PiCa(AdapterMethod):
         signs = tensors.get(f"signs.{group_of(layer)}")
         return None if signs is None else torch.diag(signs[group.layers.index(layer)].float())
 
-    def served_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
+    def slot_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
         served = {g: tensors[f"M.{g}"] for g in groups}
         served.update({f"signs.{g}": tensors[f"signs.{g}"] for g in groups if f"signs.{g}" in tensors})
         return served
