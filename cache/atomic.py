@@ -1,8 +1,9 @@
-"""Atomic file writes: readers see the old file or the whole new one, never a torn write."""
+"""Atomic file and folder writes: readers see the old one or the whole new one, never a torn write."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,3 +21,24 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def build_folder_once(target: Path, build, marker: str = "config.json") -> Path:
+    """`target`, built by `build(folder)` into a temp folder beside it and renamed into place, unless it
+    already holds `marker`: readers never see a half-built folder, and of two processes building at
+    once the first rename wins."""
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process built it first
+            if not (target / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -7,12 +7,11 @@ deterministically (fixed seed) on first use and kept in the cache dir.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from cache.atomic import build_folder_once
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +76,6 @@ def build_demo_model(out_dir: Path, seed: int = 0) -> Path:
 def ensure_demo_model(cache_dir: Path) -> Path:
     """Path of the demo model folder, building it atomically on first use."""
     target = Path(cache_dir) / "models" / f"{DEMO_NAME}-v{_DEMO_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building the demo model in %s", target)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        build_demo_model(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process built it first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    if not (target / "config.json").exists():
+        log.info("building the demo model in %s", target)
+    return build_folder_once(target, build_demo_model)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from cache.atomic import build_folder_once
 
 log = logging.getLogger(__name__)
 SUFFIX = ".gguf"
@@ -112,18 +111,6 @@ def ensure_converted(gguf_file: Path, cache_dir: Path, progress: bool = True) ->
         raise GGUFError(f"loading {gguf_file.name} needs the optional GGUF packages: "
                         f"pip install 'pica-serve[gguf]' ({exc})") from None
     target = Path(cache_dir) / "models" / f"gguf-{file_sha256(gguf_file, progress)}-v{CONVERSION_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s into %s (once; later starts load the folder)", gguf_file, target)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-", dir=target.parent))
-    try:
-        convert(gguf_file, tmp, progress)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process converted it first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    if not (target / "config.json").exists():
+        log.info("converting %s into %s (once; later starts load the folder)", gguf_file, target)
+    return build_folder_once(target, lambda folder: convert(gguf_file, folder, progress))
