@@ -102,7 +102,7 @@ class Adapter:
         return sum(t.numel() for t in self.tensors.values())
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
-        """Group -> what one GPU slot holds for it (PiCa: M [out, r])."""
+        """What one GPU slot holds for this adapter (PiCa: M [out, r] per group, and its signs if any)."""
         return get_method(self.config.method).slot_tensors(self.tensors, self.config.target_modules)
 
 
@@ -182,11 +182,9 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected) - set(optional))
         expected = {**expected, **{name: shape for name, shape in optional.items() if name in tensors}}
-        if config.method == "pica" and any(name.startswith("B.") for name in tensors):
-            problems.append(
-                "tensors B.<group> [r, in_features] are the transposed PiCa of adapter format 1 (W0 + U B); format 2 "
-                "holds M.<group> [out_features, r] (W0 + M P, P the top right singular vectors): retrain the adapter, "
-                "or convert one from the authors' code with `pica-serve import`")
+        outdated = method.outdated_format(tensors)
+        if outdated:
+            problems.append(outdated)
             missing = extra = []
         if missing:
             problems.append(f"missing tensors {missing}")

@@ -56,7 +56,7 @@ def expand_torch(y0z: torch.Tensor, stack: torch.Tensor, signs: torch.Tensor, la
 def expand(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
            bounds: list[int], slot_index) -> torch.Tensor:
     """y [T, num_out] = y0 + M[slot] diag(signs[slot, layer]) z for the step's tokens, written into y0z's
-    first columns (a view is returned): the Triton kernel on CUDA, batched torch elsewhere."""
+    first columns (a view is returned): the Triton kernel on CUDA, one torch matmul per adapter elsewhere."""
     if y0z.is_cuda and KERNELS_AVAILABLE:
         return expand_grouped(y0z, stack, ranks, signs, layer, bounds, slot_index)
     return expand_torch(y0z, stack, signs, layer, bounds, slot_index)

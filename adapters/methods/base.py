@@ -60,6 +60,11 @@ class AdapterMethod(ABC):
         """Tensor name -> shape an adapter file may hold besides (absent: that factor's default)."""
         return {}
 
+    def outdated_format(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Why these tensors are an older format of this method's files (then that is the one problem
+        reported about them, not a list of missing and unexpected names), or None."""
+        return None
+
     def check_values(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Problems with tensor values beyond shape, dtype and finiteness (none by default)."""
         return []

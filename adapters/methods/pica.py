@@ -25,6 +25,13 @@ class PiCa(AdapterMethod):
     def optional_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         return {f"signs.{g}": (len(info.layers), r) for g, info in groups.items()}
 
+    def outdated_format(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        if not any(name.startswith("B.") for name in tensors):
+            return None
+        return ("tensors B.<group> [r, in_features] are the transposed PiCa of adapter format 1 (W0 + U B); format 2 "
+                "holds M.<group> [out_features, r] (W0 + M P, P the top right singular vectors): retrain the adapter, "
+                "or convert one from the authors' code with `pica-serve import`")
+
     def check_values(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         return [f"tensor {name} must hold only +1 and -1" for name, t in sorted(tensors.items())
                 if name.startswith("signs.") and not bool((t.abs() == 1).all())]
