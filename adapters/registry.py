@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 _METHODS: dict = {}
-_BUILTIN_MODULES = ("adapters.methods.pica",)
+_BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora")
 
 
 def register_method(cls):
@@ -28,3 +28,14 @@ def get_method(name: str):
     """An instance of the method registered as `name`; KeyError if none is."""
     _load_builtins()
     return _METHODS[name]()
+
+
+def method_for_peft_type(peft_type):
+    """An instance of the method that reads PEFT folders of this `peft_type` ('LORA', ...), or None."""
+    _load_builtins()
+    return next((cls() for cls in _METHODS.values() if cls.peft_type is not None and cls.peft_type == peft_type), None)
+
+
+def peft_types() -> list[str]:
+    _load_builtins()
+    return sorted(cls.peft_type for cls in _METHODS.values() if cls.peft_type is not None)

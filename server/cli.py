@@ -155,6 +155,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_gpu_adapters", "GPU slots for adapters"),
         ("max_host_adapters", "adapters kept in host RAM"),
         ("max_rank", "largest adapter r served (default: --rank-max)"),
+        ("max_lora_rank", "largest LoRA rank served from PEFT folders (0: no LoRA; costs GPU slot memory)"),
         ("max_queue", "waiting requests before 429"),
     ):
         e.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)

@@ -203,7 +203,7 @@ def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
         loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
         device=loaded.device, dtype=loaded.dtype,
     )
-    expect = AdapterExpectation.from_basis(basis)
+    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank)
     store = AdapterStore(config.adapter_dir, expect)
     provision_adapters(store, config.server.adapters)
     host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
