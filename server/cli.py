@@ -72,7 +72,8 @@ def load_with_adapter(args):
 
     loaded, basis = load_model_and_basis(model_config(args))
     try:
-        return loaded, basis, load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
+        # no slot stacks here (merge, export): a LoRA of any rank is fine
+        return loaded, basis, load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis, sys.maxsize))
     except AdapterValidationError as exc:
         print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
         return None
@@ -137,6 +138,12 @@ def cmd_export(args) -> int:
     if found is None:
         return 2
     loaded, basis, adapter = found
+    from adapters.registry import get_method
+
+    if get_method(adapter.config.method).peft_type is not None:
+        print(f"adapter refused: {args.adapter} is a PEFT folder already; serve or merge it as it is",
+              file=sys.stderr)
+        return 2
     params = export_peft_lora(adapter, basis, args.out, base_model=loaded.name)
     print(f"exported {args.adapter} as a PEFT LoRA folder ({params:,} parameters against PiCa's "
           f"{adapter.num_params:,}): {args.out}")
