@@ -82,6 +82,12 @@ def test_peft_lora_upload_serves_mixed_with_pica_and_base(lora_live, tmp_path):
     for (adapter_id, prompt), tokens in results.items():
         assert tokens == expected[adapter_id][prompt], (adapter_id, prompt)
 
+    metrics = httpx.get(f"{live.base_url}/metrics").text
+    for method in ("lora", "pica", "base"):
+        line = next(l for l in metrics.splitlines()
+                    if l.startswith("pica_method_requests_total{") and f'method="{method}"' in l and '"length"' in l)
+        assert float(line.split()[-1]) >= len(PROMPTS), line
+
 
 def test_refused_peft_upload_is_a_400_naming_the_reason(lora_live, tmp_path):
     live, root = lora_live
