@@ -80,11 +80,13 @@ class AdapterExpectation:
     basis_kind: str = "principal"
     max_layer_rank: int = 0
     """Largest rank of the per-layer slot stacks (LoRA's A and B, `--max-lora-rank`); 0: none are held."""
+    svd_factors: object = field(default=None, compare=False)
+    """cache.svd_factors.SvdFactors of the base model's target linears, for PSOFT (None: PSOFT is refused)."""
 
     @classmethod
-    def from_basis(cls, basis, max_layer_rank: int = 0) -> "AdapterExpectation":
+    def from_basis(cls, basis, max_layer_rank: int = 0, svd_factors=None) -> "AdapterExpectation":
         return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind,
-                   max_layer_rank)
+                   max_layer_rank, svd_factors)
 
     @property
     def max_weights_bytes(self) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 _METHODS: dict = {}
-_BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora")
+_BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft")
 
 
 def register_method(cls):

@@ -69,11 +69,13 @@ def cmd_precompute(args) -> int:
 def load_with_adapter(args):
     """(loaded model, basis, adapter of --adapter), or None after printing why the adapter is refused."""
     from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
+    from cache.svd_factors import svd_factors_of
 
     loaded, basis = load_model_and_basis(model_config(args))
     try:
         # no slot stacks here (merge, export): a LoRA of any rank is fine
-        return loaded, basis, load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis, sys.maxsize))
+        expect = AdapterExpectation.from_basis(basis, sys.maxsize, svd_factors_of(loaded.model, basis))
+        return loaded, basis, load_adapter_dir(args.adapter, expect)
     except AdapterValidationError as exc:
         print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
         return None
