@@ -1,5 +1,5 @@
-"""A PEFT LoRA folder, uploaded unchanged, serves through HTTP and the engine in one batch with PiCa and base
-requests; each answer equals its oracle (PEFT's own forward for LoRA, the dense merged model for PiCa)."""
+"""PEFT LoRA and PSOFT folders, uploaded unchanged, serves through HTTP and the engine in one batch with PiCa and base
+requests; each answer equals its oracle (PEFT's own forward for LoRA and PSOFT, the dense merged model for PiCa)."""
 
 import dataclasses
 import threading
@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PsoftConfig
 
 from server.http.app import build_app
 from tests.helpers import app_config, build_tiny_model, save_peft_adapter, write_random_adapter
@@ -23,7 +23,7 @@ def lora_live(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-srv")
     build_tiny_model(root / "model", "llama", seed=11)
     config = app_config(root)
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_lora_rank=8, max_gpu_adapters=3))
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_lora_rank=8, max_gpu_adapters=4))
     with LiveServer(build_app(config)) as server:
         yield server, root
 
@@ -46,6 +46,11 @@ def test_peft_lora_upload_serves_mixed_with_pica_and_base(lora_live, tmp_path):
     response = upload(live.base_url, "tenant-lora", lora_folder)
     assert response.status_code == 201, response.text
     assert response.json()["method"] == "lora" and response.json()["r"] == 8
+    psoft_model, psoft_folder = save_peft_adapter(root / "model", tmp_path / "psoft", seed=3,
+                                                  peft_config=PsoftConfig(r=4, target_modules=["k_proj", "down_proj"]))
+    response = upload(live.base_url, "tenant-psoft", psoft_folder)
+    assert response.status_code == 201, response.text
+    assert response.json()["method"] == "psoft" and response.json()["r"] == 4
     pica_folder = write_random_adapter(tmp_path / "pica", state.basis, r=6, seed=4)
     assert upload(live.base_url, "tenant-pica", pica_folder).status_code == 201
 
@@ -62,8 +67,9 @@ def test_peft_lora_upload_serves_mixed_with_pica_and_base(lora_live, tmp_path):
     with peft_model.disable_adapter():
         base_expected = {p: greedy(peft_model, state.tokenize(p), 8) for p in PROMPTS}
     expected = {None: base_expected, "tenant-pica": {p: greedy(pica_model, state.tokenize(p), 8) for p in PROMPTS},
-                "tenant-lora": {p: greedy(peft_model, state.tokenize(p), 8) for p in PROMPTS}}
-    assert expected["tenant-lora"] != expected[None]
+                "tenant-lora": {p: greedy(peft_model, state.tokenize(p), 8) for p in PROMPTS},
+                "tenant-psoft": {p: greedy(psoft_model, state.tokenize(p), 8) for p in PROMPTS}}
+    assert expected["tenant-lora"] != expected[None] and expected["tenant-psoft"] != expected[None]
 
     results, threads = {}, []
 
@@ -83,7 +89,7 @@ def test_peft_lora_upload_serves_mixed_with_pica_and_base(lora_live, tmp_path):
         assert tokens == expected[adapter_id][prompt], (adapter_id, prompt)
 
     metrics = httpx.get(f"{live.base_url}/metrics").text
-    for method in ("lora", "pica", "base"):
+    for method in ("lora", "psoft", "pica", "base"):
         line = next(l for l in metrics.splitlines()
                     if l.startswith("pica_method_requests_total{") and f'method="{method}"' in l and '"length"' in l)
         assert float(line.split()[-1]) >= len(PROMPTS), line
