@@ -195,3 +195,29 @@ def test_lora_ops_match_reference_on_random_slot_mappings():
             assert (expected[lora_rows] - y[lora_rows]).abs().max() > 1e-3
         base_rows = [t for t, s in enumerate(slots) if s in (-1, 1)]
         torch.testing.assert_close(expected[base_rows], y[base_rows])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_lora_ops_on_cuda_match_reference(dtype, tol):
+    from adapters.ops import lora
+
+    gen = torch.Generator().manual_seed(1)
+    num_slots, rank, d_in, d_out = 6, 16, 256, 384
+    a_stack = (torch.randn(num_slots, rank, d_in, generator=gen) * 0.1).to(dtype)
+    b_stack = (torch.randn(num_slots, d_out, rank, generator=gen) * 0.1).to(dtype)
+    ranks = [16, 0, 8, 16, 4, 16]
+    for s, r in enumerate(ranks):
+        a_stack[s, r:] = 0
+        b_stack[s, :, r:] = 0
+    slot_index = SlotIndex(1024, "cuda")
+    for num_tokens in (1, 7, 64, 600):  # decode sizes (gathered) and a prefill-sized step (grouped torch)
+        slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
+        slot_index.set(slots)
+        x = torch.randn(num_tokens, d_in, generator=gen).to(dtype)
+        y = torch.randn(num_tokens, d_out, generator=gen).to(dtype)
+        expected = lora_reference(x, y, a_stack, b_stack, torch.tensor(slots))
+        out = y.cuda()
+        lora(x.cuda(), out, a_stack.cuda(), b_stack.cuda(), ranks, slot_index)
+        torch.testing.assert_close(out.cpu().float(), expected.float(), atol=tol, rtol=tol)
