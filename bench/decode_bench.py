@@ -136,10 +136,6 @@ def psoft_shaped_handle(host, model, basis, rank: int, seed: int):
 def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
     """16 LoRA r=16 + 16 PiCa r=32 + 16 PSOFT r=16 adapters round-robin in one batch (and each method alone
     at the same batch, for comparison)."""
-    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
-                                                max_model_len=args.prompt_len + args.new_tokens + 64,
-                                                max_gpu_adapters=48, max_rank=32, max_lora_rank=16,
-                                                gpu_memory_utilization=0.85))
     host = HostCache(lambda _id: None, 1024, torch.bfloat16, pin_memory=True)
     by_method = {
         "pica": [host.handle_for(f"p{i}", random_adapter(basis, 32, seed=5000 + i)) for i in range(16)],
@@ -147,6 +143,11 @@ def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
         "psoft": [psoft_shaped_handle(host, loaded.model, basis, 16, seed=7000 + i) for i in range(16)],
     }
     mixed = [h for triple in zip(*by_method.values()) for h in triple]
+    # after the handles: PSOFT's are made from the plain linears, which the engine wraps
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
+                                                max_model_len=args.prompt_len + args.new_tokens + 64,
+                                                max_gpu_adapters=48, max_rank=32, max_lora_rank=16,
+                                                gpu_memory_utilization=0.85))
     run_batch(engine, mixed[:6], 6, args.prompt_len, 4, seed=-2)  # warm-up
     emit({"system": "pica_engine_mixed_methods", "adapters": 48, "rank": "pica32+lora16+psoft16",
           **run_batch(engine, mixed, batch, args.prompt_len, args.new_tokens, seed=11)})
