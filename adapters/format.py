@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from adapters.registry import get_method, method_for_peft_type, method_names, peft_types
+from adapters.registry import UNSERVED_METHODS, get_method, method_for_peft_type, method_names, peft_types
 from adapters.targets import GroupInfo
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,10 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
         return None
     if not isinstance(raw, dict):
         problems.append(f"{CONFIG_FILE} must be a JSON object")
+        return None
+    named = raw.get("method", raw.get("peft_type"))
+    if isinstance(named, str) and named.lower() in UNSERVED_METHODS:
+        problems.append(UNSERVED_METHODS[named.lower()])
         return None
     if "peft_type" in raw and "method" not in raw:  # a folder as PEFT's save_pretrained writes it
         method = method_for_peft_type(raw["peft_type"])

@@ -8,6 +8,14 @@ _METHODS: dict = {}
 _BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft")
 
 
+UNSERVED_METHODS = {
+    "cersa": "CERSA keeps only the top singular components of each weight (90-95% of its spectral energy) and "
+             "drops the rest of W0, so its model is not this base model plus a delta: it is not served here "
+             "(there is no public reference code to check a reading against); serve it as its own model",
+}
+"""Methods users may name that this server knows it does not serve, with the reason."""
+
+
 def register_method(cls):
     """Class decorator: make an AdapterMethod subclass available under its `name`."""
     _METHODS[cls.name] = cls

@@ -126,8 +126,10 @@ def rewrite_config(folder, **changes):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save (fully trained copies of modules) is not served"),
     ({"bias": "lora_only"}, "bias='lora_only' (trained biases of the base layers) is not served"),
     ({"lora_bias": True}, "lora_bias (a trained bias on lora_B) is not served"),
-    ({"peft_type": "LOHA"}, "PEFT adapter type 'LOHA' is not served; this server serves ['LORA']"),
+    ({"peft_type": "LOHA"}, "PEFT adapter type 'LOHA' is not served; this server serves ['LORA', 'PSOFT']"),
     ({"r": 0}, "r must be a positive integer"),
+    ({"peft_type": "CERSA"}, "CERSA keeps only the top singular components"),
+    ({"method": "cersa"}, "its model is not this base model plus a delta"),
 ])
 def test_refusals_name_their_reason(world, tmp_path, changes, message):
     _, cfg, basis = world
