@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +91,7 @@ class AdapterExpectation:
     def max_weights_bytes(self) -> int:
         """An upper bound on any weights file this server accepts (every group at its largest rank in
         float32, plus room for the header), so an oversized upload is refused before it is read."""
-        r = max(self.group_rank.values())
-        elements = max(sum(math.prod(shape) for tensors in (get_method(m).expected_tensors(r, self.groups),
-                                                             get_method(m).optional_tensors(r, self.groups))
-                           for shape in tensors.values())
-                       for m in method_names())
-        per_layer = sum(len(info.layers) * (info.out_features + max(info.in_features)) * self.max_layer_rank
-                        for info in self.groups.values())
-        return 4 * max(elements, per_layer) + 2**20
+        return 4 * max(get_method(m).max_elements(self) for m in method_names()) + 2**20
 
 
 @dataclass(frozen=True)
@@ -139,7 +131,8 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
         method = method_for_peft_type(raw["peft_type"])
         if method is None:
             problems.append(f"PEFT adapter type {str(raw['peft_type'])[:40]!r} is not served; this server serves "
-                            f"{peft_types()} from PEFT folders, and {method_names()} in its own format")
+                            f"{peft_types()} from PEFT folders, and "
+                            f"{[m for m in method_names() if get_method(m).peft_type is None]} in its own format")
             return None
         return method.parse_peft_config(raw, expect, problems, warnings)
     unknown = sorted(set(raw) - set(KNOWN_KEYS))
@@ -148,6 +141,10 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
     method = raw.get("method")
     if method not in method_names():
         problems.append(f"unknown method {method!r}; this server knows {method_names()}")
+    elif get_method(method).peft_type is not None:
+        problems.append(f"method {method!r} is read from PEFT folders: upload the folder PEFT's save_pretrained "
+                        f"wrote (peft_type {get_method(method).peft_type!r}) as it is")
+        method = None
     r = raw.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         problems.append(f"r must be a positive integer, got {r!r}")

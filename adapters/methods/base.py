@@ -15,6 +15,7 @@ A method is one module in this folder that subclasses AdapterMethod and register
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -58,6 +59,12 @@ class AdapterMethod(ABC):
         """An AdapterConfig from a PEFT adapter_config.json (only methods with a peft_type), appending
         every problem found to `problems`; None when there are any."""
         raise NotImplementedError(f"{self.name} reads no PEFT folders")
+
+    def max_elements(self, expect) -> int:
+        """The most tensor elements a file of this method can hold on a server expecting `expect`."""
+        r = max(expect.group_rank.values())
+        shapes = {**self.expected_tensors(r, expect.groups), **self.optional_tensors(r, expect.groups)}
+        return sum(math.prod(shape) for shape in shapes.values())
 
     def resolve(self, config, tensors: dict[str, torch.Tensor], expect, problems: list[str]):
         """The config completed from the file's tensors (LoRA: which layers it adapts, at which rank),

@@ -141,6 +141,10 @@ class LoRA(AdapterMethod):
         groups = tuple(g for g in expect.groups if any(served[layer] == g for layer in layers))
         return replace(config, r=max_rank, target_modules=groups, layer_ranks=ranks, layer_scaling=scaling)
 
+    def max_elements(self, expect) -> int:
+        """Bounded by the per-layer stacks' rank, not the basis's."""
+        return sum(math.prod(shape) for shape in self.expected_tensors(expect.max_layer_rank, expect.groups).values())
+
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         """Every layer of the groups at rank r (the most a file can hold)."""
         shapes = {}

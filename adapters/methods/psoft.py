@@ -14,6 +14,7 @@ product pair (U_r S_r, (R - I) Vh_r), exact; sharing the frozen factors across a
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -114,6 +115,10 @@ class Psoft(AdapterMethod):
         return replace(config, target_modules=groups, layer_ranks={layer: config.r for layer in sorted(layers)},
                        layer_scaling={layer: 1.0 for layer in sorted(layers)},
                        peft_options={**config.peft_options, "svd_factors": expect.svd_factors})
+
+    def max_elements(self, expect) -> int:
+        """Bounded by the per-layer stacks' rank, not the basis's."""
+        return sum(math.prod(shape) for shape in self.expected_tensors(expect.max_layer_rank, expect.groups).values())
 
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         return {name: shape for info in groups.values() for layer in info.layers

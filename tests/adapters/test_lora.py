@@ -126,10 +126,11 @@ def rewrite_config(folder, **changes):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save (fully trained copies of modules) is not served"),
     ({"bias": "lora_only"}, "bias='lora_only' (trained biases of the base layers) is not served"),
     ({"lora_bias": True}, "lora_bias (a trained bias on lora_B) is not served"),
-    ({"peft_type": "LOHA"}, "PEFT adapter type 'LOHA' is not served; this server serves ['LORA', 'PSOFT']"),
+    ({"peft_type": "LOHA"}, "PEFT adapter type 'LOHA' is not served; this server serves ['LORA', 'PSOFT'] from PEFT folders, and ['pica'] in its own format"),
     ({"r": 0}, "r must be a positive integer"),
     ({"peft_type": "CERSA"}, "CERSA keeps only the top singular components"),
     ({"method": "cersa"}, "its model is not this base model plus a delta"),
+    ({"method": "lora"}, "method 'lora' is read from PEFT folders: upload the folder PEFT's save_pretrained wrote"),
 ])
 def test_refusals_name_their_reason(world, tmp_path, changes, message):
     _, cfg, basis = world
