@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from adapters.registry import get_method, method_names
+from adapters.registry import UNSERVED_METHODS, get_method, method_for_peft_type, method_names, peft_types
 from adapters.targets import GroupInfo
 
 log = logging.getLogger(__name__)
@@ -51,6 +50,12 @@ class AdapterConfig:
     """The basis the adapter was trained against; refused when it is not this server's."""
     basis_kind: str = "principal"
     """'principal', or 'random:<seed>' for the random-basis ablation."""
+    layer_ranks: dict[str, int] = field(default_factory=dict, compare=False)
+    """Methods with per-layer factors (LoRA): full module name -> that layer's rank (r is their max)."""
+    layer_scaling: dict[str, float] = field(default_factory=dict, compare=False)
+    """Methods with per-layer factors (LoRA): full module name -> the delta's scale (alpha / r, ...)."""
+    peft_options: dict = field(default_factory=dict, compare=False)
+    """A PEFT folder's settings the method reads when it resolves the layers against the tensors."""
 
     def to_json(self) -> dict:
         return {
@@ -72,21 +77,21 @@ class AdapterExpectation:
     group_rank: dict[str, int]
     basis_checksum: str
     basis_kind: str = "principal"
+    max_layer_rank: int = 0
+    """Largest rank of the per-layer slot stacks (LoRA's A and B, `--max-lora-rank`); 0: none are held."""
+    svd_factors: object = field(default=None, compare=False)
+    """cache.svd_factors.SvdFactors of the base model's target linears, for PSOFT (None: PSOFT is refused)."""
 
     @classmethod
-    def from_basis(cls, basis) -> "AdapterExpectation":
-        return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind)
+    def from_basis(cls, basis, max_layer_rank: int = 0, svd_factors=None) -> "AdapterExpectation":
+        return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind,
+                   max_layer_rank, svd_factors)
 
     @property
     def max_weights_bytes(self) -> int:
         """An upper bound on any weights file this server accepts (every group at its largest rank in
         float32, plus room for the header), so an oversized upload is refused before it is read."""
-        r = max(self.group_rank.values())
-        elements = max(sum(math.prod(shape) for tensors in (get_method(m).expected_tensors(r, self.groups),
-                                                             get_method(m).optional_tensors(r, self.groups))
-                           for shape in tensors.values())
-                       for m in method_names())
-        return 4 * elements + 2**20
+        return 4 * max(get_method(m).max_elements(self) for m in method_names()) + 2**20
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,7 @@ class Adapter:
 
     def slot_tensors(self) -> dict[str, torch.Tensor]:
         """What one GPU slot holds for this adapter (PiCa: M [out, r] per group, and its signs if any)."""
-        return get_method(self.config.method).slot_tensors(self.tensors, self.config.target_modules)
+        return get_method(self.config.method).slot_tensors_for(self)
 
 
 def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: list[str], warnings: list[str]):
@@ -118,12 +123,28 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
     if not isinstance(raw, dict):
         problems.append(f"{CONFIG_FILE} must be a JSON object")
         return None
+    named = raw.get("method", raw.get("peft_type"))
+    if isinstance(named, str) and named.lower() in UNSERVED_METHODS:
+        problems.append(UNSERVED_METHODS[named.lower()])
+        return None
+    if "peft_type" in raw and "method" not in raw:  # a folder as PEFT's save_pretrained writes it
+        method = method_for_peft_type(raw["peft_type"])
+        if method is None:
+            problems.append(f"PEFT adapter type {str(raw['peft_type'])[:40]!r} is not served; this server serves "
+                            f"{peft_types()} from PEFT folders, and "
+                            f"{[m for m in method_names() if get_method(m).peft_type is None]} in its own format")
+            return None
+        return method.parse_peft_config(raw, expect, problems, warnings)
     unknown = sorted(set(raw) - set(KNOWN_KEYS))
     if unknown:
         warnings.append(f"{CONFIG_FILE}: ignoring unknown keys {unknown}")
     method = raw.get("method")
     if method not in method_names():
         problems.append(f"unknown method {method!r}; this server knows {method_names()}")
+    elif get_method(method).peft_type is not None:
+        problems.append(f"method {method!r} is read from PEFT folders: upload the folder PEFT's save_pretrained "
+                        f"wrote (peft_type {get_method(method).peft_type!r}) as it is")
+        method = None
     r = raw.get("r")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         problems.append(f"r must be a positive integer, got {r!r}")
@@ -176,8 +197,9 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
         tensors = None
     if tensors is not None and config is not None:
         method = get_method(config.method)
+        config = method.resolve(config, tensors, expect, problems)
         groups = {g: expect.groups[g] for g in config.target_modules}
-        expected = method.expected_tensors(config.r, groups)
+        expected = method.expected_tensors_for(config, groups)
         optional = method.optional_tensors(config.r, groups)
         missing = sorted(set(expected) - set(tensors))
         extra = sorted(set(tensors) - set(expected) - set(optional))

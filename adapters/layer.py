@@ -8,6 +8,11 @@ share one GEMM `[W_q; W_k; W_v; P_q; P_k; P_v] @ x` and one expand launch. The M
 adapter live in preallocated per-group slot stacks [num_slots, out, r_max], so activating an
 adapter is a copy_ and nothing is re-registered at request time. The per-token slot index is set
 once per step (-1 = base model) and shared by every layer.
+
+Methods with per-layer factors (LoRA: W0 + B_l A_l) have their own preallocated stacks per layer,
+A [num_slots, R, in] and B [num_slots, out, R] with R = `max_layer_rank` (`--max-lora-rank`; 0 holds
+none): each slot holds one method's tensors and zeros in the others' stacks, so a mixed batch runs
+every token through its own adapter's factors and nothing else.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.ops import expand
+from adapters.ops import expand, lora
 from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
 
@@ -146,9 +151,18 @@ class SlotStacks:
     slot's rank per group (0 where the adapter leaves the group alone) and its per-layer signs
     [num_slots, num_layers_g, r_max_g] (the diagonal core; ones unless the adapter has its own)."""
 
-    def __init__(self, group_shapes: dict[str, tuple[int, int, int]], num_slots: int, dtype, device):
-        """group_shapes: group -> (out_features, r_max, num_layers)."""
+    def __init__(self, group_shapes: dict[str, tuple[int, int, int]], num_slots: int, dtype, device,
+                 layer_shapes: dict[str, tuple[int, int]] | None = None, max_layer_rank: int = 0):
+        """group_shapes: group -> (out_features, r_max, num_layers); layer_shapes: full module name ->
+        (out_features, in_features), for the per-layer stacks of rank max_layer_rank (none if 0)."""
         self.num_slots = num_slots
+        layer_shapes = layer_shapes if max_layer_rank else {}
+        self.layer_a = {n: torch.zeros(num_slots, max_layer_rank, i, dtype=dtype, device=device)
+                        for n, (_, i) in layer_shapes.items()}
+        self.layer_b = {n: torch.zeros(num_slots, o, max_layer_rank, dtype=dtype, device=device)
+                        for n, (o, _) in layer_shapes.items()}
+        self.layer_ranks = {n: [0] * num_slots for n in layer_shapes}
+        """Full module name -> each slot's rank there, on the host (the torch path skips rank 0)."""
         self.stacks = {
             g: torch.zeros(num_slots, out_features, r, dtype=dtype, device=device)
             for g, (out_features, r, _) in group_shapes.items()
@@ -177,6 +191,19 @@ class SlotStacks:
                 self.signs[g][slot, :, :rank].copy_(signs, non_blocking=non_blocking)
             self.ranks[g][slot] = rank
         self.slot_ranks[slot] = max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0)
+        for name, a_stack in self.layer_a.items():
+            a, b = tensors.get(f"lora_A.{name}"), tensors.get(f"lora_B.{name}")
+            rank = 0 if a is None else a.shape[0]
+            a_stack[slot, rank:].zero_()
+            self.layer_b[name][slot, :, rank:].zero_()
+            if a is not None:
+                a_stack[slot, :rank].copy_(a, non_blocking=non_blocking)
+                self.layer_b[name][slot, :, :rank].copy_(b, non_blocking=non_blocking)
+            self.layer_ranks[name][slot] = rank
+
+    def per_layer(self, name: str):
+        """(A stack, B stack, host ranks) of one layer, or None where no per-layer stacks are held."""
+        return (self.layer_a[name], self.layer_b[name], self.layer_ranks[name]) if name in self.layer_a else None
 
     def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
@@ -215,9 +242,10 @@ class SharedGemm:
     group of one."""
 
     def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], served: tuple, layer: int,
-                 slot_index: SlotIndex):
+                 slot_index: SlotIndex, per_layer: list | None = None):
         """served: (stack, ranks, signs) of the members' groups (SlotStacks.served); layer: the members'
-        index in their groups (the row of the signs they read)."""
+        index in their groups (the row of the signs they read); per_layer: each member's
+        SlotStacks.per_layer (None: no per-layer factors)."""
         stack, ranks, signs = served
         first = linears[0].weight
         in_features, rank = first.shape[1], stack.shape[2]
@@ -236,6 +264,7 @@ class SharedGemm:
                 self.bias[lo:hi].copy_(lin.bias.detach())
                 lin.bias = nn.Parameter(self.bias[lo:hi], requires_grad=lin.bias.requires_grad)
         self.stack, self.ranks, self.signs, self.layer, self.slot_index = stack, ranks, signs, layer, slot_index
+        self.per_layer = [] if per_layer is None or all(p is None for p in per_layer) else per_layer
         self._x: torch.Tensor | None = None
         self._version = -1
         self._out: torch.Tensor | None = None
@@ -248,6 +277,8 @@ class SharedGemm:
             if self.slot_index.any_adapter:
                 out = expand(F.linear(x2, self.weight, self.bias), self.stack, self.ranks, self.signs, self.layer,
                              self.bounds, self.slot_index)
+                for m, factors in enumerate(self.per_layer):  # per-layer methods (LoRA): y += B[slot] A[slot] x
+                    lora(x2, out[:, self.bounds[m] : self.bounds[m + 1]], *factors, self.slot_index)
             else:
                 bias = None if self.bias is None else self.bias[: self.num_out]
                 out = F.linear(x2, self.weight[: self.num_out], bias)
@@ -348,13 +379,17 @@ def plan_shared(stacks: SlotStacks, shared: list[list[str]]) -> dict[tuple[str, 
 
 
 @torch.no_grad()
-def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096) -> AdaptedModel:
-    """Wrap every target linear of `model` in an AdaptedLinear reading shared slot stacks."""
+def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096,
+                    max_layer_rank: int = 0) -> AdaptedModel:
+    """Wrap every target linear of `model` in an AdaptedLinear reading shared slot stacks (and per-layer
+    stacks of rank max_layer_rank for LoRA, where it is > 0)."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     group_rank = {g: min(max_rank, basis.group_rank(g)) for g in basis.groups}
+    layer_shapes = {layer: (info.out_features, in_features) for info in basis.groups.values()
+                    for layer, in_features in zip(info.layers, info.in_features)}
     stacks = SlotStacks({g: (info.out_features, group_rank[g], len(info.layers)) for g, info in basis.groups.items()},
-                        num_slots, dtype, device)
+                        num_slots, dtype, device, layer_shapes, max_layer_rank)
     slot_index = SlotIndex(max_tokens, device, stacks.slot_ranks)
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
@@ -368,7 +403,8 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
             layer = {basis.groups[group_of(n)].layers.index(n) for n in names}
             if len(layer) != 1:
                 raise ValueError(f"layers {names} share an input but sit at different depths of their groups")
-            shared = SharedGemm([linears[n] for n in names], bases, served, layer.pop(), slot_index)
+            shared = SharedGemm([linears[n] for n in names], bases, served, layer.pop(), slot_index,
+                                [stacks.per_layer(n) for n in names])
             for member, name in enumerate(names):
                 layers[name] = AdaptedLinear(linears[name], shared, member)
                 replace_module(model, name, layers[name])

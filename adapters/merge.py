@@ -18,7 +18,7 @@ def merge_adapter(model: nn.Module, basis, adapter: Adapter) -> nn.Module:
     """Add the adapter's dense delta to each target weight of an unwrapped model, in place."""
     method = get_method(adapter.config.method)
     for name, linear in find_target_linears(model, adapter.config.target_modules).items():
-        delta = method.delta_weight(adapter.tensors, name, basis, adapter.config.r)  # float32 [out, in]
+        delta = method.delta_weight_for(adapter, name, basis)  # float32 [out, in]
         weight = linear.weight
         weight.copy_((weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
     return model

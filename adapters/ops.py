@@ -68,3 +68,57 @@ try:  # Triton is only needed (and usually only installed) where CUDA is
     KERNELS_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the machine
     KERNELS_AVAILABLE = False
+
+
+def lora_reference(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                   token_slots: torch.Tensor) -> torch.Tensor:
+    """Semantics:
+        for t in range(T):
+            s = token_slots[t]
+            if s == -1: continue                    # base model
+            y[t] += b_stack[s] @ (a_stack[s] @ x[t])  # the slot's per-layer shrink, then its expand
+    x [T, in], y [T, out], a_stack [S, R, in], b_stack [S, out, R] (zero-padded past each slot's rank, the
+    layer's scaling folded into B; slots holding no per-layer factors are all zeros) -> a new y (float32
+    accumulation, rounded once).
+    """
+    out = y.float().clone()
+    for t, s in enumerate(token_slots.tolist()):
+        if s >= 0:
+            out[t] += b_stack[s].float() @ (a_stack[s].float() @ x[t].float())
+    return out.to(y.dtype)
+
+
+def lora_torch(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, ranks: list[int],
+               slot_index) -> None:
+    """lora_reference in place on y (a view is fine): two matmuls per slot in the step that holds per-layer
+    factors (host ranks > 0), with SlotIndex's host grouping. Not for CUDA graphs (the grouping is host data)."""
+    for s, rows in slot_index.segments():
+        r = ranks[s]
+        if r:
+            z = x[rows].float() @ a_stack[s, :r].float().T  # [n, r]
+            y[rows] = (y[rows].float() + z @ b_stack[s, :, :r].float().T).to(y.dtype)
+
+
+def lora_gathered(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                  token_slots: torch.Tensor) -> None:
+    """lora_reference in place on y with device tensors only (each token gathers its slot's A and B, two
+    batched matmuls): no host data, so CUDA graphs capture it and replay it for any slot mapping. It reads
+    T * R * (in + out) elements, fine at decode sizes; prefill-sized steps take lora_torch."""
+    slots = token_slots.clamp_min(0)
+    keep = (token_slots >= 0).to(x.dtype)[:, None, None]  # base tokens add nothing
+    z = torch.bmm(a_stack[slots], x[:, :, None]) * keep  # [T, R, 1]
+    y.add_(torch.bmm(b_stack[slots], z)[:, :, 0])
+
+
+GATHERED_MAX_TOKENS = 512
+"""Steps up to this many tokens take lora_gathered on CUDA (every decode step CUDA graphs capture: the
+buckets stop at max_num_seqs); larger ones lora_torch."""
+
+
+def lora(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, ranks: list[int],
+         slot_index) -> None:
+    """y [T, out] += B[slot] (A[slot] x) for the step's tokens, in place."""
+    if x.is_cuda and x.shape[0] <= GATHERED_MAX_TOKENS:
+        lora_gathered(x, y, a_stack, b_stack, slot_index.token_slots)
+    else:
+        lora_torch(x, y, a_stack, b_stack, ranks, slot_index)

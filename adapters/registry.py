@@ -5,7 +5,15 @@ from __future__ import annotations
 import importlib
 
 _METHODS: dict = {}
-_BUILTIN_MODULES = ("adapters.methods.pica",)
+_BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft")
+
+
+UNSERVED_METHODS = {
+    "cersa": "CERSA keeps only the top singular components of each weight (90-95% of its spectral energy) and "
+             "drops the rest of W0, so its model is not this base model plus a delta: it is not served here "
+             "(there is no public reference code to check a reading against); serve it as its own model",
+}
+"""Methods users may name that this server knows it does not serve, with the reason."""
 
 
 def register_method(cls):
@@ -28,3 +36,14 @@ def get_method(name: str):
     """An instance of the method registered as `name`; KeyError if none is."""
     _load_builtins()
     return _METHODS[name]()
+
+
+def method_for_peft_type(peft_type):
+    """An instance of the method that reads PEFT folders of this `peft_type` ('LORA', ...), or None."""
+    _load_builtins()
+    return next((cls() for cls in _METHODS.values() if cls.peft_type is not None and cls.peft_type == peft_type), None)
+
+
+def peft_types() -> list[str]:
+    _load_builtins()
+    return sorted(cls.peft_type for cls in _METHODS.values() if cls.peft_type is not None)

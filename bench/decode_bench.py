@@ -8,7 +8,9 @@ model; our engine with no adapter; our engine with 8 and 64 distinct PiCa adapte
 mixed in batches of 1, 16, 64, and with one adapter for the whole batch; PEFT with 8 mixed LoRA
 adapters (r=16, `adapter_names`); the adapter-aware floor (base weights + KV + P_r of every layer +
 each distinct adapter's M once per layer, over the measured copy bandwidth); TTFT; adapter activation host->GPU and
-disk->GPU; basis compute vs cache load; peak GPU memory; kernel profiles of the batch-64 steps.
+disk->GPU; basis compute vs cache load; peak GPU memory; kernel profiles of the batch-64 steps. With
+--mixed-methods (or --mixed-methods-only), 16 LoRA r=16 + 16 PiCa r=32 + 16 PSOFT r=16 adapters mixed at
+batch 64, and each method alone on the same engine (LoRA stacks held).
 """
 
 from __future__ import annotations
@@ -101,6 +103,63 @@ def random_adapter(basis, rank: int, seed: int) -> Adapter:
                for g, info in basis.groups.items()}
     config = AdapterConfig("pica", rank, tuple(basis.groups), "bench", basis.checksum)
     return Adapter(config, tensors, f"bench-{rank}-{seed}")
+
+
+def random_lora_handle(host, basis, rank: int, seed: int):
+    """A LoRA adapter's slot tensors (A [r, in], B [out, r] per layer, scaling folded in), random."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for info in basis.groups.values():
+        for layer, in_features in zip(info.layers, info.in_features):
+            tensors[f"lora_A.{layer}"] = (torch.randn(rank, in_features, generator=gen) * 0.01).to(torch.bfloat16)
+            tensors[f"lora_B.{layer}"] = (torch.randn(info.out_features, rank, generator=gen) * 0.01).to(torch.bfloat16)
+    return host.handle_from_tensors(f"lora-{seed}", f"bench-lora-{seed}", tensors)
+
+
+def psoft_shaped_handle(host, model, basis, rank: int, seed: int):
+    """A PSOFT adapter's slot tensors, (R - I) Vh_r and U_r S_r per layer, with the basis's P_r standing in for
+    Vh_r (and W0 P_r^T for U_r S_r: the same pair up to the SVD's signs), so the benchmark needs no SVD of
+    every weight; R random orthogonal. Served cost is what the bench measures: it equals a real PSOFT's."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for info in basis.groups.values():
+        for layer in info.layers:
+            p = basis.p[layer][:rank].float()
+            q, _ = torch.linalg.qr(torch.randn(rank, rank, generator=gen))
+            core = (q - torch.eye(rank)).to(p.device)
+            tensors[f"lora_A.{layer}"] = (core @ p).to(torch.bfloat16).cpu()
+            weight = model.get_submodule(layer).weight.float()
+            tensors[f"lora_B.{layer}"] = (weight @ p.T).to(torch.bfloat16).cpu()
+    return host.handle_from_tensors(f"psoft-{seed}", f"bench-psoft-{seed}", tensors)
+
+
+def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
+    """16 LoRA r=16 + 16 PiCa r=32 + 16 PSOFT r=16 adapters round-robin in one batch (and each method alone
+    at the same batch, for comparison)."""
+    host = HostCache(lambda _id: None, 1024, torch.bfloat16, pin_memory=True)
+    by_method = {
+        "pica": [host.handle_for(f"p{i}", random_adapter(basis, 32, seed=5000 + i)) for i in range(16)],
+        "lora": [random_lora_handle(host, basis, 16, seed=6000 + i) for i in range(16)],
+        "psoft": [psoft_shaped_handle(host, loaded.model, basis, 16, seed=7000 + i) for i in range(16)],
+    }
+    mixed = [h for triple in zip(*by_method.values()) for h in triple]
+    # after the handles: PSOFT's are made from the plain linears, which the engine wraps
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
+                                                max_model_len=args.prompt_len + args.new_tokens + 64,
+                                                max_gpu_adapters=48, max_rank=32, max_lora_rank=16,
+                                                gpu_memory_utilization=0.85))
+    run_batch(engine, mixed[:6], 6, args.prompt_len, 4, seed=-2)  # warm-up
+    emit({"system": "pica_engine_mixed_methods", "adapters": 48, "rank": "pica32+lora16+psoft16",
+          **run_batch(engine, mixed, batch, args.prompt_len, args.new_tokens, seed=11)})
+    for i, (method, handles) in enumerate(by_method.items()):
+        emit({"system": f"pica_engine_{method}_only_lora_stacks_on", "adapters": 16, "rank": 32 if method == "pica" else 16,
+              **run_batch(engine, handles, batch, args.prompt_len, args.new_tokens, seed=20 + i)})
+    engine.runner.adapted.detach()
+    restore_rms_norms(loaded.model)
+    loaded.model.set_attn_implementation("sdpa")
+    del engine, host, by_method, mixed
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def floor_tokens_per_s(model, basis, batch, context, rank, num_distinct, bandwidth) -> float:
@@ -201,6 +260,9 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--mixed-methods", action="store_true",
+                        help="add the row of 16 LoRA r=16 + 16 PiCa r=32 + 16 PSOFT r=16 adapters mixed at batch 64")
+    parser.add_argument("--mixed-methods-only", action="store_true", help="only that row (after start-up)")
     parser.add_argument("--startup-only", action="store_true", help="model load and basis timings, then stop")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
@@ -255,6 +317,10 @@ def main():
         print(json.dumps(report, indent=1))
         return
 
+    if args.mixed_methods_only:
+        ranks = []
+        args.skip_peft = True
+        batches = []
     for batch in batches:  # HF generate on the plain base model first (our engine wraps the model)
         emit({"system": "hf_generate_base", "adapters": 0, "rank": 0, **hf_generate(model, batch, args.prompt_len, args.new_tokens),
               "floor_tok_s": floor_tokens_per_s(model, basis, batch, context, 0, 0, bandwidth)})
@@ -304,6 +370,9 @@ def main():
         del engine, host, handles
         gc.collect()
         torch.cuda.empty_cache()
+
+    if args.mixed_methods or args.mixed_methods_only:
+        mixed_methods_rows(loaded, basis, args, emit)
 
     if not args.skip_peft:
         from peft import LoraConfig, get_peft_model

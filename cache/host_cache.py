@@ -73,11 +73,15 @@ class HostCache:
         return handle
 
     def handle_for(self, adapter_id: str, adapter) -> AdapterHandle:
+        return self.handle_from_tensors(adapter_id, adapter.checksum, adapter.slot_tensors())
+
+    def handle_from_tensors(self, adapter_id: str, version: str, slot_tensors: dict) -> AdapterHandle:
+        """A handle of slot tensors already made (benchmarks), in this cache's dtype and memory."""
         tensors = {}
-        for group, t in adapter.slot_tensors().items():
+        for name, t in slot_tensors.items():
             t = t.to(self.dtype).contiguous()
-            tensors[group] = t.pin_memory() if self.pin_memory else t
-        return AdapterHandle(adapter_id, adapter.checksum, tensors)
+            tensors[name] = t.pin_memory() if self.pin_memory else t
+        return AdapterHandle(adapter_id, version, tensors)
 
     def invalidate(self, adapter_id: str) -> None:
         with self._lock:

@@ -69,10 +69,13 @@ def cmd_precompute(args) -> int:
 def load_with_adapter(args):
     """(loaded model, basis, adapter of --adapter), or None after printing why the adapter is refused."""
     from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
+    from cache.svd_factors import svd_factors_of
 
     loaded, basis = load_model_and_basis(model_config(args))
     try:
-        return loaded, basis, load_adapter_dir(args.adapter, AdapterExpectation.from_basis(basis))
+        # no slot stacks here (merge, export): a LoRA of any rank is fine
+        expect = AdapterExpectation.from_basis(basis, sys.maxsize, svd_factors_of(loaded.model, basis))
+        return loaded, basis, load_adapter_dir(args.adapter, expect)
     except AdapterValidationError as exc:
         print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
         return None
@@ -137,6 +140,12 @@ def cmd_export(args) -> int:
     if found is None:
         return 2
     loaded, basis, adapter = found
+    from adapters.registry import get_method
+
+    if get_method(adapter.config.method).peft_type is not None:
+        print(f"adapter refused: {args.adapter} is a PEFT folder already; serve or merge it as it is",
+              file=sys.stderr)
+        return 2
     params = export_peft_lora(adapter, basis, args.out, base_model=loaded.name)
     print(f"exported {args.adapter} as a PEFT LoRA folder ({params:,} parameters against PiCa's "
           f"{adapter.num_params:,}): {args.out}")
@@ -155,6 +164,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_gpu_adapters", "GPU slots for adapters"),
         ("max_host_adapters", "adapters kept in host RAM"),
         ("max_rank", "largest adapter r served (default: --rank-max)"),
+        ("max_lora_rank", "largest LoRA rank served from PEFT folders (0: no LoRA; costs GPU slot memory)"),
         ("max_queue", "waiting requests before 429"),
     ):
         e.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)

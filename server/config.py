@@ -99,6 +99,10 @@ class EngineConfig:
     """Adapters kept in host RAM (the LRU between the store and the GPU slots)."""
     max_rank: int | None = None
     """Largest adapter r served (stack padding); None = the basis rank_max."""
+    max_lora_rank: int = 0
+    """Largest LoRA rank served: every GPU slot holds per-layer A and B stacks of this rank (memory
+    num_slots * max_lora_rank * sum over target layers of (in + out)); 0 serves no LoRA (like vLLM
+    without --enable-lora)."""
     max_queue: int = 1024
     """Waiting requests accepted before new ones are refused (HTTP 429)."""
     cuda_graphs: bool = True
@@ -113,6 +117,8 @@ class EngineConfig:
         ]
         if not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_lora_rank < 0:
+            problems.append(f"max_lora_rank must be >= 0, got {self.max_lora_rank}")
         for name in ("max_model_len", "num_kv_blocks", "max_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:

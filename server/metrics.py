@@ -102,6 +102,12 @@ class Metrics:
         self.adapter_requests = Counter(
             "pica_adapter_requests", "Finished generation requests by adapter and finish reason", ["adapter", "finish_reason"], registry=r
         )
+        self.method_requests = Counter(
+            "pica_method_requests", "Finished generation requests by adapter method ('base': none) and finish reason",
+            ["method", "finish_reason"], registry=r)
+        self.method_generation_tokens = Counter(
+            "pica_method_generation_tokens", "Generated tokens of finished requests by adapter method", ["method"], registry=r)
+        self._methods: dict[str, str] = {}  # adapter_id -> method, read once from the store
         self.ttft = Histogram("pica_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("pica_inter_token_latency_seconds", "Time between tokens of a request", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("pica_e2e_request_latency_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
@@ -156,9 +162,27 @@ class Metrics:
             self.itl.observe(seconds)
         for done in stats.finished:
             self.adapter_requests.labels(self.adapter_label(done.adapter_id), done.finish_reason).inc()
+            method = self.method_of(done.adapter_id)
+            self.method_requests.labels(method, done.finish_reason).inc()
+            self.method_generation_tokens.labels(method).inc(done.num_output_tokens)
             self.prompt_tokens.inc(done.num_prompt_tokens)
             self.generation_tokens.inc(done.num_output_tokens)
             self.e2e.observe(done.e2e_seconds)
+
+    def method_of(self, adapter_id: str | None) -> str:
+        """The adapter's method for the method label (a few known names, so the label set stays small)."""
+        if adapter_id is None:
+            return "base"
+        method = self._methods.get(adapter_id)
+        if method is None:
+            try:
+                method = self.state.store.info(adapter_id).method
+            except Exception:  # deleted meanwhile, damaged, or no state yet: still counted
+                return "unknown"
+            if len(self._methods) > 100_000:
+                self._methods.clear()
+            self._methods[adapter_id] = method
+        return method
 
     def observe_disk_load(self, seconds: float) -> None:
         self.swap.labels("disk_to_host").observe(seconds)

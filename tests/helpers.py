@@ -107,3 +107,21 @@ def run_kernel_check(script: Path, expect: str) -> None:
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert expect in result.stdout
+
+
+def save_peft_adapter(model_dir: Path, out: Path, peft_config, seed: int = 0):
+    """Build an adapter with PEFT itself on the tiny model, give its factors random values (PEFT's inits leave
+    the delta zero), save it with save_pretrained; returns the PeftModel (the oracle) and `out`."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, peft_config)
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.data.normal_(0, 0.3 if "lora_A" in name else 0.5)
+    peft_model.eval()
+    peft_model.save_pretrained(out)
+    return peft_model, Path(out)

@@ -15,6 +15,7 @@ A method is one module in this folder that subclasses AdapterMethod and register
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
@@ -51,6 +52,32 @@ the next methods."""
 class AdapterMethod(ABC):
     name: ClassVar[str]
     factors: ClassVar[Factors]
+    peft_type: ClassVar[str | None] = None
+    """The `peft_type` of the PEFT folders this method reads unchanged (None: only its own format)."""
+
+    def parse_peft_config(self, raw: dict, expect, problems: list[str], warnings: list[str]):
+        """An AdapterConfig from a PEFT adapter_config.json (only methods with a peft_type), appending
+        every problem found to `problems`; None when there are any."""
+        raise NotImplementedError(f"{self.name} reads no PEFT folders")
+
+    def max_elements(self, expect) -> int:
+        """The most tensor elements a file of this method can hold on a server expecting `expect`."""
+        r = max(expect.group_rank.values())
+        shapes = {**self.expected_tensors(r, expect.groups), **self.optional_tensors(r, expect.groups)}
+        return sum(math.prod(shape) for shape in shapes.values())
+
+    def resolve(self, config, tensors: dict[str, torch.Tensor], expect, problems: list[str]):
+        """The config completed from the file's tensors (LoRA: which layers it adapts, at which rank),
+        appending problems found; methods whose config says it all return it unchanged."""
+        return config
+
+    def expected_tensors_for(self, config, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape for one adapter's config (per-layer methods read its layer ranks)."""
+        return self.expected_tensors(config.r, groups)
+
+    def slot_tensors_for(self, adapter) -> dict[str, torch.Tensor]:
+        """What one GPU slot holds for this adapter (see slot_tensors)."""
+        return self.slot_tensors(adapter.tensors, adapter.config.target_modules)
 
     @abstractmethod
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
@@ -91,6 +118,10 @@ class AdapterMethod(ABC):
         """Dense weight delta [out, in] (float32) of one layer: E @ K @ S."""
         expand, core, shrink = (self.factor(tensors, part, layer, basis, r) for part in ("expand", "core", "shrink"))
         return expand @ shrink if core is None else expand @ core @ shrink
+
+    def delta_weight_for(self, adapter, layer: str, basis) -> torch.Tensor:
+        """Dense weight delta [out, in] (float32) of one layer of a parsed Adapter."""
+        return self.delta_weight(adapter.tensors, layer, basis, adapter.config.r)
 
     def slot_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
         """What one GPU slot holds for this adapter: `<group>` -> E [out, r], and `signs.<group>` -> the

@@ -77,7 +77,8 @@ class ModelRunner:
         self.block_size = cfg.block_size
         self.max_model_len = max_model_len
         self.adapted = attach_adapters(
-            loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens
+            loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens,
+            cfg.max_lora_rank,
         )
         self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
         if self.decode_kernels:

@@ -133,6 +133,8 @@ class ModelCard(BaseModel):
     parent: str | None = None
     root: str | None = None
     method: str | None = None
+    r: int | None = None
+    """An adapter's rank (its largest, for methods with a rank per layer)."""
 
 
 class ModelList(BaseModel):

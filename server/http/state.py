@@ -16,6 +16,7 @@ from adapters.format import AdapterExpectation, AdapterValidationError
 from adapters.store import AdapterIdError, AdapterStore, DamagedAdapterError, check_adapter_id
 from cache.basis_cache import Basis, BasisCache
 from cache.host_cache import AdapterHandle, HostCache
+from cache.svd_factors import svd_factors_of
 from server.config import AppConfig
 from server.engine.async_engine import AsyncEngine, QueueFullError, RequestFailed, RequestStream
 from server.engine.engine import Engine, RequestOutput
@@ -203,7 +204,7 @@ def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
         loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
         device=loaded.device, dtype=loaded.dtype,
     )
-    expect = AdapterExpectation.from_basis(basis)
+    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, svd_factors_of(loaded.model, basis))
     store = AdapterStore(config.adapter_dir, expect)
     provision_adapters(store, config.server.adapters)
     host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")

@@ -55,7 +55,7 @@ def test_valid_adapter_loads():
     [
         (b"{oops", "is not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
-        (config(method="lora-xl"), "unknown method 'lora-xl'; this server knows ['pica']"),
+        (config(method="lora-xl"), "unknown method 'lora-xl'; this server knows ['lora', 'pica', 'psoft']"),
         (config(r=0), "r must be a positive integer, got 0"),
         (config(r="8"), "r must be a positive integer, got '8'"),
         (config(target_modules="q_proj"), "target_modules must be a non-empty list of strings"),

@@ -177,3 +177,21 @@ def test_adapter_flags_provision_folders(tmp_path, capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--adapter", bad])
         assert "--adapter" in capsys.readouterr().err
+
+
+def test_merge_of_a_peft_lora_folder_equals_peft_forward(tmp_path, capsys):
+    from peft import LoraConfig
+
+    from tests.helpers import save_peft_adapter
+
+    model_dir = build_tiny_model(tmp_path / "m")
+    peft_model, folder = save_peft_adapter(model_dir, tmp_path / "lora", LoraConfig(
+        r=16, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "down_proj"]), seed=3)  # r above --rank-max
+    out = tmp_path / "merged"
+    assert main(cli_args("merge", model_dir, tmp_path, "--adapter", str(folder), "--out", str(out))) == 0
+    ids = torch.randint(0, 250, (1, 9))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        torch.testing.assert_close(merged, peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert main(cli_args("export", model_dir, tmp_path, "--adapter", str(folder), "--out", str(tmp_path / "e"))) == 2
+    assert "is a PEFT folder already" in capsys.readouterr().err

@@ -204,7 +204,7 @@ def model_card(state: ServerState, model_id: str) -> ModelCard:
         return ModelCard(id=state.model_name, created=state.started_at, root=state.model_name)
     info = state.store.info(model_id)
     return ModelCard(id=model_id, created=info.created, parent=state.model_name, root=state.model_name,
-                     method=info.method)
+                     method=info.method, r=info.r)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -1,0 +1,177 @@
+"""PSOFT, read from PEFT folders unchanged: W = W0 + U_r S_r (R_l - I) Vh_r per adapted layer.
+
+What PEFT 0.21 does (peft/tuners/psoft/layer.py): frozen A = Vh_r [r, in] and B = U_r diag(S_r) / scaling
+[out, r] from `torch.linalg.svd` of the float32 base weight, recomputed at every load and not saved; per
+adapter and layer a packed skew vector `psoft_R.weight` [r(r-1)/2] (the strict upper triangle, row by row),
+and with psoft_mag_a / psoft_mag_b the vectors `vector_a`, `vector_b` [r]. R = diag(b) C diag(a), C the
+Cayley transform of the skew Q, exact `(I + Q)(I - Q)^-1` or its Neumann series (with use_cayley_neumann);
+with psoft_orth false, `psoft_R.weight` is R itself [r, r]. The delta is `scaling B (R - I) A`, and scaling
+(psoft_alpha / r) cancels the 1 / scaling inside B. So E = U_r S_r and S = Vh_r are frozen per layer, from
+cache/svd_factors.py (computed only when a PSOFT adapter arrives), and K = R - I [r, r] per adapter and
+layer is computed once at load. It is served through the per-layer slot stacks (--max-lora-rank) as the
+product pair (U_r S_r, (R - I) Vh_r), exact; sharing the frozen factors across adapters is left to later.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from adapters.methods.base import AdapterMethod, Factors, Scope
+from adapters.registry import register_method
+from adapters.targets import GroupInfo, group_of
+
+PEFT_PREFIX = "base_model.model."
+UNSERVED_OPTIONS = {
+    "modules_to_save": "modules_to_save (fully trained copies of modules) is not served: only deltas on the "
+                       "target linears are",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights) is not served: the base model's target layers are nn.Linear",
+}
+
+
+def tensor_name(layer: str, part: str) -> str:
+    return f"{PEFT_PREFIX}{layer}.psoft_R.{part}"
+
+
+def cayley(q: torch.Tensor, num_neumann_terms: int | None, eps: float | None) -> torch.Tensor:
+    """The orthogonal matrix of a skew-symmetric q [r, r]: exact (I + q)(I - q)^-1 when num_neumann_terms is
+    None, else PEFT's truncated series I + 2q + 2q^2 + ... + 2q^(t-2) + q^(t-1) (q scaled to Frobenius norm
+    eps first when eps is set and smaller)."""
+    eye = torch.eye(q.shape[0], dtype=q.dtype)
+    if num_neumann_terms is None:
+        return torch.linalg.solve(eye - q, eye + q, left=False)
+    if eps is not None:
+        norm = torch.linalg.norm(q)
+        if torch.isfinite(norm) and norm > eps:
+            q = q * (eps / (norm + 1e-12))
+    t = int(num_neumann_terms)
+    if t <= 1:
+        return eye
+    r = eye + 2 * q
+    if t == 2:
+        return r
+    power = q @ q
+    r = r + 2 * power
+    for _ in range(3, t - 1):  # as PEFT counts its terms (t = 3 and t = 4 give the same series)
+        power = power @ q
+        r = r + 2 * power
+    return r + power @ q
+
+
+@register_method
+class Psoft(AdapterMethod):
+    name = "psoft"
+    peft_type = "PSOFT"
+    factors = Factors(expand=Scope.FROZEN, core=Scope.LAYER, shrink=Scope.FROZEN)
+
+    def parse_peft_config(self, raw: dict, expect, problems: list[str], warnings: list[str]):
+        from adapters.format import AdapterConfig
+
+        start = len(problems)
+        for key, why in UNSERVED_OPTIONS.items():
+            if raw.get(key):
+                problems.append(why)
+        if raw.get("ab_svd_init", "psoft_init") != "psoft_init":
+            problems.append(f"ab_svd_init={raw['ab_svd_init']!r} puts sqrt(S) on both sides of the core; only "
+                            "'psoft_init' (A = Vh_r, B = U_r S_r) is served")
+        if raw.get("psoft_svd", "full") != "full":
+            problems.append(f"psoft_svd={raw['psoft_svd']!r} (a randomized SVD) is not served: the core only "
+                            "means something against the exact SVD; train with psoft_svd='full'")
+        r = raw.get("r")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            problems.append(f"r must be a positive integer, got {r!r}")
+        if expect.svd_factors is None:
+            problems.append("PSOFT needs both sides of the base weights' SVD, which is not available here")
+        if len(problems) > start:
+            return None
+        terms = raw.get("num_cayley_neumann_terms", 5) if raw.get("use_cayley_neumann") else None
+        base_model = raw.get("base_model_name_or_path")
+        return AdapterConfig(self.name, r, (), base_model if isinstance(base_model, str) else None, peft_options={
+            "orth": raw.get("psoft_orth", True), "mag_a": raw.get("psoft_mag_a", True),
+            "mag_b": raw.get("psoft_mag_b", True), "neumann_terms": terms, "eps": raw.get("cayley_neumann_eps")})
+
+    def resolve(self, config, tensors: dict[str, torch.Tensor], expect, problems: list[str]):
+        from dataclasses import replace
+
+        served = {layer: g for g, info in expect.groups.items() for layer in info.layers}
+        layers, unknown = set(), []
+        for name in tensors:
+            match = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.psoft_R\.(weight|vector_a|vector_b)", name)
+            (layers.add(match.group(1)) if match and match.group(1) in served else unknown.append(name))
+        if unknown:
+            problems.append(f"tensors {sorted(unknown)[:8]} are not PSOFT cores of a layer this server adapts "
+                            f"(its target groups are {sorted(expect.groups)})")
+        if not layers:
+            if not unknown:
+                problems.append("the adapter holds no psoft_R tensors")
+            return config
+        if config.r > expect.max_layer_rank:
+            problems.append(f"PSOFT rank {config.r} exceeds this server's --max-lora-rank {expect.max_layer_rank} "
+                            f"(PSOFT is served through the per-layer stacks; start it with --max-lora-rank {config.r} "
+                            "or more)")
+        groups = tuple(g for g in expect.groups if any(served[layer] == g for layer in layers))
+        return replace(config, target_modules=groups, layer_ranks={layer: config.r for layer in sorted(layers)},
+                       layer_scaling={layer: 1.0 for layer in sorted(layers)},
+                       peft_options={**config.peft_options, "svd_factors": expect.svd_factors})
+
+    def max_elements(self, expect) -> int:
+        """Bounded by the per-layer stacks' rank, not the basis's."""
+        return sum(math.prod(shape) for shape in self.expected_tensors(expect.max_layer_rank, expect.groups).values())
+
+    def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
+        return {name: shape for info in groups.values() for layer in info.layers
+                for name, shape in self._layer_tensors(layer, r, True, True, True).items()}
+
+    @staticmethod
+    def _layer_tensors(layer: str, r: int, orth: bool, mag_a: bool, mag_b: bool) -> dict[str, tuple[int, ...]]:
+        shapes = {tensor_name(layer, "weight"): (r * (r - 1) // 2,) if orth else (r, r)}
+        if mag_a:
+            shapes[tensor_name(layer, "vector_a")] = (r,)
+        if mag_b:
+            shapes[tensor_name(layer, "vector_b")] = (r,)
+        return shapes
+
+    def expected_tensors_for(self, config, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
+        o = config.peft_options
+        return {name: shape for layer in config.layer_ranks
+                for name, shape in self._layer_tensors(layer, config.r, o["orth"], o["mag_a"], o["mag_b"]).items()}
+
+    def core(self, adapter, layer: str) -> torch.Tensor:
+        """K = R - I [r, r] (float32) of one layer."""
+        o, t, r = adapter.config.peft_options, adapter.tensors, adapter.config.r
+        weight = t[tensor_name(layer, "weight")].to(torch.float32)
+        if o["orth"]:
+            q = torch.zeros(r, r)
+            rows, cols = torch.triu_indices(r, r, 1)
+            q[rows, cols] = weight
+            rot = cayley(q - q.T, o["neumann_terms"], o["eps"])
+        else:
+            rot = weight
+        if o["mag_b"]:
+            rot = t[tensor_name(layer, "vector_b")].to(torch.float32)[:, None] * rot
+        if o["mag_a"]:
+            rot = rot * t[tensor_name(layer, "vector_a")].to(torch.float32)[None, :]
+        return rot - torch.eye(r)
+
+    def trained_factor(self, tensors, part: str, layer: str, group: GroupInfo):
+        raise NotImplementedError("PSOFT's factors need the parsed adapter: use delta_weight_for / slot_tensors_for")
+
+    def _factors(self, adapter, layer: str):
+        expand, shrink = adapter.config.peft_options["svd_factors"].top(layer, adapter.config.r)
+        return expand, self.core(adapter, layer) @ shrink  # U_r S_r [out, r], (R - I) Vh_r [r, in]
+
+    def delta_weight_for(self, adapter, layer: str, basis) -> torch.Tensor:
+        if layer not in adapter.config.layer_ranks:
+            info = basis.groups[group_of(layer)]
+            return torch.zeros(info.out_features, info.in_features[info.layers.index(layer)])
+        expand, shrink = self._factors(adapter, layer)
+        return expand @ shrink
+
+    def slot_tensors_for(self, adapter) -> dict[str, torch.Tensor]:
+        """The per-layer stacks' pair: `lora_B.<layer>` = U_r S_r, `lora_A.<layer>` = (R - I) Vh_r."""
+        served = {}
+        for layer in adapter.config.layer_ranks:
+            served[f"lora_B.{layer}"], served[f"lora_A.{layer}"] = self._factors(adapter, layer)
+        return served
