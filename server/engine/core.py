@@ -161,7 +161,8 @@ class EngineCore:
                     return
             if self._loading:
                 self._admit_loaded()
-            outputs, stats = self._step() if self.engine.has_work else ([], None)
+            # a step after messages even with nothing to run: it reports what an abort just finished
+            outputs, stats = self._step() if self.engine.has_work or handled else ([], None)
             if outputs or stats is not None or handled or self._rejected or self._disk_loads:
                 self._send_update(outputs, stats)
 
