@@ -214,7 +214,7 @@ def cmd_serve(args) -> int:
 
     app = build_app(cfg, on_load_failed=stop, on_engine_died=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
-                                           log_level=args.log_level.lower(), timeout_graceful_shutdown=10))
+                                           log_level=args.log_level.lower()))
     server.run()
     if app.state.load_error is not None:
         print(f"start-up failed: {app.state.load_error}", file=sys.stderr)

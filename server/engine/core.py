@@ -2,7 +2,9 @@
 
 No asyncio, no HTTP, no detokenization: the front end (server/engine/core_client.py, in the uvicorn
 process) sends requests over one ZeroMQ socket and gets one `CoreUpdate` per step back on another,
-so the GIL and the event loop of the HTTP server never sit inside a decode step. The adapter store on
+so the GIL and the event loop of the HTTP server never sit inside a decode step. A step's update is
+encoded and sent while the next step's forward runs on the GPU (its tokens reach clients that much
+later, one forward later on CPU, where a forward does not run asynchronously). The adapter store on
 disk stays the source of truth: the core reads adapters from it into its own host cache, in a loader
 thread, so a disk read never stalls the step loop.
 """
@@ -60,6 +62,9 @@ class EngineCore:
         self._rejected: list[Rejected] = []
         self._disk_loads: deque[float] = deque()  # appended by the loader thread
         self._parent = os.getppid()
+        self._pending: tuple[list[RequestOutput], object] | None = None
+        """The last step's outputs and stats, sent while the next step's forward runs (or at once when no
+        step follows)."""
 
     def _load(self, adapter_id: str, version: str | None):
         in_host = adapter_id in self.host_cache
@@ -132,7 +137,7 @@ class EngineCore:
 
     def _step(self) -> tuple[list[RequestOutput], object]:
         try:
-            return self.engine.step()
+            return self.engine.step(on_launched=self._flush)
         except Exception as exc:  # fail every in-flight request rather than hang them; the loop goes on
             log.exception("engine step failed; failing in-flight requests")
             outputs = []
@@ -162,9 +167,20 @@ class EngineCore:
             if self._loading:
                 self._admit_loaded()
             # a step after messages even with nothing to run: it reports what an abort just finished
-            outputs, stats = self._step() if self.engine.has_work or handled else ([], None)
-            if outputs or stats is not None or handled or self._rejected or self._disk_loads:
-                self._send_update(outputs, stats)
+            if self.engine.has_work or handled:
+                outputs, stats = self._step()
+                self._flush()  # a step that launched nothing did not send the one before
+                self._pending = (outputs, stats)
+            if not self.engine.has_work and (self._pending is not None or self._rejected or self._disk_loads):
+                self._flush(always=True)  # no step follows soon: send now
+
+    def _flush(self, always: bool = False) -> None:
+        """Send the pending step's update (with any rejections and disk reads since)."""
+        if self._pending is None and not always:
+            return
+        outputs, stats = self._pending or ([], None)
+        self._pending = None
+        self._send_update(outputs, stats)
 
     def _send_update(self, outputs, stats) -> None:
         disk_loads = []

@@ -256,6 +256,8 @@ class CoreClient:
 
     def _stop_process(self) -> None:
         self._stopping = True
+        if self._context.closed:
+            return
         if self.process.is_alive():
             try:
                 with self._lock:

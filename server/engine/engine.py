@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.host_cache import AdapterHandle
@@ -165,7 +166,10 @@ class Engine:
             host_evictions=host.evictions if host else 0,
         )
 
-    def step(self) -> tuple[list[RequestOutput], StepStats]:
+    def step(self, on_launched: Callable[[], None] | None = None) -> tuple[list[RequestOutput], StepStats]:
+        """One step. `on_launched` runs once the forward is queued on the device and before the step waits for
+        it (sampling syncs): host work that needs no result of this step (the engine core sends the previous
+        step's outputs there) overlaps the GPU instead of following it."""
         start = time.perf_counter()
         gap = start - self._last_step_end if self._last_step_end is not None else 0.0  # the loop's own time
         hits, misses, evictions = self.slots.stats.hits, self.slots.stats.misses, self.slots.stats.evictions
@@ -177,6 +181,8 @@ class Engine:
         prefill_tokens = decode_tokens = 0
         if sched.scheduled:
             logits = self.runner.run(sched.scheduled)
+            if on_launched is not None:
+                on_launched()
             sampling = [item.seq for item in sched.scheduled if item.samples]
             tokens, logprobs = self.runner.sampler(logits, sampling)
             now = time.monotonic()

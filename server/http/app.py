@@ -42,7 +42,9 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
 
             loop.call_soon_threadsafe(on_loop)
 
-        loading = loop.run_in_executor(None, build_state, config, metrics, engine_died)
+        # only the split engine can die apart from this process (and only it takes the callback)
+        extra = (engine_died,) if config.server.engine_process else ()
+        loading = loop.run_in_executor(None, build_state, config, metrics, *extra)
 
         def loaded(future):
             if future.exception() is not None:
