@@ -183,15 +183,15 @@ class CoreClient:
                         return
                     continue
                 message = from_core_decoder.decode(self._from_core.recv(copy=False).buffer)
-            except zmq.ZMQError:
+                if isinstance(message, CoreUpdate):
+                    self._apply(message)
+            except Exception as exc:  # noqa: BLE001 - streams must not hang on a reader that stopped
                 if self._stopping:
                     return
-                raise
-            if isinstance(message, CoreUpdate):
-                try:
-                    self._apply(message)
-                except Exception:  # noqa: BLE001 - a bug here must not silently stop every stream
-                    log.exception("handling an engine core update failed")
+                log.exception("reading the engine core's updates failed")
+                self.process.kill()  # its requests can no longer reach anyone: restart the whole server
+                self._die(f"reading the engine core's updates failed: {type(exc).__name__}: {exc}")
+                return
 
     def _apply(self, update: CoreUpdate) -> None:
         self.gauges = update.gauges
