@@ -1,20 +1,29 @@
 """Triton grouped expand: `y += M[slot] z` for the tokens of each adapter slot, in place in the GEMM output.
 
 Semantics: exactly `adapters.ops.expand_reference`. The adapted layers' GEMM `[W0; P] @ x` writes
-[y0 | z] per token (for up to three layers sharing the input, [y0_1 y0_2 y0_3 | z_1 z_2 z_3]); this
-kernel adds each token's M[slot] z into its y0 columns. Tokens arrive sorted by slot and cut into
-tiles of one slot each (computed on the host once per step, see SlotIndex); a program takes a tile
-and one block of output columns, loads that block of the slot's M once and multiplies it with the
-tile's z's, so in a decode step each distinct M is read once per layer. Base-model tiles (slot -1)
-exit at once and slots of rank 0 load nothing: y0 is already their answer. The grid is fixed by the number of
-tokens and ranks come from a per-slot tensor, so CUDA graphs capture it and replay it for any slot
-mapping.
+[y0 | z] per token (for up to three layers sharing the input, [y0_1 y0_2 y0_3 | z_1 z_2 z_3]); these
+kernels add each token's M[slot] z into its y0 columns. Two kernels, and SlotIndex picks one per step:
+- tiles (`_expand_kernel`): tokens sorted by slot and cut into tiles of one slot each (on the host, once
+  per step); a program takes a tile and a block of output columns, loads that block of the slot's M
+  once and multiplies it with the tile's z's on the tensor cores. Best where slots have several tokens
+  (prefill, or a decode step over a few adapters).
+- per token (`_expand_token_kernel`): a program per token and column block, a matrix-vector product on
+  the CUDA cores, two rounds of dependent loads instead of three. Best where a decode step spreads over
+  many adapters (64 tokens on 64 adapters: 1.6x faster than tiles at r=32 and r=256 on the H200).
+Base-model tokens (slot -1) exit at once and columns past a slot's rank load nothing: y0 is already
+their answer. Grids depend only on the number of tokens and ranks come from tensors, so a CUDA graph
+captured for a kind of step replays for any slot mapping of that kind. Block shapes come from
+`expand_configs.json`, measured per device by `bench/kernels_bench.py --tune`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -47,6 +56,9 @@ def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, signs_ptr, token_order_ptr, ti
     z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
     sign_ptrs = signs_ptr + slot.to(tl.int64) * stride_signs_s + layer * stride_signs_l + member * RANK
     m_ptrs = stack_ptr + slot.to(tl.int64) * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
+    y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
+    mask = mask_t[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask)  # issued with the first M and z loads, not after the dots: one round trip less
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -55,10 +67,40 @@ def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, signs_ptr, token_order_ptr, ti
         z = z * tl.load(sign_ptrs + offs_k, mask=mask_k, other=0.0)[None, :]  # the layer's diagonal core (+-1)
         m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += tl.dot(z, tl.trans(m), input_precision=PRECISION)
-    y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
-    mask = mask_t[:, None] & mask_n[None, :]
-    y = tl.load(y_ptrs, mask=mask)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
+@triton.jit
+def _expand_token_kernel(out_ptr, stack_ptr, signs_ptr, token_slots_ptr, token_ranks_ptr, layer, stride_out,
+                         stride_stack_s, stride_stack_n, stride_signs_s, stride_signs_l,
+                         NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A program per token and block of output columns: a matrix-vector product on the CUDA cores. Its slot,
+    rank, y and z need only the token's index, so they load in one round and M in the next (the tile kernel
+    needs three); tokens of one slot read the same M block, the second time from L2."""
+    token = tl.program_id(0).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
+    member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
+    slot = tl.load(token_slots_ptr + token)
+    rank = tl.load(token_ranks_ptr + token)  # the widest rank of the slot: past a group's own rank M is zero
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NUM_OUT
+    y_ptrs = out_ptr + token * stride_out + offs_n
+    y = tl.load(y_ptrs, mask=mask_n)
+    if slot < 0:
+        return
+    z_ptr = out_ptr + token * stride_out + NUM_OUT + member * RANK
+    sign_ptr = signs_ptr + slot * stride_signs_s + layer * stride_signs_l + member * RANK
+    m_ptrs = stack_ptr + slot * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in tl.static_range(0, RANK, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < tl.minimum(rank, RANK)
+        z = tl.load(z_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        z = z * tl.load(sign_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.sum(m.to(tl.float32) * z[None, :], axis=1)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask_n)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -73,16 +115,52 @@ class ExpandConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    per_token: bool = False
+    """A program per token (_expand_token_kernel) instead of per tile of one slot's tokens (tensor-core dots)."""
 
 
-def default_config(rank: int, bounds: list[int]) -> ExpandConfig:
-    """128 columns where the bounds allow: the best block in kernels-sweep-h200.json at decode for 8 adapters
-    r=32 (q/k/v) and 64 adapters r=256 (gate/up); bench/kernels_bench.py --sweep times the alternatives."""
+def default_config(rank: int, bounds: list[int], per_token: bool = False) -> ExpandConfig:
+    """Tiles: 128 columns where the bounds allow, K blocks of up to 64. Per token: 64 columns, two warps. The
+    rules on devices the tuned table does not name (the H200's best at 8 and 64 adapters, kernels-h200.json)."""
     inner = bounds[1:-1]
-    block_n = 128
+    block_n = 64 if per_token else 128
     while block_n > 16 and inner and math.gcd(*inner) % block_n:
         block_n //= 2
-    return ExpandConfig(block_n=block_n, block_k=max(16, min(64, triton.next_power_of_2(rank))))
+    block_k = max(16, min(64, triton.next_power_of_2(rank)))
+    return ExpandConfig(block_n=block_n, block_k=block_k, num_warps=2 if per_token else 4, per_token=per_token)
+
+
+TUNED_CONFIGS = Path(__file__).with_name("expand_configs.json")
+"""The configs `bench/kernels_bench.py --tune` measured fastest, per device name and shape key
+(`config_key`); PICA_EXPAND_CONFIGS names another such file (the tuning run's own, before it is committed)."""
+
+
+def config_key(num_out: int, rank: int, tile_tokens: int, per_token: bool) -> str:
+    return f"out{num_out}-r{rank}-t{tile_tokens}-{'tokens' if per_token else 'tiles'}"
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_configs(path: str) -> dict:
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def pick_config(device_name: str, rank: int, bounds: tuple[int, ...], tile_tokens: int, per_token: bool) -> ExpandConfig:
+    """The tuned config of this kernel for this device and shape where there is one that fits these bounds, else
+    the default."""
+    table = tuned_configs(os.environ.get("PICA_EXPAND_CONFIGS", str(TUNED_CONFIGS))).get(device_name, {})
+    tuned = table.get(config_key(bounds[-1], rank, tile_tokens, per_token))
+    if tuned is not None:
+        cfg = ExpandConfig(**tuned)
+        if (cfg.per_token == per_token and all(b % cfg.block_n == 0 for b in bounds[1:-1])
+                and cfg.block_k <= max(16, triton.next_power_of_2(rank))):
+            return cfg
+    return default_config(rank, list(bounds), per_token)
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
@@ -95,11 +173,22 @@ def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, 
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
     assert stack.shape[1] == num_out and stack.stride(2) == 1 and ranks.shape[0] == num_members
     assert signs.shape[2] == num_members * rank and signs.stride(2) == 1 and 0 <= layer < signs.shape[1]
-    cfg = config or default_config(rank, bounds)
+    cfg = config or pick_config(device_name(y0z.device), rank, tuple(bounds), groups.tile_tokens, groups.per_token)
     assert all(b % cfg.block_n == 0 for b in bounds[1:-1])
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
-    grid = (groups.max_tiles(num_tokens, stack.shape[0]), triton.cdiv(num_out, cfg.block_n))
+    if cfg.per_token:
+        _expand_token_kernel[(num_tokens, triton.cdiv(num_out, cfg.block_n))](
+            y0z, stack, signs, groups.token_slots, groups.token_ranks, layer, y0z.stride(0), stack.stride(0),
+            stack.stride(1), signs.stride(0), signs.stride(1), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
+            BOUND2=bound2, BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(rank)),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return y0z[:, :num_out]
+    # a graph being captured replays for any slot mapping: its grid covers the most tiles; else the step's own
+    capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()
+    num_tiles = groups.max_tiles(num_tokens, stack.shape[0]) if capturing else groups.num_tiles_host
+    grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
     _expand_kernel[grid](
         y0z, stack, ranks, signs, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
         groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), stack.stride(0), stack.stride(1),

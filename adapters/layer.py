@@ -25,6 +25,16 @@ from adapters.ops import expand
 from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
 
+RANK_UNKNOWN = 1 << 30
+"""A token's rank where the index has no slot ranks (tests, benchmarks): every column of its stack is read."""
+
+DECODE_MAX_TOKENS = 256
+"""Steps of at most this many tokens are decode-sized: 16-token tiles, or the per-token kernel."""
+TILE_MAX_SLOTS = 16
+TILE_MIN_TOKENS = 4
+"""At decode sizes the tile kernel serves steps of at most TILE_MAX_SLOTS adapter slots with at least
+TILE_MIN_TOKENS tokens each on average (SlotIndex.prefers_per_token); the rest run a program per token."""
+
 MAX_SHARED_MEMBERS = 3
 """Layers of one input that share a GEMM and an expand launch (q/k/v); the kernel takes their bounds."""
 
@@ -32,25 +42,29 @@ MAX_SHARED_MEMBERS = 3
 class SlotIndex:
     """Per-token adapter slot for the current step, shared by every adapted layer.
 
-    Besides `token_slots`, it holds the step's tokens grouped by slot for the grouped expand kernel:
-    `token_order` (token indices sorted by slot) cut into tiles of at most `tile_tokens` tokens of
-    one slot each (`tile_start`, `tile_end`, `tile_slot`, `num_tiles`), all in one preallocated
-    device buffer, so CUDA graphs captured on it stay valid. `segments` keeps the same grouping on
-    the host (one (slot, token indices) per adapter) for the torch path.
+    Besides `token_slots`, it holds each token's rank (`token_ranks`: the widest rank its slot holds, from
+    `slot_ranks` on the host; RANK_UNKNOWN without them) and the step's tokens grouped by slot for the
+    grouped expand kernel: `token_order` (token indices sorted by slot) cut into tiles of at most
+    `tile_tokens` tokens of one slot each (`tile_start`, `tile_end`, `tile_slot`, `num_tiles`), all in one
+    preallocated device buffer, so CUDA graphs captured on it stay valid. `segments` keeps the same
+    grouping on the host (one (slot, token indices) per adapter) for the torch path.
     """
 
-    def __init__(self, max_tokens: int, device: torch.device | str):
+    def __init__(self, max_tokens: int, device: torch.device | str, slot_ranks: np.ndarray | None = None):
         device = torch.device(device)
         self.max_tokens = m = max_tokens
+        self.slot_ranks = slot_ranks
         self._slots = torch.full((m,), BASE_SLOT, dtype=torch.long, device=device)
-        self._groups = torch.zeros(4 * m + 1, dtype=torch.int32, device=device)
-        self._staging = torch.zeros(4 * m + 1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._groups = torch.zeros(5 * m + 1, dtype=torch.int32, device=device)
+        self._staging = torch.zeros(5 * m + 1, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._staging_np = self._staging.numpy()  # filled with numpy, copied to the device in one go
-        self.token_order, self.tile_start, self.tile_end, self.tile_slot = self._groups[: 4 * m].view(4, m)
-        self.num_tiles = self._groups[4 * m :]
+        self.token_order, self.tile_start, self.tile_end, self.tile_slot, self._ranks = self._groups[: 5 * m].view(5, m)
+        self.num_tiles = self._groups[5 * m :]
         self.num_tokens = 0
         self.tile_tokens = 16
         self.any_adapter = False
+        self.per_token = False
+        self.num_tiles_host = 0
         self.version = 0  # bumped by every set(): outputs computed for an earlier step are never reused
         self._host = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64))
 
@@ -58,16 +72,31 @@ class SlotIndex:
     def token_slots(self) -> torch.Tensor:
         return self._slots[: self.num_tokens]
 
+    @property
+    def token_ranks(self) -> torch.Tensor:
+        return self._ranks[: self.num_tokens]
+
     @staticmethod
     def tile_tokens_for(num_tokens: int) -> int:
-        return 16 if num_tokens <= 256 else 64  # decode-sized steps: small tiles, more programs
+        return 16 if num_tokens <= DECODE_MAX_TOKENS else 64  # decode-sized steps: small tiles, more programs
+
+    @staticmethod
+    def prefers_per_token(num_tokens: int, adapted_tokens: int, adapted_slots: int) -> bool:
+        """Whether the expand should run a program per token rather than per tile of one slot's tokens: at decode
+        sizes, when the adapted tokens are spread over more than TILE_MAX_SLOTS slots or fewer than
+        TILE_MIN_TOKENS tokens a slot (kernels-h200.json: 64 tokens on 8 slots, tiles 2x faster; on 64, tokens 1.6x)."""
+        return num_tokens <= DECODE_MAX_TOKENS and (
+            adapted_slots > TILE_MAX_SLOTS or adapted_tokens < TILE_MIN_TOKENS * adapted_slots)
 
     def max_tiles(self, num_tokens: int, num_slots: int) -> int:
-        """Most tiles a step of num_tokens can have (each slot's last tile may be partial)."""
-        return -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, num_slots + 1)
+        """Most tiles a step of num_tokens can have when the tile kernel runs it (each slot's last tile may be
+        partial; at decode sizes the tile kernel serves at most TILE_MAX_SLOTS slots): a CUDA graph's grid."""
+        slots = TILE_MAX_SLOTS if num_tokens <= DECODE_MAX_TOKENS else num_slots
+        return -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, slots + 1)
 
-    def set(self, token_slots: list[int]) -> None:
-        """Set the slots of the next forward's tokens (flattened in [batch, seq] order).
+    def set(self, token_slots: list[int], per_token: bool | None = None) -> None:
+        """Set the slots of the next forward's tokens (flattened in [batch, seq] order), and which expand kernel
+        serves them (per_token: prefers_per_token unless given; CUDA graphs capture each kind).
 
         Reuses one staging buffer: the previous step's copy has finished, since every step ends
         with the sampler's host sync."""
@@ -89,12 +118,19 @@ class SlotIndex:
         staging[m : m + k] = tile_start
         staging[2 * m : 2 * m + k] = np.minimum(tile_start + tile, starts[segment + 1])
         staging[3 * m : 3 * m + k] = sorted_slots[starts[segment]] if k else []
-        staging[4 * m] = k
+        adapted = slots != BASE_SLOT
+        widest = RANK_UNKNOWN if self.slot_ranks is None else self.slot_ranks[np.maximum(slots, 0)]
+        staging[4 * m : 4 * m + n] = np.where(adapted, widest, 0)
+        staging[5 * m] = k
         self._groups.copy_(self._staging, non_blocking=True)
         self._slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
         self.num_tokens = n
         self.tile_tokens = tile
-        self.any_adapter = bool(n) and bool((slots != BASE_SLOT).any())
+        self.any_adapter = bool(adapted.any())
+        self.num_tiles_host = k
+        adapted_slots = len(starts) - 1 - int(n > 0 and sorted_slots[0] == BASE_SLOT)
+        self.per_token = (self.prefers_per_token(n, int(adapted.sum()), adapted_slots) if per_token is None
+                          else per_token)
         self._host = (order, starts, sorted_slots[starts[:-1]])
         self.version += 1
 
@@ -122,6 +158,10 @@ class SlotStacks:
             for g, (_, r, num_layers) in group_shapes.items()
         }
         self.ranks = {g: torch.zeros(num_slots, dtype=torch.int32, device=device) for g in group_shapes}
+        self.slot_ranks = np.zeros(num_slots, dtype=np.int32)
+        """Per slot, the widest rank it holds in any group, on the host (SlotIndex.token_ranks): a kernel that
+        reads this many columns of every group's stack gets the right answer, the stacks being zero past each
+        group's own rank."""
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
         """Copy an adapter's slot tensors into `slot`: `<group>` -> M [out, r] (groups it does not adapt get
@@ -136,6 +176,7 @@ class SlotStacks:
             if signs is not None:
                 self.signs[g][slot, :, :rank].copy_(signs, non_blocking=non_blocking)
             self.ranks[g][slot] = rank
+        self.slot_ranks[slot] = max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0)
 
     def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
@@ -314,7 +355,7 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
     group_rank = {g: min(max_rank, basis.group_rank(g)) for g in basis.groups}
     stacks = SlotStacks({g: (info.out_features, group_rank[g], len(info.layers)) for g, info in basis.groups.items()},
                         num_slots, dtype, device)
-    slot_index = SlotIndex(max_tokens, device)
+    slot_index = SlotIndex(max_tokens, device, stacks.slot_ranks)
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
     shared_inputs = find_shared_inputs(model, linears)

@@ -179,7 +179,7 @@ def profile_steps(engine, handles, batch, prompt_len, steps=8) -> dict:
         for _ in range(steps):
             engine.step()
     wall = (time.perf_counter() - start) / steps
-    graph_s = engine.runner.graphs.replay_seconds(batch, bool(handles))  # the last step again, back to back
+    graph_s = engine.runner.graphs.replay_seconds(batch)  # the last step again, back to back
     while engine.has_work:
         engine.step()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]

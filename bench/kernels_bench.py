@@ -1,6 +1,6 @@
 """Per-layer GPU micro-benchmarks: adapted blocks (base vs adapter path), expand configs, basis routes.
 
-    python bench/kernels_bench.py --out bench/results/kernels-h200.json [--sweep]
+    python bench/kernels_bench.py --out bench/results/kernels-h200.json [--tune adapters/expand_configs.json]
 
 Timings are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), as the engine runs
 decode steps, so Python launch costs stay out.
@@ -13,6 +13,7 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.expand_kernel import ExpandConfig, default_config, expand_grouped  # noqa: E402
+from adapters.expand_kernel import ExpandConfig, config_key, expand_grouped  # noqa: E402
 from adapters.layer import SharedGemm, SlotIndex, SlotStacks  # noqa: E402
 from adapters.ops import expand_reference  # noqa: E402
 from cache.basis import principal_basis  # noqa: E402
@@ -44,7 +45,7 @@ def block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots, dtype
     served = stacks.served(groups)
     for slot in range(num_adapters):
         stacks.write(slot, {g: (torch.randn(o, rank, generator=gen) * 0.02).to(dtype) for g, o in zip(groups, outs)})
-    index = SlotIndex(max(tokens, 16), dev)
+    index = SlotIndex(max(tokens, 16), dev, stacks.slot_ranks)
     slots = [i % num_adapters for i in range(tokens)]
     index.set(slots)
     linears = [torch.nn.Linear(in_features, o, bias=False, device=dev, dtype=dtype) for o in outs]
@@ -81,23 +82,51 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     return row
 
 
-SWEEP = [ExpandConfig(bn, bk, w, st) for bn, bk, w, st in itertools.product((64, 128), (32, 64), (4, 8), (3, 5))]
+def candidate_configs(rank: int) -> list[ExpandConfig]:
+    """The configs --tune times: both kernels (a program per tile of one slot's tokens, tensor-core dots; a
+    program per token, CUDA-core dots), over column blocks, K blocks up to the whole rank (a program then
+    reads its rows of M as one contiguous piece) and warps."""
+    product = itertools.product
+    if rank <= 32:
+        tiles = [ExpandConfig(bn, 32, w, 2) for bn, w in product((64, 128, 256), (2, 4, 8))] + [ExpandConfig(128, 32)]
+        tokens = [ExpandConfig(bn, 32, w, 2, per_token=True) for bn, w in product((32, 64, 128, 256), (1, 2, 4))]
+        return tiles + tokens
+    tiles = [ExpandConfig(bn, bk, w, st) for (bn, bk), w, st in
+             product(((64, 64), (128, 64), (32, 128), (64, 128)), (4, 8), (2, 3))]
+    tiles += [ExpandConfig(bn, 256, w, 2) for bn, w in product((16, 32, 64), (4, 8))]
+    tokens = [ExpandConfig(bn, bk, w, 2, per_token=True) for bn, bk, w in product((16, 32, 64), (64, 256), (2, 4, 8))]
+    return [cfg for cfg in tiles + tokens if cfg.block_k <= rank]
 
 
-def tune_expand(tokens, in_features, outs, rank, num_adapters):
-    shared, _, x, _, index = block_inputs(tokens, in_features, outs, rank, num_adapters, max(num_adapters, 1))
-    y0z = F.linear(x, shared.weight)
-    times = {}
-    for cfg in SWEEP:
-        if any(b % cfg.block_n for b in shared.bounds[1:-1]) or cfg.block_k > max(32, rank):
-            continue
-        times[cfg] = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.signs, 0, shared.bounds, index,
-                                                  cfg), rep=50)
-    default = default_config(rank, shared.bounds)
-    best = sorted(times.items(), key=lambda kv: kv[1])[:5]
-    return {"tokens": tokens, "outs": list(outs), "rank": rank, "num_adapters": num_adapters,
-            "default": {**default.__dict__, "us": times.get(default)},
-            "best": [{**cfg.__dict__, "us": us} for cfg, us in best]}
+TUNE_SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336))}  # Llama-3-8B
+
+
+def tune_expand(ranks=(32, 256), tokens=64):
+    """Time every candidate config of each kernel on the decode shapes, the tile kernel on 8 and 16 adapters and
+    the per-token kernel on 16 and 64 (the steps SlotIndex.prefers_per_token gives each; 16 slots of 4 tokens is
+    the rule's boundary, both kernels timed there). The best of a kernel for a shape is the fastest at 8
+    adapters (tiles) or 64 (per token)."""
+    rows, table = [], {}
+    for rank, (name, (in_features, outs)) in itertools.product(ranks, TUNE_SHAPES.items()):
+        times: dict[tuple[int, ExpandConfig], float] = {}
+        for count in (8, 16, 64):
+            shared, _, x, _, index = block_inputs(tokens, in_features, outs, rank, count, count)
+            y0z = F.linear(x, shared.weight)
+            for cfg in candidate_configs(rank):
+                if any(b % cfg.block_n for b in shared.bounds[1:-1]) or count == (64 if not cfg.per_token else 8):
+                    continue
+                us = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.signs, 0, shared.bounds,
+                                                  index, cfg), rep=30)
+                rows.append({"shape": name, "rank": rank, "num_adapters": count, **asdict(cfg), "us": us})
+                times[(count, cfg)] = us
+        for per_token, count in ((False, 8), (True, 64)):
+            mine = {cfg: us for (c, cfg), us in times.items() if c == count and cfg.per_token == per_token}
+            best = min(mine, key=mine.get)
+            table[config_key(sum(outs), rank, SlotIndex.tile_tokens_for(tokens), per_token)] = asdict(best)
+            at_16 = times.get((16, best), float("nan"))
+            print("tune", name, rank, "per_token" if per_token else "tiles", asdict(best), f"{mine[best]:.1f} us at",
+                  count, f"adapters, {at_16:.1f} us at 16", flush=True)
+    return rows, table
 
 
 def basis_routes():
@@ -130,25 +159,26 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--skip-basis", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="also time expand kernel configs")
-    parser.add_argument("--sweep-only", action="store_true", help="time the configs alone (decode shapes)")
+    parser.add_argument("--tune", type=Path, help="time the expand configs on the decode shapes and write the best per "
+                        "shape for this device into this file (merged into what it holds; adapters/expand_configs.json "
+                        "is the committed one)")
+    parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the block timings")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "ceilings": device_ceilings()}
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
-    for rank, adapters in (() if args.sweep_only else ((32, 8), (256, 64))):
+    for rank, adapters in (() if args.tune_only else ((32, 8), (256, 64))):
         for in_features, outs in ((4096, qkv), (4096, (4096,)), (4096, gate_up), (14336, (4096,))):
             report["blocks"].append(adapted_block(64, in_features, outs, rank, adapters, 64))
-    if not args.sweep_only:
+    if not args.tune_only:
         report["blocks"].append(adapted_block(2048, 4096, qkv, 256, 16, 16))  # a prefill chunk
-    if args.sweep or args.sweep_only:
-        cases = ((64, 4096, qkv, 32, 8), (64, 4096, gate_up, 256, 64))
-        cases += () if args.sweep_only else ((2048, 4096, qkv, 256, 16),)
-        report["sweep"] = [tune_expand(*case) for case in cases]
-        for row in report["sweep"]:
-            print("sweep", {k: row[k] for k in ("tokens", "outs", "rank", "num_adapters")},
-                  "default", row["default"], "best", row["best"][0])
+    if args.tune:
+        report["tune"], table = tune_expand()
+        tuned = json.loads(args.tune.read_text()) if args.tune.exists() else {}
+        tuned.setdefault(report["device"], {}).update(table)
+        args.tune.parent.mkdir(parents=True, exist_ok=True)
+        args.tune.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
     if not args.skip_basis:
         report["basis"] = basis_routes()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""CUDA graphs of whole decode steps, one per batch-size bucket (with and without adapters).
+"""CUDA graphs of whole decode steps, one per batch-size bucket and kind of step (no adapter, or either
+kernel of the adapter expand).
 
 A decode step of an 8B model launches hundreds of small kernels; replaying a captured graph
 removes the Python and launch time between them. Every input lives in a static buffer that the
@@ -26,6 +27,9 @@ def graph_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    KINDS = ("base", "tiles", "per_token")
+    """A graph per bucket and kind of step: no adapter, or either kernel of the expand (SlotIndex.per_token)."""
+
     def __init__(self, runner, max_batch: int):
         self.runner = runner
         self.buckets = graph_buckets(max_batch)
@@ -38,7 +42,7 @@ class DecodeGraphs:
         self.block_tables = self._buffer[4 * b :].view(b, width)
         self.max_batch = max_batch
         self.rows = torch.arange(max_batch, dtype=torch.long, device=dev)
-        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
@@ -53,8 +57,9 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         self._fill(self.runner.decode_inputs([], pad_to=max(self.buckets)))
         for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
-            for with_adapter in (False, True):
-                self.runner.adapted.slot_index.set([0 if with_adapter else -1] * bucket)
+            for kind in self.KINDS:
+                self.runner.adapted.slot_index.set([-1 if kind == "base" else 0] * bucket,
+                                                   per_token=kind == "per_token")
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # warm-up: Triton compiles, allocator settles
@@ -63,7 +68,7 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._forward(bucket)
-                self._graphs[(bucket, with_adapter)] = (graph, logits)
+                self._graphs[(bucket, kind)] = (graph, logits)
         torch.cuda.synchronize()
         log.info("captured %d decode graphs (buckets %s) in %.1fs", len(self._graphs), self.buckets,
                  time.perf_counter() - start)
@@ -78,10 +83,15 @@ class DecodeGraphs:
         self._staging_np[4 * b :].reshape(b, -1)[:n] = inputs.block_tables
         self._buffer.copy_(self._staging, non_blocking=True)
 
-    def replay_seconds(self, num_seqs: int, with_adapter: bool, iters: int = 20) -> float:
-        """GPU time of one decode step with no host work between steps (benchmarks): replays the bucket's
-        graph on the inputs already in the static buffers."""
-        graph, _ = self._graphs[(self.bucket_for(num_seqs), with_adapter)]
+    def kind(self) -> str:
+        """The kind of the step the slot index was last set for."""
+        index = self.runner.adapted.slot_index
+        return "base" if not index.any_adapter else "per_token" if index.per_token else "tiles"
+
+    def replay_seconds(self, num_seqs: int, iters: int = 20) -> float:
+        """GPU time of one decode step with no host work between steps (benchmarks): replays the graph of the
+        last step's bucket and kind on the inputs already in the static buffers."""
+        graph, _ = self._graphs[(self.bucket_for(num_seqs), self.kind())]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start.record()
@@ -97,6 +107,6 @@ class DecodeGraphs:
         inputs = self.runner.decode_inputs(scheduled, pad_to=bucket)
         self._fill(inputs)
         self.runner.adapted.slot_index.set(inputs.token_slots)
-        graph, logits = self._graphs[(bucket, self.runner.adapted.slot_index.any_adapter)]
+        graph, logits = self._graphs[(bucket, self.kind())]
         graph.replay()
         return logits[0, : len(scheduled)]

@@ -8,6 +8,9 @@ import sys
 import torch
 
 from adapters.expand_kernel import ExpandConfig, expand_grouped
+
+PER_TOKEN = [ExpandConfig(16, 16, per_token=True), ExpandConfig(16, 256, num_warps=2, per_token=True)]
+"""The program-per-token kernel: several K blocks, and the whole rank in one."""
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
 
@@ -32,7 +35,8 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     if num_tokens > 3:
         slots[1] = slots[3] = num_slots - 1  # a repeated slot, not next to each other
     bounds = [sum(outs[:m]) for m in range(len(outs) + 1)]
-    index = SlotIndex(max(num_tokens, 8), device)
+    # half the cases give the index the slots' ranks (as the engine does), half leave them unknown (whole stacks read)
+    index = SlotIndex(max(num_tokens, 8), device, stacks.slot_ranks if seed % 2 else None)
     index.set(slots)
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
     ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), signs.cpu().float(), layer, bounds,
@@ -43,6 +47,43 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")
     base_rows = [t for t, s in enumerate(slots) if s == -1]
     assert torch.equal(got[base_rows], y0z[base_rows, : bounds[-1]].cpu().float()), case  # y0 left exactly
+
+
+def check_captured(device):
+    """A CUDA graph captured on one slot mapping replays right on others of its kind: the tile kernel's grid
+    covers any decode step of at most TILE_MAX_SLOTS slots; the per-token kernel, any step."""
+    gen = torch.Generator().manual_seed(7)
+    outs, rank, num_slots, num_tokens = (256, 64, 64), 32, 64, 64
+    groups = tuple(f"g{m}" for m in range(len(outs)))
+    stacks = SlotStacks({g: (o, rank, 1) for g, o in zip(groups, outs)}, num_slots, torch.bfloat16, device)
+    stack, member_ranks, signs = stacks.served(groups)
+    for slot in range(num_slots):
+        stacks.write(slot, {g: torch.randn(o, 8 + slot % 25, generator=gen).to(torch.bfloat16) for g, o in zip(groups, outs)})
+    bounds = [0, 256, 320, 384]
+    index = SlotIndex(num_tokens, device, stacks.slot_ranks)
+    y0z = torch.randn(num_tokens, bounds[-1] + 3 * rank, generator=gen).to(torch.bfloat16).to(device)
+    work = y0z.clone()
+    cases = {False: [[s // 4 for s in range(num_tokens)], [-1] * 8 + [s % 7 for s in range(56)]],  # 16 slots x 4
+             True: [list(range(num_tokens)), [s % 20 - 1 for s in range(num_tokens)]]}  # 64 slots; 19 and base
+    for per_token, mappings in cases.items():
+        index.set([0] * num_tokens, per_token=per_token)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            expand_grouped(work, stack, member_ranks, signs, 0, bounds, index)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            expand_grouped(work, stack, member_ranks, signs, 0, bounds, index)
+        for slots in mappings:
+            index.set(slots)
+            assert index.per_token == per_token, (per_token, slots)
+            work.copy_(y0z)
+            graph.replay()
+            ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), signs.cpu().float(), 0,
+                                   bounds, torch.tensor(slots))
+            torch.testing.assert_close(work[:, : bounds[-1]].cpu().float(), ref, rtol=3e-2, atol=3e-2 * rank**0.5)
+    return sum(len(m) for m in cases.values())
 
 
 def main():
@@ -61,11 +102,15 @@ def main():
     seed = 0
     for dtype in dtypes:
         for num_tokens, outs, num_slots, rank_max, ranks in cases:
-            check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed)
-            seed += 1
+            for config in [None, *(PER_TOKEN if num_tokens <= 256 else [])]:  # the per-token kernel serves decode
+                check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config)
+                seed += 1
         check(7, (48, 16, 16), 3, 32, [32, 20, 9], dtype, device, seed, ExpandConfig(16, 16))  # several K steps
-        check(40, (96, 32), 3, 64, [64, 3, 9], dtype, device, seed, ExpandConfig(32, 32, num_stages=2))
-    print(f"expand kernel ok on {device}: {(len(cases) + 2) * len(dtypes)} cases")
+        check(40, (96, 32), 3, 64, [64, 3, 9], dtype, device, seed + 1, ExpandConfig(32, 32, num_stages=2))
+        seed += 2
+    if device == "cuda":
+        seed += check_captured(device)
+    print(f"expand kernel ok on {device}: {seed} cases")
     return 0
 
 

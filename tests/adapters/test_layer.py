@@ -1,9 +1,10 @@
 """Mixed-batch oracle: each row of a mixed batch equals the dense merged model for its adapter."""
 
+import numpy as np
 import pytest
 import torch
 
-from adapters.layer import BASE_SLOT, attach_adapters
+from adapters.layer import BASE_SLOT, SlotIndex, attach_adapters
 from adapters.merge import merge_adapter
 from cache.basis_cache import BasisCache
 from server.model_loader import load_model
@@ -96,3 +97,20 @@ def test_layers_reading_one_input_share_one_gemm_and_expand(tmp_path, model_conf
     with torch.no_grad():
         base = attn.q_proj.base(x)
     assert not torch.allclose(first[0], base[0]) and torch.equal(second[0], base[0])
+
+
+def test_slot_index_picks_the_expand_kernel_and_token_ranks():
+    """Decode steps over many slots, or few tokens a slot, run a program per token; the rest (and prefill) tiles."""
+    slot_ranks = np.array([8 * (s + 1) for s in range(64)], dtype=np.int32)
+    index = SlotIndex(512, "cpu", slot_ranks)
+    cases = [([s // 4 for s in range(64)], False),  # 16 slots of 4 tokens: the tile kernel's boundary
+             ([s // 3 for s in range(48)], True),  # 16 slots of 3
+             ([s % 17 for s in range(68)], True),  # 17 slots
+             (list(range(64)), True), ([0], True), ([-1] * 60 + [2] * 4, False), ([s % 64 for s in range(300)], False)]
+    for slots, per_token in cases:
+        index.set(slots)
+        assert index.per_token == per_token, slots[:8]
+    index.set([-1, 3, 0])
+    assert index.token_ranks.tolist() == [0, 32, 8]
+    index.set([-1, 3], per_token=False)  # forced, as CUDA graphs capture each kind
+    assert not index.per_token and SlotIndex(4, "cpu").max_tiles(64, 64) == 4 + 17
