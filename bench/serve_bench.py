@@ -1,7 +1,7 @@
 """Serving benchmark: the product as users run it, `pica-serve serve` under concurrent HTTP clients.
 
     python bench/serve_bench.py --out bench/results/serve-demo-cpu.json                      # demo model, CPU
-    python bench/serve_bench.py --model /tmp/b8/model --server-args "--dtype bfloat16" \\
+    python bench/serve_bench.py --model /tmp/b8/model --server-args="--dtype bfloat16" \\
         --num-adapters 64 --rank 32 --concurrency 64 --num-requests 256 --out $OUT/serve.json   # a GPU run
 
 Starts the server as a user would (or uses `--url`), uploads `--num-adapters` random PiCa adapters
@@ -13,15 +13,21 @@ inter-token latency p50/p90/p99, the engine's host time per decode step (from th
 counters: each step's wall time and the loop's gap before it, less the step's GPU time, i.e. the time
 the GPU sat idle for the host) and the server's own `/metrics` before and after. vLLM's serving
 benchmark is the model followed. The server runs its engine core in its own process unless
-`--server-args --engine-in-process` says otherwise.
+`--server-args=--engine-in-process` says otherwise (the `=`: the value starts with `--`).
 
-Engine alone vs HTTP on the H200 (one run, the same model folder; 64 streams, no adapter and 64 adapters):
+Engine alone vs HTTP on the H200 (one call, the same model folder and engine limits as decode_bench;
+64 streams, no adapter and 64 distinct adapters r=32; the last run is the engine in the HTTP process):
 
     python bench/decode_bench.py --shape llama3-8b --batches 64 --ranks 32 --num-adapters 64 --skip-peft \
         --workdir /tmp/b8 --out $OUT/decode.json
-    for n in 0 64; do python bench/serve_bench.py --model /tmp/b8/model --server-args "--dtype bfloat16 \
-        --max-num-seqs 64 --rank-max 32" --num-adapters $n --rank 32 --concurrency 64 --num-requests 256 \
-        --prompt-words 35 --max-tokens 128 --out $OUT/serve-a$n.json; done   # 35 words: ~128 byte tokens
+    ENGINE="--dtype bfloat16 --rank-max 32 --max-rank 32 --max-num-seqs 64 --max-num-batched-tokens 4096 \
+        --max-model-len 320 --max-gpu-adapters 64 --gpu-memory-utilization 0.85"
+    for n in 0 64; do python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE" \
+        --num-adapters $n --rank 32 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \
+        --out $OUT/serve-a$n.json; done   # 35 words: about 128 byte tokens
+    python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE --engine-in-process" \
+        --num-adapters 0 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \
+        --out $OUT/serve-a0-in-process.json
 """
 
 from __future__ import annotations
@@ -239,7 +245,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server (default: start one)")
     parser.add_argument("--model", default=None, help="model folder for the started server (default: the demo model)")
-    parser.add_argument("--server-args", default="", help="more `pica-serve serve` options, one string")
+    parser.add_argument("--server-args", default="", help="more `pica-serve serve` options, one string (--server-args=\"--dtype ...\")")
     parser.add_argument("--workdir", type=Path, default=None, help="cache, store and server log (default: a temp dir)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--admin-key", default=None)
