@@ -18,15 +18,15 @@ benchmark is the model followed. The server runs its engine core in its own proc
 Engine alone vs HTTP on the H200 (one call, the same model folder and engine limits as decode_bench;
 64 streams, no adapter and 64 distinct adapters r=32; the last run is the engine in the HTTP process):
 
-    python bench/decode_bench.py --shape llama3-8b --batches 64 --ranks 32 --num-adapters 64 --skip-peft \
+    python bench/decode_bench.py --shape llama3-8b --batches 64 --ranks 32 --num-adapters 64 --skip-peft \\
         --workdir /tmp/b8 --out $OUT/decode.json
-    ENGINE="--dtype bfloat16 --rank-max 32 --max-rank 32 --max-num-seqs 64 --max-num-batched-tokens 4096 \
+    ENGINE="--dtype bfloat16 --rank-max 32 --max-rank 32 --max-num-seqs 64 --max-num-batched-tokens 4096 \\
         --max-model-len 320 --max-gpu-adapters 64 --gpu-memory-utilization 0.85"
-    for n in 0 64; do python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE" \
-        --num-adapters $n --rank 32 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \
+    for n in 0 64; do python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE" \\
+        --num-adapters $n --rank 32 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \\
         --out $OUT/serve-a$n.json; done   # 35 words: about 128 byte tokens
-    python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE --engine-in-process" \
-        --num-adapters 0 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \
+    python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE --engine-in-process" \\
+        --num-adapters 0 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \\
         --out $OUT/serve-a0-in-process.json
 """
 
