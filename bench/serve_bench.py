@@ -1,7 +1,7 @@
 """Serving benchmark: the product as users run it, `pica-serve serve` under concurrent HTTP clients.
 
     python bench/serve_bench.py --out bench/results/serve-demo-cpu.json                      # demo model, CPU
-    python bench/serve_bench.py --model /tmp/b8/model --server-args "--dtype bfloat16" \\
+    python bench/serve_bench.py --model /tmp/b8/model --server-args="--dtype bfloat16" \\
         --num-adapters 64 --rank 32 --concurrency 64 --num-requests 256 --out $OUT/serve.json   # a GPU run
 
 Starts the server as a user would (or uses `--url`), uploads `--num-adapters` random PiCa adapters
@@ -9,8 +9,25 @@ through the API (shapes from the model's config on the meta device, so the bench
 weights), then drives clients: a fixed number in flight (`--concurrency`) or Poisson arrivals
 (`--request-rate`), native `/v1/generate` or OpenAI `/v1/completions`, streaming or not. Reports
 request throughput, output tok/s, steady decode tok/s (while every client is in flight), TTFT and
-inter-token latency p50/p90/p99, and the server's own `/metrics` before and after. vLLM's
-serving benchmark is the model followed.
+inter-token latency p50/p90/p99, the engine's host time per decode step (from the server's step
+counters: each step's wall time and the loop's gap before it, less the step's GPU time, i.e. the time
+the GPU sat idle for the host) and the server's own `/metrics` before and after. vLLM's serving
+benchmark is the model followed. The server runs its engine core in its own process unless
+`--server-args=--engine-in-process` says otherwise (the `=`: the value starts with `--`).
+
+Engine alone vs HTTP on the H200 (one call, the same model folder and engine limits as decode_bench;
+64 streams, no adapter and 64 distinct adapters r=32; the last run is the engine in the HTTP process):
+
+    python bench/decode_bench.py --shape llama3-8b --batches 64 --ranks 32 --num-adapters 64 --skip-peft \\
+        --workdir /tmp/b8 --out $OUT/decode.json
+    ENGINE="--dtype bfloat16 --rank-max 32 --max-rank 32 --max-num-seqs 64 --max-num-batched-tokens 4096 \\
+        --max-model-len 320 --max-gpu-adapters 64 --gpu-memory-utilization 0.85"
+    for n in 0 64; do python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE" \\
+        --num-adapters $n --rank 32 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \\
+        --out $OUT/serve-a$n.json; done   # 35 words: about 128 byte tokens
+    python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE --engine-in-process" \\
+        --num-adapters 0 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \\
+        --out $OUT/serve-a0-in-process.json
 """
 
 from __future__ import annotations
@@ -186,6 +203,16 @@ async def drive(url: str, headers: dict, args, adapter_ids: list[str]) -> list[R
     return records
 
 
+def engine_step_times(delta: dict[str, float]) -> dict[str, float]:
+    """Per decode-only step over the run, in ms: host time (the GPU idle for the host) and GPU time."""
+    steps = delta.get('pica_engine_steps_total{kind="decode"}', 0.0)
+    if not steps:
+        return {}
+    return {"num_decode_steps": int(steps),
+            "host_ms_per_decode_step": 1000 * delta.get('pica_engine_step_host_seconds_total{kind="decode"}', 0.0) / steps,
+            "gpu_ms_per_decode_step": 1000 * delta.get('pica_engine_step_gpu_seconds_total{kind="decode"}', 0.0) / steps}
+
+
 def percentiles(values) -> dict[str, float]:
     if len(values) == 0:
         return {}
@@ -218,7 +245,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server (default: start one)")
     parser.add_argument("--model", default=None, help="model folder for the started server (default: the demo model)")
-    parser.add_argument("--server-args", default="", help="more `pica-serve serve` options, one string")
+    parser.add_argument("--server-args", default="", help="more `pica-serve serve` options, one string (--server-args=\"--dtype ...\")")
     parser.add_argument("--workdir", type=Path, default=None, help="cache, store and server log (default: a temp dir)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--admin-key", default=None)
@@ -256,12 +283,12 @@ def main():
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
     report = {"command": " ".join(sys.argv), "mode": "poisson" if args.request_rate else "fixed-concurrency",
               **{k: getattr(args, k) for k in ("api", "concurrency", "request_rate", "num_adapters", "rank",
                                                 "prompt_words", "max_tokens", "zipf")},
               "stream": not args.no_stream, "upload_s": upload_s, **summarize(records, args.concurrency),
-              "metrics_delta": {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)},
-              "metrics_after": after}
+              "engine_steps": engine_step_times(delta), "metrics_delta": delta, "metrics_after": after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k not in ("metrics_after", "metrics_delta")}, indent=1))

@@ -183,6 +183,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--max-body-mb", type=int, default=16, help="largest body of any other request")
     h.add_argument("--allow-insecure-no-auth", action="store_true",
                    help="listen on a non-loopback address without an admin key (anyone may upload and delete adapters)")
+    h.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in the HTTP server's process (debugging) instead of its own process")
     h.add_argument("--adapter", dest="adapters", action="append", type=adapter_arg, default=[], metavar="ID=PATH",
                    help="serve the adapter folder PATH as ID (repeatable); a bad one is logged and skipped")
 
@@ -193,7 +195,8 @@ def app_config(args) -> AppConfig:
     server_kw = dict(host=args.host, port=args.port, adapter_dir=args.adapter_dir,
                      served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20,
                      max_body_bytes=args.max_body_mb * 2**20,
-                     allow_insecure_no_auth=args.allow_insecure_no_auth, adapters=tuple(args.adapters))
+                     allow_insecure_no_auth=args.allow_insecure_no_auth, adapters=tuple(args.adapters),
+                     engine_process=not args.engine_in_process)
     if args.api_key:
         server_kw["api_key"] = args.api_key
     if args.admin_key:
@@ -219,12 +222,15 @@ def cmd_serve(args) -> int:
     def stop() -> None:  # a server that cannot load its model exits instead of answering 503 forever
         server.should_exit = True
 
-    app = build_app(cfg, on_load_failed=stop)
+    app = build_app(cfg, on_load_failed=stop, on_engine_died=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.server.host, port=cfg.server.port,
                                            log_level=args.log_level.lower()))
     server.run()
     if app.state.load_error is not None:
         print(f"start-up failed: {app.state.load_error}", file=sys.stderr)
+        return 1
+    if app.state.engine_error is not None:
+        print(f"stopped: {app.state.engine_error}", file=sys.stderr)
         return 1
     return 0
 

@@ -152,6 +152,11 @@ class ServerConfig:
     upload and delete adapters). Without it such a configuration is refused."""
     adapters: tuple[tuple[str, Path], ...] = ()
     """(adapter_id, folder) pairs stored at start, as `--adapter ID=PATH` gives them."""
+    engine_process: bool = False
+    """Run the engine core (schedule, model, sampling) in its own process, the HTTP front end here, so the
+    event loop and the GIL of this one never sit inside a decode step. `pica-serve serve` does by default
+    (`--engine-in-process` keeps it in this process, for debugging); built directly, as the Ray replica and
+    the tests build the app, the engine runs in-process."""
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

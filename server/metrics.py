@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from cache.slot_table import CacheStats
-from server.engine.stats import StepStats
+from server.engine.stats import EngineGauges, StepStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -29,7 +29,8 @@ left out: ids are at most 128 characters with no comma, so a label stays near 2 
 
 class _StateCollector:
     """Reads residency, host-cache counters and the engine's queue and KV occupancy at scrape time, so
-    they are current even when no step ran since requests finished or were cancelled."""
+    they are current even when no step ran since requests finished or were cancelled (the engine-core
+    process sends fresh gauges after every message it handles, steps or not)."""
 
     def __init__(self, metrics: "Metrics"):
         self.metrics = metrics
@@ -38,11 +39,11 @@ class _StateCollector:
         state = self.metrics.state
         if state is None:
             return
-        host, gpu = state.host_cache.stats, self.metrics.gpu_slot_totals
+        gauges, gpu = state.gauges(), self.metrics.gpu_slot_totals
         for name, host_value, gpu_value, doc in (
-            ("pica_adapter_cache_hits", host.hits, gpu.hits, "Adapter cache lookups that found the adapter in the tier"),
-            ("pica_adapter_cache_misses", host.misses, gpu.misses, "Adapter cache lookups that had to load from the tier below"),
-            ("pica_adapter_cache_evictions", host.evictions, gpu.evictions, "Adapters evicted from the tier"),
+            ("pica_adapter_cache_hits", gauges.host_hits, gpu.hits, "Adapter cache lookups that found the adapter in the tier"),
+            ("pica_adapter_cache_misses", gauges.host_misses, gpu.misses, "Adapter cache lookups that had to load from the tier below"),
+            ("pica_adapter_cache_evictions", gauges.host_evictions, gpu.evictions, "Adapters evicted from the tier"),
         ):
             family = CounterMetricFamily(name, doc, labels=["tier"])
             family.add_metric(["host"], host_value)
@@ -50,27 +51,33 @@ class _StateCollector:
             yield family
         adapters = GaugeMetricFamily("pica_adapters", "Adapters per residency tier", labels=["tier"])
         adapters.add_metric(["store"], len(state.store))
-        adapters.add_metric(["host"], len(state.host_cache))
-        adapters.add_metric(["gpu"], state.engine.slots.num_resident)
+        adapters.add_metric(["host"], gauges.num_host_adapters)
+        adapters.add_metric(["gpu"], gauges.num_gpu_adapters)
         yield adapters
-        engine = state.engine  # lengths of the engine thread's lists: reading them needs no lock
-        kv_usage = engine.blocks.num_used_blocks / max(1, engine.blocks.num_blocks)
-        yield GaugeMetricFamily("pica_requests_running", "Requests in the running batch", value=engine.num_running)
+        kv_usage = gauges.kv_blocks_used / max(1, gauges.kv_blocks_total)
+        yield GaugeMetricFamily("pica_requests_running", "Requests in the running batch", value=gauges.num_running)
         yield GaugeMetricFamily("pica_requests_waiting", "Requests waiting for a batch slot, KV memory or an adapter slot",
-                                value=engine.num_waiting)
+                                value=gauges.num_waiting)
         yield GaugeMetricFamily("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use", value=kv_usage)
         yield GaugeMetricFamily("pica_store_damaged_adapters",
                                 "Store entries that cannot be read back (logged, left out of listings)",
                                 value=len(state.store.damaged))
-        yield from vllm_families(state, kv_usage)
+        yield from vllm_families(state, kv_usage, gauges)
 
 
-def vllm_families(state, kv_usage: float):
-    """vLLM's gauges that gateways route on, one series each, labelled like vLLM's (model_name)."""
-    engine, model = state.engine, [state.model_name]
+def vllm_families(state, kv_usage: float, gauges: EngineGauges | None = None):
+    """vLLM's gauges that gateways route on, one series each, labelled like vLLM's (model_name). Without
+    `gauges`, they are read off `state.engine`."""
+    if gauges is None:
+        engine = state.engine
+        running, waiting = engine.adapter_ids_by_state()
+        gauges = EngineGauges(num_running=engine.num_running, num_waiting=engine.num_waiting,
+                              max_gpu_adapters=engine.cfg.max_gpu_adapters, running_adapter_ids=tuple(running),
+                              waiting_adapter_ids=tuple(waiting))
+    model = [state.model_name]
     for name, doc, value in (
-        ("vllm:num_requests_running", "Requests in the running batch (pica_requests_running)", engine.num_running),
-        ("vllm:num_requests_waiting", "Requests waiting to be scheduled (pica_requests_waiting)", engine.num_waiting),
+        ("vllm:num_requests_running", "Requests in the running batch (pica_requests_running)", gauges.num_running),
+        ("vllm:num_requests_waiting", "Requests waiting to be scheduled (pica_requests_waiting)", gauges.num_waiting),
         ("vllm:kv_cache_usage_perc", "KV cache usage, 1 means 100 percent (pica_kv_cache_usage_ratio)", kv_usage),
         # vLLM's older name for the same gauge; production-stack's router still reads it
         ("vllm:gpu_cache_usage_perc", "KV cache usage, 1 means 100 percent (pica_kv_cache_usage_ratio)", kv_usage),
@@ -81,10 +88,10 @@ def vllm_families(state, kv_usage: float):
     # The value is the time of this scrape: a scraper that keeps several series of this family (vLLM leaves
     # one per label set it ever had) takes the largest value as the current one. Requests without an
     # adapter are in neither list, as in vLLM.
-    running, waiting = engine.adapter_ids_by_state()
+    running, waiting = gauges.running_adapter_ids, gauges.waiting_adapter_ids
     lora = GaugeMetricFamily("vllm:lora_requests_info", "Adapters of running and of waiting requests; value: unix time",
                              labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-    lora.add_metric([str(engine.cfg.max_gpu_adapters), ",".join(running[:MAX_LORA_INFO_IDS]),
+    lora.add_metric([str(gauges.max_gpu_adapters), ",".join(running[:MAX_LORA_INFO_IDS]),
                      ",".join(waiting[:MAX_LORA_INFO_IDS])], time.time())
     yield lora
 
@@ -116,6 +123,14 @@ class Metrics:
         self.batch_size = Histogram("pica_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r)
         self.step_tokens = Counter("pica_step_tokens", "Tokens computed by engine steps", ["phase"], registry=r)
         self.preemptions = Counter("pica_preemptions", "Sequences preempted for KV memory", registry=r)
+        # kind: 'decode' for steps of decodes only, 'mixed' for steps holding prefill; host / steps is the
+        # host time per step that the serving benchmark reports
+        self.engine_steps = Counter("pica_engine_steps", "Engine steps that computed tokens", ["kind"], registry=r)
+        self.engine_host_seconds = Counter(
+            "pica_engine_step_host_seconds", "Time the device sat idle for the host: each step's wall time and the "
+            "loop's gap before it, less its device time", ["kind"], registry=r)
+        self.engine_gpu_seconds = Counter("pica_engine_step_gpu_seconds", "Device time of steps' forwards (CUDA only)",
+                                          ["kind"], registry=r)
         self.swap = Histogram(
             "pica_adapter_swap_seconds", "Adapter activation latency by path", ["path"], buckets=LATENCY_BUCKETS, registry=r
         )
@@ -127,6 +142,9 @@ class Metrics:
             self.swap.labels(path)
         for phase in ("prefill", "decode"):
             self.step_tokens.labels(phase)
+        for kind in ("decode", "mixed"):
+            for counter in (self.engine_steps, self.engine_host_seconds, self.engine_gpu_seconds):
+                counter.labels(kind)
 
     def adapter_label(self, adapter_id: str | None) -> str:
         if adapter_id is None:
@@ -148,6 +166,10 @@ class Metrics:
     def observe_step(self, stats: StepStats) -> None:
         if stats.batch_size:
             self.batch_size.observe(stats.batch_size)
+            kind = "mixed" if stats.num_prefill_tokens else "decode"
+            self.engine_steps.labels(kind).inc()
+            self.engine_host_seconds.labels(kind).inc(stats.host_seconds)
+            self.engine_gpu_seconds.labels(kind).inc(stats.gpu_seconds)
         self.step_tokens.labels("prefill").inc(stats.num_prefill_tokens)
         self.step_tokens.labels("decode").inc(stats.num_decode_tokens)
         self.preemptions.inc(stats.num_preempted)

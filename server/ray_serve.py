@@ -14,6 +14,7 @@ delete through any of them is seen by all at their next request for that adapter
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -91,6 +92,9 @@ def replica_deployment(max_adapters_per_replica: int):
             from server.http.app import build_app
             from server.http.state import build_state
 
+            # the engine runs in the replica's own process: Ray already gives each replica a process, and
+            # `activate` fills this process's host cache
+            config = dataclasses.replace(config, server=dataclasses.replace(config.server, engine_process=False))
             self.app = build_app(config)
             # loaded here, not in the app's lifespan: Ray routes to a replica once its constructor returns
             self.state = build_state(config, self.app.state.metrics)

@@ -1,13 +1,14 @@
 """The engine: turns requests into tokens, one `step()` at a time (schedule -> run -> postprocess).
 
 Requests for different adapters share every batch. This class is synchronous and single-threaded;
-AsyncEngine drives it from a background thread for the HTTP server.
+AsyncEngine drives it from a background thread of the HTTP server, EngineCore from its own process.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.host_cache import AdapterHandle
@@ -19,7 +20,7 @@ from server.engine.model_runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, TokenLogprob
-from server.engine.stats import FinishedRequest, StepStats
+from server.engine.stats import EngineGauges, FinishedRequest, StepStats
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
@@ -63,9 +64,27 @@ def discover_limits(loaded, cfg: EngineConfig) -> ModelLimits:
     return ModelLimits(max_len, loaded.model.get_output_embeddings().weight.shape[0], frozenset(eos))
 
 
+def check_request(limits: ModelLimits, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    """Raise ValueError (a 400 at the HTTP edge) for a request a model of these limits cannot serve; the
+    front end of the engine-core process checks with the limits the core reported, before sending."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt_token_ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    if len(prompt_token_ids) + params.max_tokens > limits.max_model_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
+            f"together more than this model's context length {limits.max_model_len}"
+        )
+
+
 class Engine:
-    def __init__(self, loaded, basis, cfg: EngineConfig):
+    def __init__(self, loaded, basis, cfg: EngineConfig, detokenize: bool = True):
+        """detokenize=False: outputs carry token ids only and stop strings are the caller's to check (the
+        engine-core process leaves both to the front end, which aborts a request that hit one)."""
         self.cfg = cfg
+        self.detokenize = detokenize
         self.tokenizer = loaded.tokenizer
         self.limits = discover_limits(loaded, cfg)
         self.runner = ModelRunner(loaded, basis, cfg, self.limits.max_model_len)
@@ -74,6 +93,7 @@ class Engine:
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[FinishedRequest] = []  # reported with the next step's stats
+        self._last_step_end: float | None = None  # set while work was left at the end of the last step
 
     @property
     def has_work(self) -> bool:
@@ -98,17 +118,7 @@ class Engine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a 400 at the HTTP edge) for a request the engine cannot serve."""
-        limit = self.limits.max_model_len
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.limits.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.limits.vocab_size})")
-        if len(prompt_token_ids) + params.max_tokens > limit:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens}: "
-                f"together more than this model's context length {limit}"
-            )
+        check_request(self.limits, prompt_token_ids, params)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter: AdapterHandle | None = None
@@ -116,18 +126,24 @@ class Engine:
         if request_id in self._seqs:
             raise ValueError(f"request id {request_id!r} is already running")
         self.check_request(prompt_token_ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop) if self.detokenize else None
         seq = Sequence(request_id, list(prompt_token_ids), params, adapter, detok)
         self.runner.sampler.add(seq)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Cancel a request and free its KV blocks and slot pin at once; False if it is not here."""
+    @property
+    def request_ids(self) -> list[str]:
+        """Every unfinished request."""
+        return list(self._seqs)
+
+    def abort_request(self, request_id: str, finish_reason: str = "abort") -> bool:
+        """Cancel a request and free its KV blocks and slot pin at once; False if it is not here.
+        `finish_reason` is what its stats say ('stop' when the front end found a stop string)."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq, finish_reason)
         self.runner.sampler.forget(request_id)
         self._aborted.append(FinishedRequest.of(seq, time.monotonic()))
         return True
@@ -136,7 +152,26 @@ class Engine:
         """A deleted adapter leaves the GPU slots it does not hold pinned; running requests finish."""
         self.slots.drop(adapter_id)
 
-    def step(self) -> tuple[list[RequestOutput], StepStats]:
+    def gauges(self, host_cache=None) -> EngineGauges:
+        """Current occupancy (and the host cache's, when given). Safe from another thread: it reads lengths
+        and counters only."""
+        running, waiting = self.adapter_ids_by_state()
+        host = host_cache.stats if host_cache is not None else None
+        return EngineGauges(
+            num_running=self.num_running, num_waiting=self.num_waiting, kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_total=self.blocks.num_blocks, num_gpu_adapters=self.slots.num_resident,
+            max_gpu_adapters=self.cfg.max_gpu_adapters, running_adapter_ids=tuple(running),
+            waiting_adapter_ids=tuple(waiting), num_host_adapters=len(host_cache) if host_cache is not None else 0,
+            host_hits=host.hits if host else 0, host_misses=host.misses if host else 0,
+            host_evictions=host.evictions if host else 0,
+        )
+
+    def step(self, on_launched: Callable[[], None] | None = None) -> tuple[list[RequestOutput], StepStats]:
+        """One step. `on_launched` runs once the forward is queued on the device and before the step waits for
+        it (sampling syncs): host work that needs no result of this step (the engine core sends the previous
+        step's outputs there) overlaps the GPU instead of following it."""
+        start = time.perf_counter()
+        gap = start - self._last_step_end if self._last_step_end is not None else 0.0  # the loop's own time
         hits, misses, evictions = self.slots.stats.hits, self.slots.stats.misses, self.slots.stats.evictions
         sched = self.scheduler.schedule()
         swap_seconds = tuple(self.runner.load_adapter(slot, handle.tensors) for slot, handle in sched.slot_loads)
@@ -146,6 +181,8 @@ class Engine:
         prefill_tokens = decode_tokens = 0
         if sched.scheduled:
             logits = self.runner.run(sched.scheduled)
+            if on_launched is not None:
+                on_launched()
             sampling = [item.seq for item in sched.scheduled if item.samples]
             tokens, logprobs = self.runner.sampler(logits, sampling)
             now = time.monotonic()
@@ -169,6 +206,9 @@ class Engine:
                     outputs.append(self._fail(seq, exc))
                 if seq.is_finished:
                     finished.append(FinishedRequest.of(seq, now))
+        gpu_seconds = self.runner.forward_gpu_seconds() if sched.scheduled else 0.0
+        end = time.perf_counter()
+        self._last_step_end = end if self.has_work else None
         stats = StepStats(
             batch_size=len(sched.scheduled),
             num_prefill_tokens=prefill_tokens,
@@ -185,6 +225,8 @@ class Engine:
             ttft_seconds=tuple(ttft),
             itl_seconds=tuple(itl),
             finished=tuple(finished),
+            host_seconds=max(0.0, gap + end - start - gpu_seconds),
+            gpu_seconds=gpu_seconds,
         )
         return outputs, stats
 
@@ -205,7 +247,7 @@ class Engine:
         reason = None
         if (token in self.limits.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        elif seq.detokenizer.add_token(token):
+        elif seq.detokenizer is not None and seq.detokenizer.add_token(token):
             reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.limits.max_model_len:
             reason = "length"
@@ -216,7 +258,7 @@ class Engine:
         return RequestOutput(
             request_id=seq.request_id,
             adapter_id=seq.adapter_id,
-            text=seq.detokenizer.take_delta(final=reason is not None),
+            text=seq.detokenizer.take_delta(final=reason is not None) if seq.detokenizer is not None else "",
             token_ids=(token,),
             logprobs=(logprob,) if logprob is not None else (),
             finished=reason is not None,

@@ -96,6 +96,9 @@ class ModelRunner:
             for _ in range(self.spec.num_layers)
         ]
         self.sampler = Sampler(self.device)
+        # [start, end] of the last step's forward, for the host-time-per-step stat (only on CUDA)
+        self._forward_events = ([torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                                if self.device.type == "cuda" else None)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
                  self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
         self.graphs = None
@@ -168,9 +171,27 @@ class ModelRunner:
         rows = torch.arange(len(scheduled), device=self.device)
         return self.forward(to_dev(inputs.token_ids), to_dev(inputs.positions), meta, rows)[0]
 
-    @torch.no_grad()
     def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         """Forward the step's tokens; returns logits [num_sampling_seqs, V] in scheduled order."""
+        if self._forward_events is None:
+            return self._run(scheduled)
+        start, end = self._forward_events
+        start.record()
+        logits = self._run(scheduled)
+        end.record()
+        return logits
+
+    def forward_gpu_seconds(self) -> float:
+        """Device time of the last step's forward; call after the step's host sync (sampling), so the wait is
+        for nothing. 0 off CUDA."""
+        if self._forward_events is None:
+            return 0.0
+        start, end = self._forward_events
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+    @torch.no_grad()
+    def _run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
         if self.decode_kernels and all(item.num_tokens == 1 and item.samples for item in scheduled):
             if self.graphs is not None and self.graphs.bucket_for(len(scheduled)) is not None:
                 return self.graphs.run(scheduled)

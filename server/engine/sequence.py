@@ -12,7 +12,6 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.sampling import SamplingParams
 
 
-
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -32,7 +31,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: AdapterHandle | None
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None
+    """None where the front end detokenizes (the engine-core process)."""
     arrival_time: float = field(default_factory=time.monotonic)
 
     token_ids: list[int] = field(init=False)

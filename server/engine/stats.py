@@ -41,3 +41,29 @@ class StepStats:
     itl_seconds: tuple[float, ...]
     """Gaps between consecutive tokens produced this step."""
     finished: tuple[FinishedRequest, ...]
+    host_seconds: float = 0.0
+    """Wall time of this step and of the gap before it (when work was already waiting), less gpu_seconds:
+    the time the device sat idle for the host. On CPU gpu_seconds is 0, so this is the whole step."""
+    gpu_seconds: float = 0.0
+    """Device time of the step's forward (CUDA events); 0 off CUDA."""
+
+
+@dataclass(frozen=True)
+class EngineGauges:
+    """The engine's and its caches' current occupancy, read at metrics scrape time. In-process it is read
+    off the engine; the engine-core process sends it with every update it emits."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    num_gpu_adapters: int = 0
+    """Adapters resident in GPU slots."""
+    max_gpu_adapters: int = 0
+    running_adapter_ids: tuple[str, ...] = ()
+    """Distinct adapters of running requests, oldest first."""
+    waiting_adapter_ids: tuple[str, ...] = ()
+    num_host_adapters: int = 0
+    host_hits: int = 0
+    host_misses: int = 0
+    host_evictions: int = 0

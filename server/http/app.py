@@ -22,15 +22,29 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = None) -> FastAPI:
+def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = None,
+              on_engine_died: Callable[[], None] | None = None) -> FastAPI:
     """`on_load_failed` runs (on the event loop) when the model or basis cannot be loaded; the CLI stops
-    the server with it, so a broken start-up exits instead of answering 503 forever."""
+    the server with it, so a broken start-up exits instead of answering 503 forever. `on_engine_died`
+    runs (on the event loop) when the engine-core process dies, after every in-flight request got its
+    error; the CLI stops the server with it and exits non-zero, so that a supervisor restarts it."""
     metrics = Metrics(config.server.max_adapter_labels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
-        loading = loop.run_in_executor(None, build_state, config, metrics)
+
+        def engine_died(message: str) -> None:  # called from the core client's reader thread
+            def on_loop() -> None:
+                app.state.engine_error = message
+                if on_engine_died is not None:
+                    on_engine_died()
+
+            loop.call_soon_threadsafe(on_loop)
+
+        # only the split engine can die apart from this process (and only it takes the callback)
+        extra = (engine_died,) if config.server.engine_process else ()
+        loading = loop.run_in_executor(None, build_state, config, metrics, *extra)
 
         def loaded(future):
             if future.exception() is not None:
@@ -58,6 +72,7 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
     app.state.metrics = metrics
     app.state.server_state = None
     app.state.load_error = None
+    app.state.engine_error = None
     install_error_handlers(app)
     app.add_middleware(RequestGuard, config=config.server)  # inner: checks the key before any body is read
     app.add_middleware(RequestAccounting, metrics=metrics)  # outermost: counts every request, answers 500s itself

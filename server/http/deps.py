@@ -18,6 +18,8 @@ bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`
 
 def get_state(request: Request) -> ServerState:
     """The loaded services; 503 while the model and basis are still loading (or failed to)."""
+    if request.app.state.engine_error is not None:
+        raise APIError(503, "the engine stopped; the server is restarting")
     state = request.app.state.server_state
     if state is None:  # the cause (which may name paths) is in the server log only
         if request.app.state.load_error is not None:

@@ -7,6 +7,7 @@ import json
 from fastapi.responses import StreamingResponse
 
 from server.http.errors import APIError, error_body
+from server.http.state import engine_error
 
 DONE = "data: [DONE]\n\n"
 
@@ -22,10 +23,9 @@ def sse_response(events) -> StreamingResponse:
         try:
             async for event in events:
                 yield event
-        except APIError as exc:
-            yield sse_event(error_body(exc.status, exc.message, exc.param, exc.error_type))
         except Exception as exc:  # noqa: BLE001 - the status line is already sent
-            yield sse_event(error_body(500, f"generation failed: {exc}"))
+            error = engine_error(exc) or APIError(500, f"generation failed: {exc}")
+            yield sse_event(error_body(error.status, error.message, error.param, error.error_type))
 
     return StreamingResponse(
         guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -19,30 +19,49 @@ from cache.host_cache import AdapterHandle, HostCache
 from cache.svd_factors import svd_factors_of
 from server.config import AppConfig
 from server.engine.async_engine import AsyncEngine, QueueFullError, RequestFailed, RequestStream
-from server.engine.engine import Engine, RequestOutput
+from server.engine.core_client import AdapterRef, CoreClient, EngineDeadError, RequestRejected
+from server.engine.engine import Engine, ModelLimits, RequestOutput
 from server.engine.sampling import SamplingParams
+from server.engine.stats import EngineGauges
 from server.http.errors import APIError
 from server.metrics import Metrics
-from server.model_loader import LoadedModel, load_model
+from server.model_loader import LoadedModel, load_model, model_source, served_name
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServerState:
+    """With the engine in its own process (`config.server.engine_process`), `async_engine` is the CoreClient
+    that talks to it and `loaded`, `engine` and `host_cache` are None: they live in the core, and `basis`
+    has no P tensors (its identity and shapes, which validating uploads needs)."""
+
     config: AppConfig
-    loaded: LoadedModel
+    tokenizer: object
     basis: Basis
-    engine: Engine
-    async_engine: AsyncEngine
+    limits: ModelLimits
+    async_engine: AsyncEngine | CoreClient
+    """What routes submit to: the in-process engine's thread, or the engine-core process's client."""
     store: AdapterStore
-    host_cache: HostCache
     metrics: Metrics
     model_name: str
     started_at: int
+    loaded: LoadedModel | None = None
+    engine: Engine | None = None
+    host_cache: HostCache | None = None
 
-    async def resolve_adapter(self, adapter_id: str | None, param: str) -> AdapterHandle | None:
-        """None for the base model; else the adapter's host-resident version (404 if unknown)."""
+    @property
+    def engine_in_process(self) -> bool:
+        return self.engine is not None
+
+    def gauges(self) -> EngineGauges:
+        if self.engine is not None:
+            return self.engine.gauges(self.host_cache)
+        return self.async_engine.gauges
+
+    async def resolve_adapter(self, adapter_id: str | None, param: str) -> AdapterHandle | AdapterRef | None:
+        """None for the base model; else the adapter's host-resident version (404 if unknown), or with the
+        engine in its own process the version the core is to load."""
         if adapter_id is None or adapter_id == self.model_name:
             return None
         not_found = APIError(404, f"model or adapter {adapter_id!r} not found", param, "not_found_error")
@@ -50,12 +69,14 @@ class ServerState:
             check_adapter_id(adapter_id)
         except AdapterIdError:
             raise not_found from None
-        in_host = adapter_id in self.host_cache
+        in_host = self.host_cache is not None and adapter_id in self.host_cache
         start = time.perf_counter()
         try:
             # the store's record first (one small read): in a store shared by several replicas, what another
             # replica deleted or replaced must not be served from this one's host cache
             version = (await run_in_threadpool(self.store.info, adapter_id)).checksum
+            if self.host_cache is None:  # the core reads it (off its step loop) and reports the disk time
+                return AdapterRef(adapter_id, version)
             handle = await run_in_threadpool(self.host_cache.get, adapter_id, version)
         except KeyError:
             raise not_found from None
@@ -71,21 +92,47 @@ class ServerState:
             return self.async_engine.submit(uuid.uuid4().hex, prompt_ids, params, adapter)
         except QueueFullError as exc:
             raise APIError(429, str(exc)) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc)) from exc
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
+
+    def adapter_stored(self, adapter_id: str, version: str) -> None:
+        """An upload landed: the engine core reads it ahead of the first request (in-process: on demand)."""
+        if isinstance(self.async_engine, CoreClient):
+            self.async_engine.adapter_stored(adapter_id, version)
+
+    def adapter_deleted(self, adapter_id: str) -> None:
+        """Forget the host copy and the GPU slot it does not hold pinned; running requests finish."""
+        if self.host_cache is not None:
+            self.host_cache.invalidate(adapter_id)
+        self.async_engine.drop_adapter(adapter_id)
 
     def max_tokens_for(self, prompt_ids: list[int], requested: int | None) -> int:
         """`max_tokens` as asked; absent, what the context leaves after the prompt (as OpenAI and vLLM do:
         generation runs to EOS). A prompt that fills the context gets 1, which check_request refuses."""
         if requested is not None:
             return requested
-        return max(1, self.engine.limits.max_model_len - len(prompt_ids))
+        return max(1, self.limits.max_model_len - len(prompt_ids))
 
     def tokenize(self, text: str) -> list[int]:
-        return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     def token_text(self, token_id: int) -> str:
-        return self.loaded.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id])
+
+
+def engine_error(exc: BaseException) -> APIError | None:
+    """The HTTP error for a request that failed in the engine, or None for an exception of another kind."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc))
+    if isinstance(exc, RequestRejected):
+        return APIError(exc.status, str(exc))
+    if isinstance(exc, RequestFailed):
+        return APIError(500, f"the request failed: {exc}")
+    return None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -139,8 +186,8 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Collec
                 raise APIError(499, "client disconnected")
         try:
             task.result()
-        except RequestFailed as exc:
-            raise APIError(500, f"the request failed: {exc}") from exc
+        except (RequestFailed, EngineDeadError, RequestRejected) as exc:
+            raise engine_error(exc) from exc
         return results
     finally:
         if not task.done():
@@ -197,7 +244,14 @@ def provision_adapters(store: AdapterStore, adapters) -> None:
             log.info("--adapter %s=%s: serving it (checksum %s)", adapter_id, folder, info.checksum[:12])
 
 
-def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
+def build_state(config: AppConfig, metrics: Metrics, on_engine_died=None) -> ServerState:
+    """Start the engine (in its own process, or in this one) and the services around it."""
+    if config.server.engine_process:
+        return build_split_state(config, metrics, on_engine_died)
+    return build_in_process_state(config, metrics)
+
+
+def build_in_process_state(config: AppConfig, metrics: Metrics) -> ServerState:
     """Load the model once, its basis from the cache (computing it if missing), and start the engine."""
     loaded = load_model(config.model)
     basis = BasisCache(config.model.basis_dir).load_or_compute(
@@ -212,7 +266,31 @@ def build_state(config: AppConfig, metrics: Metrics) -> ServerState:
     async_engine = AsyncEngine(engine, config.engine.max_queue, on_stats=metrics.observe_step)
     async_engine.start()
     name = config.server.served_model_name or loaded.name
-    state = ServerState(config, loaded, basis, engine, async_engine, store, host_cache, metrics, name, int(time.time()))
+    state = ServerState(config, loaded.tokenizer, basis, engine.limits, async_engine, store, metrics, name,
+                        int(time.time()), loaded=loaded, engine=engine, host_cache=host_cache)
     metrics.on_ready(state, loaded.load_seconds, basis)
     log.info("ready: %s with %d stored adapters", name, len(store))
+    return state
+
+
+def build_split_state(config: AppConfig, metrics: Metrics, on_engine_died=None) -> ServerState:
+    """Start the engine-core process (it loads the model and basis) and, once it is ready, this process's
+    tokenizer and store (validated against the basis the core reports)."""
+    from transformers import AutoTokenizer
+
+    client = CoreClient(config, lambda: AutoTokenizer.from_pretrained(model_source(config.model)),
+                        on_stats=metrics.observe_step, on_disk_load=metrics.observe_disk_load, on_death=on_engine_died)
+    ready = client.start()
+    try:
+        info = ready.basis
+        basis = Basis(info.checksum, info.kind, info.rank_max, info.groups, {}, info.source, info.seconds)
+        store = AdapterStore(config.adapter_dir, AdapterExpectation.from_basis(basis))
+        provision_adapters(store, config.server.adapters)
+    except BaseException:
+        client.shutdown()
+        raise
+    name = ready.model_name or served_name(config.model.model)
+    state = ServerState(config, client.tokenizer, basis, client.limits, client, store, metrics, name, int(time.time()))
+    metrics.on_ready(state, ready.model_load_seconds, basis)
+    log.info("ready: %s with %d stored adapters (engine core in process %d)", name, len(store), client.process.pid)
     return state

@@ -24,3 +24,5 @@ def test_serve_bench_reports_every_request(tmp_path, mode):
     assert report["metrics_after"]['pica_http_requests_total{endpoint="/v1/adapters",status="201"}'] == 2  # uploaded
     generated = sum(v for k, v in report["metrics_delta"].items() if k.startswith("pica_adapter_requests_total"))
     assert generated == 6  # the server counted every request against an adapter
+    steps = report["engine_steps"]  # on CPU the GPU time is 0 and the host time is the whole step
+    assert steps["num_decode_steps"] >= 4 and steps["host_ms_per_decode_step"] > 0 == steps["gpu_ms_per_decode_step"]

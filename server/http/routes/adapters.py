@@ -111,6 +111,7 @@ async def upload_adapter(request: Request, state: ServerState = Depends(get_stat
         raise APIError(400, "invalid adapter: " + "; ".join(problems), "files") from exc
     except FileExistsError as exc:
         raise already_exists(adapter_id) from exc
+    state.adapter_stored(adapter_id, info.checksum)
     return adapter_out(info)
 
 
@@ -143,6 +144,5 @@ async def delete_adapter(adapter_id: str, state: ServerState = Depends(get_state
         state.store.delete(adapter_id)
     except KeyError:
         raise not_found(adapter_id) from None
-    state.host_cache.invalidate(adapter_id)
-    state.async_engine.drop_adapter(adapter_id)
+    state.adapter_deleted(adapter_id)
     return Response(status_code=204)

@@ -144,7 +144,7 @@ def message_text(message) -> str:
 
 
 def chat_prompt(state: ServerState, messages) -> list[int]:
-    return encode_chat(state.loaded.tokenizer, [{"role": m.role, "content": message_text(m)} for m in messages],
+    return encode_chat(state.tokenizer, [{"role": m.role, "content": message_text(m)} for m in messages],
                        add_generation_prompt=True)
 
 

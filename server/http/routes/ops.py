@@ -19,7 +19,10 @@ async def health():
 
 @router.get("/ready")
 async def ready(request: Request):
-    """200 once the model and basis are loaded and the engine runs; 503 before (or if loading failed)."""
+    """200 once the model and basis are loaded and the engine runs; 503 before, if loading failed, or once the
+    engine-core process has died."""
+    if request.app.state.engine_error is not None:  # the engine core died: this server is on its way out
+        return JSONResponse(error_body(503, "the engine stopped; the server log says why"), status_code=503)
     state = request.app.state.server_state
     if state is None:  # open to anyone: the cause (which may name paths) is in the server log only
         failed = request.app.state.load_error is not None
