@@ -41,3 +41,14 @@ class SvdFactors:
 def svd_factors_of(model: nn.Module, basis) -> SvdFactors:
     """The SVD factors of `model`'s target linears (the basis's groups); nothing is computed yet."""
     return SvdFactors({layer: model.get_submodule(layer) for info in basis.groups.values() for layer in info.layers})
+
+
+class SvdFactorsInCore:
+    """Stands for the SVD factors in another process (the engine core's, which holds the model): enough for an
+    HTTP front end to accept PSOFT uploads; the core loads them against its own SvdFactors."""
+
+    def __contains__(self, layer: str) -> bool:
+        return True
+
+    def top(self, layer: str, r: int):
+        raise RuntimeError("the SVD factors live in the engine core's process; PSOFT adapters are loaded there")

@@ -24,6 +24,7 @@ from adapters.format import AdapterExpectation
 from adapters.store import AdapterStore, DamagedAdapterError
 from cache.basis_cache import BasisCache
 from cache.host_cache import HostCache
+from cache.svd_factors import svd_factors_of
 from server.config import AppConfig
 from server.engine.engine import Engine, RequestOutput
 from server.engine.protocol import (
@@ -198,7 +199,8 @@ def build_core(config: AppConfig) -> tuple[Engine, AdapterStore, HostCache, Core
         loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
         device=loaded.device, dtype=loaded.dtype,
     )
-    store = AdapterStore(config.adapter_dir, AdapterExpectation.from_basis(basis))
+    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, svd_factors_of(loaded.model, basis))
+    store = AdapterStore(config.adapter_dir, expect)
     host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
     engine = Engine(loaded, basis, config.engine, detokenize=False)
     limits = engine.limits

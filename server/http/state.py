@@ -16,7 +16,7 @@ from adapters.format import AdapterExpectation, AdapterValidationError
 from adapters.store import AdapterIdError, AdapterStore, DamagedAdapterError, check_adapter_id
 from cache.basis_cache import Basis, BasisCache
 from cache.host_cache import AdapterHandle, HostCache
-from cache.svd_factors import svd_factors_of
+from cache.svd_factors import SvdFactorsInCore, svd_factors_of
 from server.config import AppConfig
 from server.engine.async_engine import AsyncEngine, QueueFullError, RequestFailed, RequestStream
 from server.engine.core_client import AdapterRef, CoreClient, EngineDeadError, RequestRejected
@@ -284,7 +284,8 @@ def build_split_state(config: AppConfig, metrics: Metrics, on_engine_died=None) 
     try:
         info = ready.basis
         basis = Basis(info.checksum, info.kind, info.rank_max, info.groups, {}, info.source, info.seconds)
-        store = AdapterStore(config.adapter_dir, AdapterExpectation.from_basis(basis))
+        expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, SvdFactorsInCore())
+        store = AdapterStore(config.adapter_dir, expect)
         provision_adapters(store, config.server.adapters)
     except BaseException:
         client.shutdown()

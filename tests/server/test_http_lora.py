@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PsoftConfig
 
+from cache.basis_cache import BasisCache
 from server.http.app import build_app
 from tests.helpers import app_config, build_tiny_model, save_peft_adapter, write_random_adapter
 from tests.server.live import LiveServer
@@ -18,11 +19,12 @@ from tests.server.test_http_generate import native, upload
 PROMPTS = ["The quick brown fox", "Once upon", "a b c d e f", "PiCa and LoRA"]
 
 
-@pytest.fixture(scope="module")
-def lora_live(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "engine-process"])
+def lora_live(tmp_path_factory, request):
+    """The server with its engine in the HTTP process, and with the engine core in its own."""
     root = tmp_path_factory.mktemp("lora-srv")
     build_tiny_model(root / "model", "llama", seed=11)
-    config = app_config(root)
+    config = app_config(root, engine_process=request.param)
     config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_lora_rank=8, max_gpu_adapters=4))
     with LiveServer(build_app(config)) as server:
         yield server, root
@@ -63,7 +65,10 @@ def test_peft_lora_upload_serves_mixed_with_pica_and_base(lora_live, tmp_path):
     from adapters.merge import merge_adapter
     from server.model_loader import load_model
 
-    pica_model = merge_adapter(load_model(state.config.model).model, state.basis, state.store.load("tenant-pica"))
+    cfg = state.config.model  # the basis with P from the cache the engine filled (a split front end holds no P)
+    basis = BasisCache(cfg.basis_dir).load_or_compute(load_model(cfg).model, cfg.target_modules, cfg.rank_max,
+                                                      method=cfg.svd_method)
+    pica_model = merge_adapter(load_model(cfg).model, basis, state.store.load("tenant-pica"))
     with peft_model.disable_adapter():
         base_expected = {p: greedy(peft_model, state.tokenize(p), 8) for p in PROMPTS}
     expected = {None: base_expected, "tenant-pica": {p: greedy(pica_model, state.tokenize(p), 8) for p in PROMPTS},
