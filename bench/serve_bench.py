@@ -266,6 +266,7 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-serve-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)  # a --workdir that does not exist yet (the first run of a call)
     proc = None
     url = args.url
     if url is None:
