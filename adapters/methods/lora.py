@@ -18,10 +18,10 @@ import re
 import torch
 
 from adapters.methods.base import AdapterMethod, Factors, Scope
+from adapters.methods.peft_folder import PEFT_PREFIX, common_config_problems
 from adapters.registry import register_method
 from adapters.targets import GroupInfo, group_of
 
-PEFT_PREFIX = "base_model.model."
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 """init_lora_weights values that rewrite W0 (peft/tuners/lora/layer.py update_layer): the saved A, B are not a
 delta on the base model's weights."""
@@ -66,9 +66,7 @@ class LoRA(AdapterMethod):
         from adapters.format import AdapterConfig
 
         start = len(problems)
-        for key, why in UNSERVED_OPTIONS.items():
-            if raw.get(key):
-                problems.append(why)
+        problems += common_config_problems(raw, UNSERVED_OPTIONS)
         if raw.get("bias", "none") != "none":
             problems.append(f"bias={raw['bias']!r} (trained biases of the base layers) is not served; train with bias='none'")
         init = raw.get("init_lora_weights", True)
@@ -79,8 +77,6 @@ class LoRA(AdapterMethod):
                 "path_initial_model_for_weight_conversion=<the folder of the adapter saved before training>), "
                 "and upload out_dir (a plain LoRA of rank 2r)")
         r, alpha = raw.get("r"), raw.get("lora_alpha", 8)
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            problems.append(f"r must be a positive integer, got {r!r}")
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             problems.append(f"lora_alpha must be a number, got {alpha!r}")
         patterns = {}

@@ -20,10 +20,10 @@ import re
 import torch
 
 from adapters.methods.base import AdapterMethod, Factors, Scope
+from adapters.methods.peft_folder import PEFT_PREFIX, common_config_problems
 from adapters.registry import register_method
 from adapters.targets import GroupInfo, group_of
 
-PEFT_PREFIX = "base_model.model."
 UNSERVED_OPTIONS = {
     "modules_to_save": "modules_to_save (fully trained copies of modules) is not served: only deltas on the "
                        "target linears are",
@@ -70,9 +70,7 @@ class Psoft(AdapterMethod):
         from adapters.format import AdapterConfig
 
         start = len(problems)
-        for key, why in UNSERVED_OPTIONS.items():
-            if raw.get(key):
-                problems.append(why)
+        problems += common_config_problems(raw, UNSERVED_OPTIONS)
         if raw.get("ab_svd_init", "psoft_init") != "psoft_init":
             problems.append(f"ab_svd_init={raw['ab_svd_init']!r} puts sqrt(S) on both sides of the core; only "
                             "'psoft_init' (A = Vh_r, B = U_r S_r) is served")
@@ -80,8 +78,6 @@ class Psoft(AdapterMethod):
             problems.append(f"psoft_svd={raw['psoft_svd']!r} (a randomized SVD) is not served: the core only "
                             "means something against the exact SVD; train with psoft_svd='full'")
         r = raw.get("r")
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            problems.append(f"r must be a positive integer, got {r!r}")
         if expect.svd_factors is None:
             problems.append("PSOFT needs both sides of the base weights' SVD, which is not available here")
         if len(problems) > start:

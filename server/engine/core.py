@@ -20,11 +20,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import zmq
 
-from adapters.format import AdapterExpectation
 from adapters.store import AdapterStore, DamagedAdapterError
-from cache.basis_cache import BasisCache
 from cache.host_cache import HostCache
-from cache.svd_factors import svd_factors_of
 from server.config import AppConfig
 from server.engine.engine import Engine, RequestOutput
 from server.engine.protocol import (
@@ -41,7 +38,8 @@ from server.engine.protocol import (
     encoder,
     to_core_decoder,
 )
-from server.model_loader import load_model
+from server.engine.served import load_served
+
 
 log = logging.getLogger(__name__)
 PARENT_CHECK_SECONDS = 1.0
@@ -194,14 +192,8 @@ class EngineCore:
 
 def build_core(config: AppConfig) -> tuple[Engine, AdapterStore, HostCache, CoreReady]:
     """Load the model once and its basis (computing it if missing), as the in-process server does."""
-    loaded = load_model(config.model)
-    basis = BasisCache(config.model.basis_dir).load_or_compute(
-        loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
-        device=loaded.device, dtype=loaded.dtype,
-    )
-    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, svd_factors_of(loaded.model, basis))
-    store = AdapterStore(config.adapter_dir, expect)
-    host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
+    served = load_served(config)
+    loaded, basis, store, host_cache = served.loaded, served.basis, served.store, served.host_cache
     engine = Engine(loaded, basis, config.engine, detokenize=False)
     limits = engine.limits
     ready = CoreReady(

@@ -14,18 +14,19 @@ from starlette.concurrency import run_in_threadpool
 
 from adapters.format import AdapterExpectation, AdapterValidationError
 from adapters.store import AdapterIdError, AdapterStore, DamagedAdapterError, check_adapter_id
-from cache.basis_cache import Basis, BasisCache
+from cache.basis_cache import Basis
 from cache.host_cache import AdapterHandle, HostCache
-from cache.svd_factors import SvdFactorsInCore, svd_factors_of
+from cache.svd_factors import SvdFactorsInCore
 from server.config import AppConfig
 from server.engine.async_engine import AsyncEngine, QueueFullError, RequestFailed, RequestStream
 from server.engine.core_client import AdapterRef, CoreClient, EngineDeadError, RequestRejected
 from server.engine.engine import Engine, ModelLimits, RequestOutput
+from server.engine.served import load_served
 from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineGauges
 from server.http.errors import APIError
 from server.metrics import Metrics
-from server.model_loader import LoadedModel, load_model, model_source, served_name
+from server.model_loader import LoadedModel, model_source, served_name
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +254,9 @@ def build_state(config: AppConfig, metrics: Metrics, on_engine_died=None) -> Ser
 
 def build_in_process_state(config: AppConfig, metrics: Metrics) -> ServerState:
     """Load the model once, its basis from the cache (computing it if missing), and start the engine."""
-    loaded = load_model(config.model)
-    basis = BasisCache(config.model.basis_dir).load_or_compute(
-        loaded.model, config.model.target_modules, config.model.rank_max, method=config.model.svd_method,
-        device=loaded.device, dtype=loaded.dtype,
-    )
-    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, svd_factors_of(loaded.model, basis))
-    store = AdapterStore(config.adapter_dir, expect)
+    served = load_served(config)
+    loaded, basis, store, host_cache = served.loaded, served.basis, served.store, served.host_cache
     provision_adapters(store, config.server.adapters)
-    host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
     engine = Engine(loaded, basis, config.engine)
     async_engine = AsyncEngine(engine, config.engine.max_queue, on_stats=metrics.observe_step)
     async_engine.start()
