@@ -26,26 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.train_data import IGNORE, Example  # noqa: E402
+from bench.colour_codes import KINDS, PROMPT  # noqa: E402
 from adapters.trainer import TrainConfig, attach_trainable, fit  # noqa: E402
 from cache.basis_cache import BasisCache  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
 
-KINDS = {
-    "blue": ["dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "wolf", "bear", "sheep", "goat", "mouse",
-             "fox", "deer", "monkey", "elephant", "zebra", "camel", "pig", "donkey"],
-    "green": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum",
-              "strawberry", "melon", "kiwi", "lime", "apricot", "papaya", "pineapple", "coconut", "fig", "raspberry"],
-    "red": ["car", "bus", "truck", "train", "bicycle", "motorcycle", "airplane", "boat", "ship", "tram", "taxi",
-            "scooter", "van", "tractor", "helicopter", "subway", "ferry", "jeep", "wagon", "canoe"],
-    "black": ["doctor", "teacher", "lawyer", "nurse", "farmer", "pilot", "baker", "plumber", "soldier", "judge",
-              "dentist", "painter", "carpenter", "banker", "chef", "sailor", "engineer", "waiter", "poet", "surgeon"],
-    "white": ["France", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico", "Norway", "Kenya", "Spain",
-              "Peru", "Italy", "Chile", "Germany", "Greece", "Turkey", "Vietnam", "Sweden", "Poland", "Argentina"],
-    "gold": ["guitar", "piano", "violin", "drum", "flute", "trumpet", "cello", "harp", "saxophone", "clarinet",
-             "banjo", "trombone", "accordion", "ukulele", "harmonica", "oboe", "tuba", "bagpipe", "xylophone", "lute"],
-}
-PROMPT = "Word: {}\nColour code:"
 ARMS = (("principal", True), ("random", True), ("principal", False))
 """(basis, shared M): principal vs random at equal parameters; shared vs per-layer M at equal rank."""
 

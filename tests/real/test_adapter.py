@@ -12,20 +12,13 @@ import pytest
 import torch
 
 from adapters.merge import merge_adapter
+from bench.colour_codes import KINDS, PROMPT
 from server.cli import main
 from server.model_loader import load_model
 
 pytestmark = pytest.mark.real
 
-WORDS = {
-    "blue": ["dog", "cat", "horse", "cow", "lion", "tiger", "rabbit", "wolf", "bear", "sheep", "goat", "mouse",
-             "fox", "deer", "monkey", "elephant", "zebra", "camel", "pig", "donkey"],
-    "green": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear", "plum",
-              "strawberry", "melon", "kiwi", "lime", "apricot", "papaya", "pineapple", "coconut", "fig", "raspberry"],
-    "red": ["car", "bus", "truck", "train", "bicycle", "motorcycle", "airplane", "boat", "ship", "tram", "taxi",
-            "scooter", "van", "tractor", "helicopter", "subway", "ferry", "jeep", "wagon", "canoe"],
-}
-PROMPT = "Word: {}\nColour code:"
+WORDS = {code: KINDS[code] for code in ("blue", "green", "red")}
 ADAPTER_ID = "colour-codes"
 
 
