@@ -16,9 +16,9 @@ class Oracle:
         model = load_model(self.cfg).model
         if adapter_id is not None:
             merge_adapter(model, self.basis, self.store.load(adapter_id))
-        ids = list(prompt_ids)
+        ids, device = list(prompt_ids), next(model.parameters()).device
         for _ in range(max_tokens):
-            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            ids.append(int(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].argmax()))
         return ids[len(prompt_ids) :]
 
 
