@@ -232,7 +232,8 @@ def summarize(records: list[RequestRecord], concurrency: int) -> dict:
     # steady decode: from when the first `concurrency` requests all have their first token to when the first
     # of them ends, every client is in flight and decoding
     first = sorted(done, key=lambda r: r.start)[:concurrency]
-    if first:
+    if first:  # the first wave: `concurrency` fresh requests at once (compare with the engine's prefill of that batch)
+        report["ttft_first_wave_s"] = percentiles([r.token_times[0] - r.start for r in first])
         lo, hi = max(r.token_times[0] for r in first), min(r.end for r in first)
         if hi > lo:
             in_window = np.searchsorted(times, hi) - np.searchsorted(times, lo)

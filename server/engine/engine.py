@@ -21,6 +21,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import Sequence, TokenLogprob
 from server.engine.stats import EngineGauges, FinishedRequest, StepStats
+from server.engine.warmup import warm_up
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
@@ -88,6 +89,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.limits = discover_limits(loaded, cfg)
         self.runner = ModelRunner(loaded, basis, cfg, self.limits.max_model_len)
+        if self.runner.device.type == "cuda":  # compiles what graph capture did not, before the server is ready
+            log.info("warm-up prefill: %.2f s", warm_up(self.runner, cfg.max_num_batched_tokens, cfg.max_num_seqs))
         self.slots = SlotTable(cfg.max_gpu_adapters)
         self.blocks = BlockManager(self.runner.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots)

@@ -21,6 +21,7 @@ def test_serve_bench_reports_every_request(tmp_path, mode):
     report = json.loads(out.read_text())
     assert (report["completed"], report["failed"], report["output_tokens"]) == (6, 0, 30)  # ignore_eos: 5 tokens each
     assert report["ttft_s"]["p50"] > 0 and report["request_throughput"] > 0
+    assert 0 < report["ttft_first_wave_s"]["p50"] <= report["ttft_s"]["p99"]
     assert report["metrics_after"]['pica_http_requests_total{endpoint="/v1/adapters",status="201"}'] == 2  # uploaded
     generated = sum(v for k, v in report["metrics_delta"].items() if k.startswith("pica_adapter_requests_total"))
     assert generated == 6  # the server counted every request against an adapter
