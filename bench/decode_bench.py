@@ -154,12 +154,45 @@ def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
     for i, (method, handles) in enumerate(by_method.items()):
         emit({"system": f"pica_engine_{method}_only_lora_stacks_on", "adapters": 16, "rank": 32 if method == "pica" else 16,
               **run_batch(engine, handles, batch, args.prompt_len, args.new_tokens, seed=20 + i)})
-    engine.runner.adapted.detach()
-    restore_rms_norms(loaded.model)
-    loaded.model.set_attn_implementation("sdpa")
+    release(engine, loaded.model)
     del engine, host, by_method, mixed
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def resident_rows(loaded, basis, args, emit, rank: int, batch: int) -> None:
+    """--resident N: an engine with N GPU adapter slots, every one of them loaded, decoding a batch over `batch`
+    distinct adapters spread across the slots; beside it the same engine with only those `batch` loaded, and the
+    slot memory per adapter (what residency costs, and whether a step slows with it)."""
+    n = args.resident
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
+                                                max_model_len=args.prompt_len + args.new_tokens + 64,
+                                                max_gpu_adapters=n, max_rank=rank, gpu_memory_utilization=0.85))
+    host = HostCache(lambda _id: None, n, torch.bfloat16, pin_memory=True)
+    handles = [host.handle_for(f"res{i}", random_adapter(basis, rank, seed=9000 + i)) for i in range(n)]
+    spread = handles[:: max(1, n // batch)][:batch]
+    stacks = engine.runner.adapted.slot_stacks
+    slot_bytes = sum(t[0].numel() * t.element_size() for t in (*stacks.stacks.values(), *stacks.signs.values()))
+    run_batch(engine, spread[:4], 4, args.prompt_len, 4, seed=-3)  # warm-up
+    row = {"system": "pica_engine", "adapters": batch, "distinct_in_batch": batch, "rank": rank, "gpu_slots": n,
+           "slot_bytes_per_adapter": slot_bytes}
+    emit({**row, "resident": engine.slots.num_resident,
+          **run_batch(engine, spread, batch, args.prompt_len, args.new_tokens, seed=31)})
+    for start in range(0, n, batch):  # every slot loaded: short requests over the rest
+        run_batch(engine, handles[start : start + batch], min(batch, n - start), 4, 1, seed=start)
+    emit({**row, "resident": engine.slots.num_resident,
+          **run_batch(engine, spread, batch, args.prompt_len, args.new_tokens, seed=32)})
+    release(engine, loaded.model)
+    del engine, host, handles, spread
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def release(engine, model) -> None:
+    """Give the model back as loaded (the next engine wraps it again)."""
+    engine.runner.adapted.detach()
+    restore_rms_norms(model)
+    model.set_attn_implementation("sdpa")
 
 
 def floor_tokens_per_s(model, basis, batch, context, rank, num_distinct, bandwidth) -> float:
@@ -263,6 +296,8 @@ def main():
     parser.add_argument("--mixed-methods", action="store_true",
                         help="add the row of 16 LoRA r=16 + 16 PiCa r=32 + 16 PSOFT r=16 adapters mixed at batch 64")
     parser.add_argument("--mixed-methods-only", action="store_true", help="only that row (after start-up)")
+    parser.add_argument("--resident", type=int, default=0,
+                        help="also an engine with this many GPU adapter slots, all loaded, decoding over a spread of them")
     parser.add_argument("--startup-only", action="store_true", help="model load and basis timings, then stop")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
@@ -364,15 +399,15 @@ def main():
         for count in counts:
             report.setdefault("profiles", []).append(
                 dict(rank=rank, **profile_steps(engine, handles[:count], max(batches), args.prompt_len)))
-        engine.runner.adapted.detach()
-        restore_rms_norms(model)
-        model.set_attn_implementation("sdpa")
+        release(engine, model)
         del engine, host, handles
         gc.collect()
         torch.cuda.empty_cache()
 
     if args.mixed_methods or args.mixed_methods_only:
         mixed_methods_rows(loaded, basis, args, emit)
+    if args.resident:
+        resident_rows(loaded, basis, args, emit, rank=min(ranks or [32]), batch=max(batches or [64]))
 
     if not args.skip_peft:
         from peft import LoraConfig, get_peft_model

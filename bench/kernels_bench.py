@@ -95,6 +95,8 @@ def candidate_configs(rank: int) -> list[ExpandConfig]:
              product(((64, 64), (128, 64), (32, 128), (64, 128)), (4, 8), (2, 3))]
     tiles += [ExpandConfig(bn, 256, w, 2) for bn, w in product((16, 32, 64), (4, 8))]
     tokens = [ExpandConfig(bn, bk, w, 2, per_token=True) for bn, bk, w in product((16, 32, 64), (64, 256), (2, 4, 8))]
+    # wider column blocks, so each program has more of M in flight (64 tokens x 448 blocks already fill the GPU)
+    tokens += [ExpandConfig(bn, bk, w, 2, per_token=True) for bn, bk, w in product((128, 256), (32, 64), (4, 8))]
     return [cfg for cfg in tiles + tokens if cfg.block_k <= rank]
 
 
