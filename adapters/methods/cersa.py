@@ -31,9 +31,10 @@ KNOWN_KEYS = ("method", "format_version", "energy_threshold", "target_modules", 
               "basis_checksum")
 PAPER_THRESHOLDS = (0.90, 0.95)
 """The range of energy thresholds the paper reports; others are read, with a warning."""
-ENERGY_TOLERANCE = 1e-3
-"""A file's k may be the energy rule's at any threshold within this of its own: its trainer's SVD (float32,
-bf16 weights) moves the cumulative energies by far less, and a k that is off by more is another rule."""
+ENERGY_TOLERANCE = 1e-4
+"""A file's k may be the energy rule's at any threshold within this of its own: its trainer's SVD (float32, or
+of bf16-rounded weights, whose rounding error holds ~1e-5 of the energy) moves the cumulative energies by less,
+and a k off by more follows another rule (energy as the sum of singular values, a strict inequality, ...)."""
 SUBSPACE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 """How far U_k, V_k of each dtype may be from orthonormal, and their captured energy from the top-k energy
 (relative): a few units of the dtype's rounding over the sizes of real weights."""
