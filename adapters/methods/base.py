@@ -10,6 +10,8 @@ E [out, r], K [r, r] and S [r, in]. Each factor has a scope:
 PiCa: E per group (M), S frozen (P), K per layer and diagonal (signs; identity unless the adapter
 was imported from a basis with other signs). LoRA: S (A) and E (B) per layer, K identity.
 PSOFT: E and S frozen (both SVD factors), K per layer (an r x r orthogonal core).
+CERSA (`separate_model`): the factors are of the whole weight, not a delta (W = U_k C V_k, W0 dropped), all
+three in its file; servers refuse it and merge writes it out (`merged_weight`).
 A method is one module in this folder that subclasses AdapterMethod and registers itself.
 """
 

@@ -66,10 +66,10 @@ class Cersa(AdapterMethod):
     separate_model = True
 
     def separate_model_reason(self) -> str:
-        return ("CERSA keeps only the top singular components of each weight (90-95% of its spectral energy) and "
-                "drops the rest of W0, so its model is not this base model plus a delta: it is a separate model, which "
-                "is not served beside this base model. Write it out as its own model with `pica-serve merge --model "
-                "BASE --adapter DIR --out OUT` and serve that with `pica-serve serve --model OUT`")
+        # under the 300 characters an HTTP error quotes of each problem
+        return ("CERSA keeps only the top singular components of each weight and drops the rest of W0, so its model is "
+                "not this base model plus a delta: it is a separate model. Write it out with `pica-serve merge --model "
+                "BASE --adapter DIR --out OUT`, then `pica-serve serve --model OUT`")
 
     def parse_config(self, raw: dict, expect, problems: list[str], warnings: list[str]):
         from adapters.format import CONFIG_FILE, AdapterConfig
