@@ -76,7 +76,8 @@ def test_merged_model_equals_u_core_v_per_layer(world, tmp_path):
     # the energy rule, spelled independently: first k whose cumulative squared singular values reach 0.9
     for layer, linear in find_target_linears(model, DEFAULT_TARGET_MODULES).items():
         s2 = torch.linalg.svdvals(linear.weight.double()).square()
-        expected_k = int(torch.searchsorted(torch.cumsum(s2, 0) / s2.sum(), torch.tensor(THRESHOLD, dtype=torch.float64))) + 1
+        cumulative = torch.cumsum(s2, 0) / s2.sum()
+        expected_k = int(torch.searchsorted(cumulative, torch.tensor(THRESHOLD, dtype=torch.float64))) + 1
         assert adapter.config.layer_ranks[layer] == expected_k
     assert any(k < min(model.get_submodule(layer).weight.shape) for layer, k in adapter.config.layer_ranks.items())
 
@@ -183,15 +184,15 @@ def k_of(llama_folder, layer):
     ({"energy_threshold": 1.5}, (), "energy_threshold must be a number between 0 and 1"),
     ({"energy_threshold": True}, (), "energy_threshold must be a number between 0 and 1"),
     ({}, ("energy_threshold",), "energy_threshold must be a number between 0 and 1"),
-    ({"target_modules": ["q_proj", "lm_head"]}, (), "target_modules ['lm_head'] are not target groups of this base model"),
+    ({"target_modules": ["q_proj", "lm_head"]}, (), "target_modules ['lm_head'] are not target groups of this base"),
     ({"target_modules": ["q_proj", "q_proj"]}, (), "target_modules lists ['q_proj'] more than once"),
     ({"target_modules": "q_proj"}, (), "target_modules must be a non-empty list of strings"),
     ({"ranks": [3]}, (), "ranks must map every target layer's full module name to its k"),
     ({"target_modules": ["q_proj", "down_proj", "v_proj"]}, (), "ranks lacks target layers "
                                                                 "['model.layers.0.self_attn.v_proj', "
                                                                 "'model.layers.1.self_attn.v_proj']"),
-    ({"target_modules": ["q_proj"]}, (), "ranks names ['model.layers.0.mlp.down_proj', 'model.layers.1.mlp.down_proj'], "
-                                         "which are not layers of the target groups ['q_proj']"),
+    ({"target_modules": ["q_proj"]}, (), "ranks names ['model.layers.0.mlp.down_proj', "
+                                         "'model.layers.1.mlp.down_proj'], which are not layers of the target groups"),
     ({}, ("basis_checksum",), "basis_checksum (the base model's fingerprint) is required"),
     ({"basis_checksum": "b" * 64}, (), "CERSA file was cut from the base model with checksum bbbbbbbbbbbbbbbb..."),
 ])
@@ -256,3 +257,32 @@ def test_every_problem_is_reported_at_once(llama_folder):
     text = problems(llama_folder, {"basis_checksum": "c" * 64, "energy_threshold": 2},
                     tensor_changes={f"core.{Q0}": torch.zeros(k, 1)})
     assert "cut from the base model with checksum cccc" in text and "energy_threshold must be" in text
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_cli_merge_of_bfloat16_weights_checks_and_writes_u_core_v(tmp_path, device, capsys):
+    """A model loaded in bf16 (a GPU server's default) is not the float32 weights the file was cut from: the energy
+    rule and subspace checks must still pass, on the device the weights sit on, and the merge round only to bf16."""
+    from safetensors.torch import load_file
+
+    from server.cli import main
+
+    model_dir = build_tiny_model(tmp_path / "m", "qwen2", seed=6)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    folder = write_cersa_dir(tmp_path / "c", base, DEFAULT_TARGET_MODULES, THRESHOLD, core_noise=0.2)
+    out = tmp_path / "out"
+    assert main(["merge", "--model", str(model_dir), "--device", device, "--dtype", "bfloat16", "--rank-max", "8",
+                 "--cache-dir", str(tmp_path / "cache"), "--adapter", str(folder), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tensors = load_file(folder / WEIGHTS_FILE)
+    for layer in find_target_linears(base, DEFAULT_TARGET_MODULES):
+        expected = tensors[f"U.{layer}"].double() @ tensors[f"core.{layer}"].double() @ tensors[f"V.{layer}"].double()
+        torch.testing.assert_close(merged.get_submodule(layer).weight.double(), expected, atol=1e-4, rtol=8e-3)
+    untouched = "model.embed_tokens"
+    torch.testing.assert_close(merged.get_submodule(untouched).weight, base.get_submodule(untouched).weight,
+                               atol=0, rtol=8e-3)
