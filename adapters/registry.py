@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 _METHODS: dict = {}
-_BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft", "adapters.methods.cersa")
+_BUILTIN_MODULES = (
+    "adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft", "adapters.methods.cersa")
 
 
 def register_method(cls):
