@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from adapters.registry import UNSERVED_METHODS, get_method, method_for_peft_type, method_names, peft_types
+from adapters.registry import get_method, method_for_peft_type, method_names, peft_types
 from adapters.targets import GroupInfo
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,14 @@ class AdapterExpectation:
     """Largest rank of the per-layer slot stacks (LoRA's A and B, `--max-lora-rank`); 0: none are held."""
     svd_factors: object = field(default=None, compare=False)
     """cache.svd_factors.SvdFactors of the base model's target linears, for PSOFT (None: PSOFT is refused)."""
+    base_weights: dict = field(default=None, compare=False)
+    """Full module name -> the base model's target weight [out, in], given by `pica-serve merge`, which writes
+    separate models (CERSA) out and checks their files against these weights; None (a server): they are refused."""
 
     @classmethod
-    def from_basis(cls, basis, max_layer_rank: int = 0, svd_factors=None) -> "AdapterExpectation":
+    def from_basis(cls, basis, max_layer_rank: int = 0, svd_factors=None, base_weights=None) -> "AdapterExpectation":
         return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind,
-                   max_layer_rank, svd_factors)
+                   max_layer_rank, svd_factors, base_weights)
 
     @property
     def max_weights_bytes(self) -> int:
@@ -111,6 +114,30 @@ class Adapter:
         return get_method(self.config.method).slot_tensors_for(self)
 
 
+def served_method_names() -> list[str]:
+    """The methods a server serves beside its base model (all but the separate-model ones)."""
+    return [m for m in method_names() if not get_method(m).separate_model]
+
+
+def separate_model_named(raw) -> str | None:
+    """The separate-model method (CERSA) a parsed adapter_config.json names as its `method` or `peft_type`, or
+    None."""
+    named = raw.get("method", raw.get("peft_type")) if isinstance(raw, dict) else None
+    if not isinstance(named, str) or named.lower() not in method_names():
+        return None
+    return named.lower() if get_method(named.lower()).separate_model else None
+
+
+def separate_model_refusal(config_bytes: bytes) -> str | None:
+    """Why a server refuses this adapter_config.json outright (it names a separate-model method), or None; lets
+    an upload too large for any adapter still be told what to do with it."""
+    try:
+        named = separate_model_named(json.loads(config_bytes))
+    except (ValueError, RecursionError):
+        return None
+    return None if named is None else get_method(named).separate_model_reason()
+
+
 def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: list[str], warnings: list[str]):
     try:
         raw = json.loads(config_bytes)
@@ -123,16 +150,23 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
     if not isinstance(raw, dict):
         problems.append(f"{CONFIG_FILE} must be a JSON object")
         return None
-    named = raw.get("method", raw.get("peft_type"))
-    if isinstance(named, str) and named.lower() in UNSERVED_METHODS:
-        problems.append(UNSERVED_METHODS[named.lower()])
+    named = separate_model_named(raw)
+    if named is not None and expect.base_weights is None:
+        problems.append(get_method(named).separate_model_reason())
         return None
+    if named is not None and "method" not in raw:
+        problems.append(f"peft_type {str(raw['peft_type'])[:40]!r} names no PEFT folder format: a {named} folder says "
+                        f'"method": "{named}" in this server\'s own format (README)')
+        return None
+    if named is not None:
+        return get_method(named).parse_config(raw, expect, problems, warnings)
     if "peft_type" in raw and "method" not in raw:  # a folder as PEFT's save_pretrained writes it
         method = method_for_peft_type(raw["peft_type"])
         if method is None:
             problems.append(f"PEFT adapter type {str(raw['peft_type'])[:40]!r} is not served; this server serves "
                             f"{peft_types()} from PEFT folders, and "
-                            f"{[m for m in method_names() if get_method(m).peft_type is None]} in its own format")
+                            f"{[m for m in served_method_names() if get_method(m).peft_type is None]} in its own "
+                            "format")
             return None
         return method.parse_peft_config(raw, expect, problems, warnings)
     unknown = sorted(set(raw) - set(KNOWN_KEYS))
@@ -140,7 +174,8 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
         warnings.append(f"{CONFIG_FILE}: ignoring unknown keys {unknown}")
     method = raw.get("method")
     if method not in method_names():
-        problems.append(f"unknown method {method!r}; this server knows {method_names()}")
+        problems.append(f"unknown method {method!r}; this server knows {served_method_names()} (and writes "
+                        f"{[m for m in method_names() if get_method(m).separate_model]} out with `pica-serve merge`)")
     elif get_method(method).peft_type is not None:
         problems.append(f"method {method!r} is read from PEFT folders: upload the folder PEFT's save_pretrained "
                         f"wrote (peft_type {get_method(method).peft_type!r}) as it is")
@@ -221,6 +256,10 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
             elif not torch.isfinite(t).all():
                 problems.append(f"tensor {name} has non-finite values (NaN or inf)")
         problems += method.check_values({n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n)})
+        if method.separate_model:
+            sound = {n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n) and t.dtype in ALLOWED_DTYPES
+                     and bool(torch.isfinite(t).all())}
+            problems += method.check_against_base(config, sound, expect)
     if problems:
         raise AdapterValidationError(problems)
     for w in warnings:

@@ -1,4 +1,5 @@
-"""Dense merge: fold an adapter into the base weights (`W0 + M P` for PiCa) as a plain transformers model.
+"""Dense merge: fold an adapter into the base weights (`W0 + M P` for PiCa; CERSA's `U_k C V_k` in place of W0)
+as a plain transformers model.
 
 Users deploying elsewhere want this; tests use it as the slow reference every fast path must match.
 """
@@ -15,10 +16,10 @@ from adapters.targets import find_target_linears
 
 @torch.no_grad()
 def merge_adapter(model: nn.Module, basis, adapter: Adapter) -> nn.Module:
-    """Add the adapter's dense delta to each target weight of an unwrapped model, in place."""
+    """Fold the adapter into each target weight of an unwrapped model, in place: W0 + delta, or for a
+    separate-model method (CERSA) its own weight U_k C V_k, W0 dropped."""
     method = get_method(adapter.config.method)
     for name, linear in find_target_linears(model, adapter.config.target_modules).items():
-        delta = method.delta_weight_for(adapter, name, basis)  # float32 [out, in]
         weight = linear.weight
-        weight.copy_((weight.to(torch.float32) + delta.to(weight.device)).to(weight.dtype))
+        weight.copy_(method.merged_weight(adapter, name, weight, basis).to(weight.device, weight.dtype))
     return model

@@ -5,15 +5,8 @@ from __future__ import annotations
 import importlib
 
 _METHODS: dict = {}
-_BUILTIN_MODULES = ("adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft")
-
-
-UNSERVED_METHODS = {
-    "cersa": "CERSA keeps only the top singular components of each weight (90-95% of its spectral energy) and "
-             "drops the rest of W0, so its model is not this base model plus a delta: it is not served here "
-             "(there is no public reference code to check a reading against); serve it as its own model",
-}
-"""Methods users may name that this server knows it does not serve, with the reason."""
+_BUILTIN_MODULES = (
+    "adapters.methods.pica", "adapters.methods.lora", "adapters.methods.psoft", "adapters.methods.cersa")
 
 
 def register_method(cls):

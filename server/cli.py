@@ -66,15 +66,20 @@ def cmd_precompute(args) -> int:
     return 0
 
 
-def load_with_adapter(args):
-    """(loaded model, basis, adapter of --adapter), or None after printing why the adapter is refused."""
+def load_with_adapter(args, separate_models: bool = False):
+    """(loaded model, basis, adapter of --adapter), or None after printing why the adapter is refused;
+    separate_models: accept separate-model folders (CERSA), checked against the base weights (merge only)."""
     from adapters.format import AdapterExpectation, AdapterValidationError, load_adapter_dir
     from cache.svd_factors import svd_factors_of
 
     loaded, basis = load_model_and_basis(model_config(args))
+    base_weights = None
+    if separate_models:
+        base_weights = {layer: loaded.model.get_submodule(layer).weight for info in basis.groups.values()
+                        for layer in info.layers}
     try:
         # no slot stacks here (merge, export): a LoRA of any rank is fine
-        expect = AdapterExpectation.from_basis(basis, sys.maxsize, svd_factors_of(loaded.model, basis))
+        expect = AdapterExpectation.from_basis(basis, sys.maxsize, svd_factors_of(loaded.model, basis), base_weights)
         return loaded, basis, load_adapter_dir(args.adapter, expect)
     except AdapterValidationError as exc:
         print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
@@ -83,15 +88,21 @@ def load_with_adapter(args):
 
 def cmd_merge(args) -> int:
     from adapters.merge import merge_adapter
+    from adapters.registry import get_method
 
-    found = load_with_adapter(args)
+    found = load_with_adapter(args, separate_models=True)
     if found is None:
         return 2
     loaded, basis, adapter = found
     merge_adapter(loaded.model, basis, adapter)
     loaded.model.save_pretrained(args.out)
     loaded.tokenizer.save_pretrained(args.out)
-    print(f"merged {args.adapter} into {loaded.name}: {args.out}")
+    if get_method(adapter.config.method).separate_model:
+        ranks = adapter.config.layer_ranks
+        print(f"wrote the {adapter.config.method} model of {args.adapter} ({len(ranks)} layers replaced, k from "
+              f"{min(ranks.values())} to {max(ranks.values())}; the rest of {loaded.name} unchanged): {args.out}")
+    else:
+        print(f"merged {args.adapter} into {loaded.name}: {args.out}")
     return 0
 
 
@@ -404,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="peft-lora", choices=("peft-lora",), help="what to write")
     p.set_defaults(func=cmd_export)
 
-    p = add_command("merge", "write a plain transformers model with an adapter folded in")
+    p = add_command("merge", "write a plain transformers model with an adapter folded in (a CERSA folder: its own "
+                             "model, each target weight U_k C V_k)")
     add_model_args(p)
     p.add_argument("--adapter", type=Path, required=True, help="adapter folder")
     p.add_argument("--out", type=Path, required=True, help="output folder")

@@ -10,6 +10,8 @@ E [out, r], K [r, r] and S [r, in]. Each factor has a scope:
 PiCa: E per group (M), S frozen (P), K per layer and diagonal (signs; identity unless the adapter
 was imported from a basis with other signs). LoRA: S (A) and E (B) per layer, K identity.
 PSOFT: E and S frozen (both SVD factors), K per layer (an r x r orthogonal core).
+CERSA (`separate_model`): the factors are of the whole weight, not a delta (W = U_k C V_k, W0 dropped), all
+three in its file; servers refuse it and merge writes it out (`merged_weight`).
 A method is one module in this folder that subclasses AdapterMethod and registers itself.
 """
 
@@ -54,6 +56,18 @@ class AdapterMethod(ABC):
     factors: ClassVar[Factors]
     peft_type: ClassVar[str | None] = None
     """The `peft_type` of the PEFT folders this method reads unchanged (None: only its own format)."""
+    separate_model: ClassVar[bool] = False
+    """The file is a model of its own, not a delta on W0 (CERSA): servers refuse it, `pica-serve merge` writes it
+    out; its factors are then those of the whole weight, and it reads its own adapter_config.json (parse_config)."""
+
+    def separate_model_reason(self) -> str:
+        """Why a server refuses this separate-model method's files, and what to do with them instead."""
+        return f"{self.name} is a separate model, not a delta on this base model: write it out with `pica-serve merge`"
+
+    def parse_config(self, raw: dict, expect, problems: list[str], warnings: list[str]):
+        """An AdapterConfig from this method's own adapter_config.json (separate-model methods, whose keys are not
+        PiCa's), appending every problem found to `problems`; None when there are any."""
+        raise NotImplementedError(f"{self.name} reads the shared PiCa-style config")
 
     def parse_peft_config(self, raw: dict, expect, problems: list[str], warnings: list[str]):
         """An AdapterConfig from a PEFT adapter_config.json (only methods with a peft_type), appending
@@ -96,6 +110,11 @@ class AdapterMethod(ABC):
         """Problems with tensor values beyond shape, dtype and finiteness (none by default)."""
         return []
 
+    def check_against_base(self, config, tensors: dict[str, torch.Tensor], expect) -> list[str]:
+        """Problems found by reading the base weights (`expect.base_weights`; only separate-model methods, which
+        are given them), over tensors of the right shape and dtype with finite values."""
+        return []
+
     @abstractmethod
     def trained_factor(self, tensors: dict[str, torch.Tensor], part: str, layer: str, group: GroupInfo):
         """The adapter's own factor `part` ('expand', 'core' or 'shrink') of `layer` (a full module name of
@@ -122,6 +141,10 @@ class AdapterMethod(ABC):
     def delta_weight_for(self, adapter, layer: str, basis) -> torch.Tensor:
         """Dense weight delta [out, in] (float32) of one layer of a parsed Adapter."""
         return self.delta_weight(adapter.tensors, layer, basis, adapter.config.r)
+
+    def merged_weight(self, adapter, layer: str, weight: torch.Tensor, basis) -> torch.Tensor:
+        """The layer's weight [out, in] (float32) with the adapter folded in: W0 + delta for every delta method."""
+        return weight.to(torch.float32) + self.delta_weight_for(adapter, layer, basis).to(weight.device)
 
     def slot_tensors(self, tensors: dict[str, torch.Tensor], groups) -> dict[str, torch.Tensor]:
         """What one GPU slot holds for this adapter: `<group>` -> E [out, r], and `signs.<group>` -> the

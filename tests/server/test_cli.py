@@ -195,3 +195,54 @@ def test_merge_of_a_peft_lora_folder_equals_peft_forward(tmp_path, capsys):
         torch.testing.assert_close(merged, peft_model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     assert main(cli_args("export", model_dir, tmp_path, "--adapter", str(folder), "--out", str(tmp_path / "e"))) == 2
     assert "is a PEFT folder already" in capsys.readouterr().err
+
+
+def test_merge_of_a_cersa_folder_writes_its_own_model_which_serves(tmp_path, capsys):
+    """`pica-serve merge` writes U_k C V_k in place of each target weight; the folder serves as a plain model over
+    HTTP, answering greedy requests like the torch reference; the server refuses the CERSA folder itself (400, with
+    the merge command), and so does `pica-serve export`."""
+    from safetensors.torch import load_file
+
+    from adapters.cersa_writer import write_cersa_dir
+    from adapters.targets import find_target_linears
+    from server.config import DEFAULT_TARGET_MODULES
+    from server.http.app import build_app
+    from tests.helpers import app_config
+    from tests.server.live import LiveServer
+    from tests.server.test_http_errors import error_of
+    from tests.server.test_http_generate import PROMPT, native, upload
+
+    model_dir = build_tiny_model(tmp_path / "m", "qwen2", seed=2)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    folder = write_cersa_dir(tmp_path / "cersa", base, DEFAULT_TARGET_MODULES, 0.9, core_noise=0.3, seed=4)
+    root = tmp_path / "srv"
+    out = root / "model"
+    assert main(cli_args("merge", model_dir, tmp_path, "--adapter", str(folder), "--out", str(out))) == 0
+    assert "wrote the cersa model" in capsys.readouterr().out
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    with torch.no_grad():
+        for layer, linear in find_target_linears(base, DEFAULT_TARGET_MODULES).items():
+            linear.weight.copy_((tensors[f"U.{layer}"].double() @ tensors[f"core.{layer}"].double()
+                                 @ tensors[f"V.{layer}"].double()).float())
+        ids = torch.randint(0, 250, (1, 9))
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits,
+                                   base(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+    assert main(cli_args("export", model_dir, tmp_path, "--adapter", str(folder), "--out", str(tmp_path / "e"))) == 2
+    assert "it is a separate model" in capsys.readouterr().err
+
+    with LiveServer(build_app(app_config(root))) as live:
+        err = error_of(upload(live.base_url, "cersa", folder), 400)
+        assert "it is a separate model" in err["message"] and "`pica-serve merge --model BASE" in err["message"]
+        big = bytes(live.state.store.expect.max_weights_bytes + 1)  # a real CERSA file is model-sized
+        response = httpx.post(f"{live.base_url}/v1/adapters", data={"adapter_id": "cersa-big"}, timeout=30, files=[
+            ("files", ("adapter_config.json", (folder / "adapter_config.json").read_bytes())),
+            ("files", ("adapter_model.safetensors", big))])
+        assert "`pica-serve serve --model OUT`" in error_of(response, 400)["message"]
+        tokens = [t for event in native(live, None, stream=True, max_tokens=8) for t in event["token_ids"]]
+        expected = live.state.tokenize(PROMPT)
+        with torch.no_grad():
+            for _ in range(8):
+                expected.append(int(base(input_ids=torch.tensor([expected])).logits[0, -1].argmax()))
+        assert tokens == expected[-8:]

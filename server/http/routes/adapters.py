@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from adapters.archive import ArchiveError, ArchiveTooLarge, unpack_adapter_archive
-from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError
+from adapters.archive import MAX_CONFIG_BYTES, ArchiveError, ArchiveTooLarge, unpack_adapter_archive
+from adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterValidationError, separate_model_refusal
 from adapters.store import AdapterIdError, AdapterInfo, DamagedAdapterError, check_adapter_id
 from server.http.deps import get_state, require_admin_key, require_api_key
 from server.http.errors import APIError, clip
@@ -53,6 +53,10 @@ async def read_files(uploads: dict[str, UploadFile], state: ServerState) -> dict
             raise APIError(400, str(exc), "files") from exc
     weights = uploads.get(WEIGHTS_FILE)
     if weights is not None and weights.size is not None and weights.size > max_weights:
+        config = uploads.get(CONFIG_FILE)
+        refusal = separate_model_refusal(await config.read(MAX_CONFIG_BYTES)) if config is not None else None
+        if refusal is not None:  # a separate model (CERSA) is as large as one: say what to do with it instead
+            raise APIError(400, "invalid adapter: " + refusal, "files")
         raise APIError(413, f"{WEIGHTS_FILE} is {weights.size} bytes, more than this server accepts ({max_weights} bytes)",
                        "files")
     return {name: await upload.read() for name, upload in uploads.items()}
