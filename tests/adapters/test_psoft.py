@@ -25,8 +25,9 @@ PSOFT_KINDS = {
 }
 
 
-def expect_for(cfg, basis, max_lora_rank=8):
-    return AdapterExpectation.from_basis(basis, max_lora_rank, svd_factors_of(load_model(cfg).model, basis))
+def expect_for(cfg, basis, max_psoft_rank=8, max_lora_rank=8):
+    return AdapterExpectation.from_basis(basis, max_lora_rank, svd_factors_of(load_model(cfg).model, basis),
+                                         max_psoft_rank)
 
 
 @pytest.mark.parametrize("kind", sorted(PSOFT_KINDS))
@@ -41,7 +42,8 @@ def test_peft_psoft_served_mixed_with_lora_pica_and_base_matches_peft(world, kin
     pica = make_adapter(tmp_path, basis, r=5, seed=6)
     assert psoft.config.method == "psoft" and psoft.config.r == PSOFT_KINDS[kind]["r"]
 
-    adapted = attach_adapters(load_model(cfg).model, basis, num_slots=4, max_rank=8, max_layer_rank=8)
+    adapted = attach_adapters(load_model(cfg).model, basis, num_slots=4, max_rank=8, max_layer_rank=8,
+                              max_core_rank=8)
     for slot, adapter in ((3, psoft), (1, lora), (0, pica)):
         adapted.slot_stacks.write(slot, adapter.slot_tensors())
     rows = [3, BASE_SLOT, 1, 0, 3]
@@ -78,7 +80,7 @@ def test_psoft_refusals_name_their_reason(world, tmp_path, changes, message):  #
 def test_psoft_rank_above_the_stacks_or_without_svd_is_refused(world, tmp_path):  # noqa: F811
     _, cfg, basis = world
     _, folder = save_peft_adapter(cfg.model, tmp_path / "p", PsoftConfig(**PSOFT_KINDS["neumann"]))
-    with pytest.raises(AdapterValidationError, match="PSOFT rank 6 exceeds this server's --max-lora-rank 4"):
+    with pytest.raises(AdapterValidationError, match="PSOFT rank 6 exceeds this server's --max-psoft-rank 4"):
         load_adapter_dir(folder, expect_for(cfg, basis, 4))
     with pytest.raises(AdapterValidationError, match="PSOFT needs both sides of the base weights' SVD"):
         load_adapter_dir(folder, AdapterExpectation.from_basis(basis, 8))
