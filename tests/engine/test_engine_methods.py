@@ -1,6 +1,7 @@
 """LoRA and PSOFT (PEFT folders) beside PiCa and base requests in the engine's continuous batching, with slot
 churn between methods: each request equals a greedy run alone on its dense merged model (which the adapters'
-tests check against PEFT's own forward). On CUDA the per-layer factors run in lora_gathered, inside CUDA graphs."""
+tests check against PEFT's own forward). On CUDA the per-layer factors run in lora_gathered and PSOFT's cores in
+core_gathered, inside CUDA graphs."""
 
 import random
 
@@ -16,7 +17,7 @@ from tests.helpers import save_peft_adapter
 
 
 def add_peft_adapters(world, tmp_path):
-    expect = AdapterExpectation.from_basis(world.basis, 8, svd_factors_of(world.loaded.model, world.basis))
+    expect = AdapterExpectation.from_basis(world.basis, 8, svd_factors_of(world.loaded.model, world.basis), 8)
     kinds = {
         "lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
         "rslora": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "up_proj"],
@@ -30,7 +31,7 @@ def add_peft_adapters(world, tmp_path):
 
 def run_mixed(world, tmp_path, **engine_kw):
     add_peft_adapters(world, tmp_path)
-    engine = world.engine(max_lora_rank=8, max_gpu_adapters=3, max_num_seqs=8, max_num_batched_tokens=32, **engine_kw)
+    engine = world.engine(max_lora_rank=8, max_psoft_rank=8, max_gpu_adapters=3, max_num_seqs=8, max_num_batched_tokens=32, **engine_kw)
     rng = random.Random(3)
     choices = [None, "lora", "psoft", "a0", "rslora", "a1"]
     reqs = [(f"r{i}", choices[i % len(choices)], [rng.randrange(3, 250) for _ in range(rng.randint(1, 20))],
