@@ -2,7 +2,8 @@
 
 Such a method's delta is `E_l K S_l` with only K (r x r) per adapter and layer. S_l = P_l rides in the base GEMM
 (z = P_l x are its extra columns, the same z PiCa's expand reads), E_l = W0_l P_l^T [out, R] is held once per layer,
-and each slot holds its K's in a stack [S, L, R, R] (zero past the adapter's rank, and in slots of other methods).
+and each slot holds its K's in a stack [S + 1, L, R, R] (zero past the adapter's rank, in slots of other methods,
+and in the last row, slot -1's).
 Per token the op computes w = K[slot, layer] z (tiny: R x R) and then one dense GEMM y += w E_l^T over the step's
 tokens (tokens of other methods have w = 0). Every fast version has a plain-torch reference; tests compare them.
 """
@@ -19,8 +20,9 @@ def core_reference(z: torch.Tensor, y: torch.Tensor, cores: torch.Tensor, layer:
             s = token_slots[t]
             if s == -1: continue                      # base model
             y[t] += expand @ (cores[s, layer] @ z[t])  # the slot's core, then the layer's frozen expand
-    z [T, R] (the first R columns of the layer's z = P x), y [T, out], cores [S, L, R, R], expand [out, R]
-    -> a new y (float32 accumulation, rounded once).
+    z [T, R] (the first R columns of the layer's z = P x), y [T, out], cores [S + 1, L, R, R] (zero past each slot's
+    rank; the last row, which slot -1 indexes, all zeros), expand [out, R] -> a new y (float32 accumulation,
+    rounded once).
     """
     out = y.float().clone()
     for t, s in enumerate(token_slots.tolist()):
@@ -45,10 +47,9 @@ def core_gathered(z: torch.Tensor, y: torch.Tensor, cores: torch.Tensor, layer: 
                   token_slots: torch.Tensor) -> None:
     """core_reference in place on y with device tensors only (each token gathers its slot's K, a batched matmul,
     then one GEMM accumulated into y): no host data, so CUDA graphs capture it and replay it for any slot mapping.
-    The gather reads T * R * R elements, small beside the GEMM's E (out * R) at any step size."""
-    slots = token_slots.clamp_min(0)
-    keep = (token_slots >= 0).to(z.dtype)[:, None, None]  # base tokens add nothing
-    w = torch.bmm(cores[slots, layer], z[:, :, None]) * keep  # [T, R, 1]
+    Base tokens (slot -1) index the stack's last row, kept zero, so they need no mask. The gather reads T * R * R
+    elements, small beside the GEMM's E (out * R) at any step size."""
+    w = torch.bmm(cores[token_slots, layer], z[:, :, None])  # [T, R, 1]
     y.addmm_(w[:, :, 0], expand.T)
 
 

@@ -154,8 +154,8 @@ class SlotStacks:
     """Per-group preallocated adapter M's: group -> [num_slots, out_g, r_max_g], zero-padded, with each
     slot's rank per group (0 where the adapter leaves the group alone) and its per-layer signs
     [num_slots, num_layers_g, r_max_g] (the diagonal core; ones unless the adapter has its own); the
-    per-layer LoRA stacks; and the full cores between frozen factors (PSOFT), group -> [num_slots,
-    num_layers_g, R_g, R_g] with R_g = min(max_core_rank, r_max_g)."""
+    per-layer LoRA stacks; and the full cores between frozen factors (PSOFT), group -> [num_slots + 1,
+    num_layers_g, R_g, R_g] with R_g = min(max_core_rank, r_max_g) (the last row zero, for slot -1)."""
 
     def __init__(self, group_shapes: dict[str, tuple[int, int, int]], num_slots: int, dtype, device,
                  layer_shapes: dict[str, tuple[int, int]] | None = None, max_layer_rank: int = 0,
@@ -164,7 +164,8 @@ class SlotStacks:
         (out_features, in_features), for the per-layer stacks of rank max_layer_rank (none if 0);
         max_core_rank: the core stacks' rank (none if 0; a group's is capped at its r_max, the z it reads)."""
         self.num_slots = num_slots
-        self.cores = {g: torch.zeros(num_slots, num_layers, min(max_core_rank, r), min(max_core_rank, r),
+        # one row past the slots, never written: slot -1 (base) indexes it, so the gathered op needs no mask
+        self.cores = {g: torch.zeros(num_slots + 1, num_layers, min(max_core_rank, r), min(max_core_rank, r),
                                      dtype=dtype, device=device)
                       for g, (_, r, num_layers) in group_shapes.items()} if max_core_rank else {}
         self.core_ranks = {g: [0] * num_slots for g in self.cores}
@@ -227,7 +228,7 @@ class SlotStacks:
         return (self.layer_a[name], self.layer_b[name], self.layer_ranks[name]) if name in self.layer_a else None
 
     def core_of(self, group: str):
-        """(core stack [S, L, R, R], host ranks) of one group, or None where no core stacks are held."""
+        """(core stack [S + 1, L, R, R], host ranks) of one group, or None where no core stacks are held."""
         return (self.cores[group], self.core_ranks[group]) if group in self.cores else None
 
     def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
