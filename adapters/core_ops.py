@@ -53,11 +53,17 @@ def core_gathered(z: torch.Tensor, y: torch.Tensor, cores: torch.Tensor, layer: 
     y.addmm_(w[:, :, 0], expand.T)
 
 
+GATHERED_MAX_TOKENS = 512
+"""Steps up to this many tokens (every decode step CUDA graphs capture, whose buckets stop at max_num_seqs) take
+core_gathered on CUDA; larger ones core_torch, which gathers no [T, R, R] copy of the cores (at R = 256 and 4096
+tokens that would be 0.5 GB per layer). A step being captured always takes core_gathered."""
+
+
 def core(z: torch.Tensor, y: torch.Tensor, cores: torch.Tensor, layer: int, expand: torch.Tensor, ranks: list[int],
          slot_index) -> None:
-    """y [T, out] += E_l K[slot, layer] z for the step's tokens, in place: gathered on CUDA (every step, so a
-    captured graph holds it whichever slots it is replayed with), per slot elsewhere."""
-    if z.is_cuda:
+    """y [T, out] += E_l K[slot, layer] z for the step's tokens, in place: gathered on CUDA for decode-sized steps
+    (so a captured graph holds it whichever slots it is replayed with), per slot for larger ones and elsewhere."""
+    if z.is_cuda and (z.shape[0] <= GATHERED_MAX_TOKENS or torch.cuda.is_current_stream_capturing()):
         core_gathered(z, y, cores, layer, expand, slot_index.token_slots)
     else:
         core_torch(z, y, cores, layer, expand, ranks, slot_index)

@@ -97,7 +97,7 @@ def check_captured(device, dtype=torch.bfloat16):
 
 def main(device: str) -> None:
     for seed, (num_tokens, num_slots, rank_max, out) in enumerate(
-            [(1, 2, 4, 16), (9, 4, 8, 48), (64, 16, 16, 256), (300, 8, 32, 96)]):
+            [(1, 2, 4, 16), (9, 4, 8, 48), (64, 16, 16, 256), (300, 8, 32, 96), (600, 8, 16, 64)]):
         for dtype in (torch.float32, torch.bfloat16):
             check(num_tokens, num_slots, rank_max, out, dtype, device, seed)
             check(num_tokens, num_slots, rank_max, out, dtype, device, seed, fn="gathered")

@@ -28,3 +28,11 @@ def test_cuda_core_op_matches_reference(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_core_op_in_a_graph_replays_with_other_slot_mappings():
     check_captured("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_core_op_of_a_prefill_sized_step_matches_reference():
+    from adapters.core_ops import GATHERED_MAX_TOKENS
+
+    check(GATHERED_MAX_TOKENS + 77, 8, 16, 64, torch.bfloat16, "cuda", seed=5)  # the per-slot path on CUDA
