@@ -81,14 +81,20 @@ class AdapterExpectation:
     """Largest rank of the per-layer slot stacks (LoRA's A and B, `--max-lora-rank`); 0: none are held."""
     svd_factors: object = field(default=None, compare=False)
     """cache.svd_factors.SvdFactors of the base model's target linears, for PSOFT (None: PSOFT is refused)."""
+    max_core_rank: int = 0
+    """Rank of the core stacks between frozen factors (PSOFT's K, `--max-psoft-rank`); 0: none are held."""
+    slot_served: bool = True
+    """False where adapters are merged or exported rather than served from slot stacks: then no stack bounds
+    a rank, and PSOFT's factors need not lie in the basis."""
     base_weights: dict = field(default=None, compare=False)
     """Full module name -> the base model's target weight [out, in], given by `pica-serve merge`, which writes
     separate models (CERSA) out and checks their files against these weights; None (a server): they are refused."""
 
     @classmethod
-    def from_basis(cls, basis, max_layer_rank: int = 0, svd_factors=None, base_weights=None) -> "AdapterExpectation":
+    def from_basis(cls, basis, max_layer_rank: int = 0, svd_factors=None, max_core_rank: int = 0,
+                   slot_served: bool = True, base_weights=None) -> "AdapterExpectation":
         return cls(basis.groups, {g: basis.group_rank(g) for g in basis.groups}, basis.checksum, basis.kind,
-                   max_layer_rank, svd_factors, base_weights)
+                   max_layer_rank, svd_factors, max_core_rank, slot_served, base_weights)
 
     @property
     def max_weights_bytes(self) -> int:

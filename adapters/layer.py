@@ -11,8 +11,11 @@ once per step (-1 = base model) and shared by every layer.
 
 Methods with per-layer factors (LoRA: W0 + B_l A_l) have their own preallocated stacks per layer,
 A [num_slots, R, in] and B [num_slots, out, R] with R = `max_layer_rank` (`--max-lora-rank`; 0 holds
-none): each slot holds one method's tensors and zeros in the others' stacks, so a mixed batch runs
-every token through its own adapter's factors and nothing else.
+none). Methods whose E and S are both frozen (PSOFT: W0 + E_l K_l P_l) hold only K per slot and layer, in
+per-group core stacks [num_slots, num_layers, R, R] with R = `max_core_rank` (`--max-psoft-rank`; 0 holds
+none); E_l = W0_l P_l^T [out, R] is computed once at attach and held by the layer's GEMM, and z = P_l x is
+the GEMM's own extra columns (adapters.core_ops). Each slot holds one method's tensors and zeros in the
+others' stacks, so a mixed batch runs every token through its own adapter's factors and nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.core_ops import core
 from adapters.ops import expand, lora
 from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
@@ -149,13 +153,23 @@ class SlotIndex:
 class SlotStacks:
     """Per-group preallocated adapter M's: group -> [num_slots, out_g, r_max_g], zero-padded, with each
     slot's rank per group (0 where the adapter leaves the group alone) and its per-layer signs
-    [num_slots, num_layers_g, r_max_g] (the diagonal core; ones unless the adapter has its own)."""
+    [num_slots, num_layers_g, r_max_g] (the diagonal core; ones unless the adapter has its own); the
+    per-layer LoRA stacks; and the full cores between frozen factors (PSOFT), group -> [num_slots + 1,
+    num_layers_g, R_g, R_g] with R_g = min(max_core_rank, r_max_g) (the last row zero, for slot -1)."""
 
     def __init__(self, group_shapes: dict[str, tuple[int, int, int]], num_slots: int, dtype, device,
-                 layer_shapes: dict[str, tuple[int, int]] | None = None, max_layer_rank: int = 0):
+                 layer_shapes: dict[str, tuple[int, int]] | None = None, max_layer_rank: int = 0,
+                 max_core_rank: int = 0):
         """group_shapes: group -> (out_features, r_max, num_layers); layer_shapes: full module name ->
-        (out_features, in_features), for the per-layer stacks of rank max_layer_rank (none if 0)."""
+        (out_features, in_features), for the per-layer stacks of rank max_layer_rank (none if 0);
+        max_core_rank: the core stacks' rank (none if 0; a group's is capped at its r_max, the z it reads)."""
         self.num_slots = num_slots
+        # one row past the slots, never written: slot -1 (base) indexes it, so the gathered op needs no mask
+        self.cores = {g: torch.zeros(num_slots + 1, num_layers, min(max_core_rank, r), min(max_core_rank, r),
+                                     dtype=dtype, device=device)
+                      for g, (_, r, num_layers) in group_shapes.items()} if max_core_rank else {}
+        self.core_ranks = {g: [0] * num_slots for g in self.cores}
+        """Group -> each slot's core rank there, on the host (the torch path skips rank 0)."""
         layer_shapes = layer_shapes if max_layer_rank else {}
         self.layer_a = {n: torch.zeros(num_slots, max_layer_rank, i, dtype=dtype, device=device)
                         for n, (_, i) in layer_shapes.items()}
@@ -179,7 +193,8 @@ class SlotStacks:
 
     def write(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
         """Copy an adapter's slot tensors into `slot`: `<group>` -> M [out, r] (groups it does not adapt get
-        rank 0 and zeros), `signs.<group>` -> [num_layers, r] where it has them."""
+        rank 0 and zeros), `signs.<group>` -> [num_layers, r] where it has them, `lora_A.<layer>` and
+        `lora_B.<layer>`, `core.<group>` -> K [num_layers, r, r]; every stack it leaves out is zeroed."""
         for g, stack in self.stacks.items():
             m, signs = tensors.get(g), tensors.get(f"signs.{g}")
             rank = 0 if m is None else m.shape[1]
@@ -200,10 +215,21 @@ class SlotStacks:
                 a_stack[slot, :rank].copy_(a, non_blocking=non_blocking)
                 self.layer_b[name][slot, :, :rank].copy_(b, non_blocking=non_blocking)
             self.layer_ranks[name][slot] = rank
+        for g, core_stack in self.cores.items():  # `core.<group>` -> K [num_layers, r, r]
+            k = tensors.get(f"core.{g}")
+            rank = 0 if k is None else k.shape[-1]
+            core_stack[slot].zero_()
+            if k is not None:
+                core_stack[slot, :, :rank, :rank].copy_(k, non_blocking=non_blocking)
+            self.core_ranks[g][slot] = rank
 
     def per_layer(self, name: str):
         """(A stack, B stack, host ranks) of one layer, or None where no per-layer stacks are held."""
         return (self.layer_a[name], self.layer_b[name], self.layer_ranks[name]) if name in self.layer_a else None
+
+    def core_of(self, group: str):
+        """(core stack [S + 1, L, R, R], host ranks) of one group, or None where no core stacks are held."""
+        return (self.cores[group], self.core_ranks[group]) if group in self.cores else None
 
     def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
@@ -242,10 +268,11 @@ class SharedGemm:
     group of one."""
 
     def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], served: tuple, layer: int,
-                 slot_index: SlotIndex, per_layer: list | None = None):
+                 slot_index: SlotIndex, per_layer: list | None = None, cores: list | None = None):
         """served: (stack, ranks, signs) of the members' groups (SlotStacks.served); layer: the members'
         index in their groups (the row of the signs they read); per_layer: each member's
-        SlotStacks.per_layer (None: no per-layer factors)."""
+        SlotStacks.per_layer (None: no per-layer factors); cores: each member's (core stack, host ranks,
+        E [out, R]) (None: no core stacks)."""
         stack, ranks, signs = served
         first = linears[0].weight
         in_features, rank = first.shape[1], stack.shape[2]
@@ -265,6 +292,7 @@ class SharedGemm:
                 lin.bias = nn.Parameter(self.bias[lo:hi], requires_grad=lin.bias.requires_grad)
         self.stack, self.ranks, self.signs, self.layer, self.slot_index = stack, ranks, signs, layer, slot_index
         self.per_layer = [] if per_layer is None or all(p is None for p in per_layer) else per_layer
+        self.cores = [] if cores is None or all(c is None for c in cores) else cores
         self._x: torch.Tensor | None = None
         self._version = -1
         self._out: torch.Tensor | None = None
@@ -275,10 +303,15 @@ class SharedGemm:
         if x is not self._x or self._version != self.slot_index.version:
             x2 = x.reshape(-1, x.shape[-1])
             if self.slot_index.any_adapter:
-                out = expand(F.linear(x2, self.weight, self.bias), self.stack, self.ranks, self.signs, self.layer,
-                             self.bounds, self.slot_index)
+                y0z = F.linear(x2, self.weight, self.bias)  # [T, num_out + M*R] = [y0 | z]
+                out = expand(y0z, self.stack, self.ranks, self.signs, self.layer, self.bounds, self.slot_index)
                 for m, factors in enumerate(self.per_layer):  # per-layer methods (LoRA): y += B[slot] A[slot] x
                     lora(x2, out[:, self.bounds[m] : self.bounds[m + 1]], *factors, self.slot_index)
+                rank = self.stack.shape[2]
+                for m, (core_stack, core_ranks, e) in enumerate(self.cores):  # PSOFT: y += E K[slot, layer] z
+                    z = y0z[:, self.num_out + m * rank : self.num_out + m * rank + core_stack.shape[-1]]
+                    core(z, out[:, self.bounds[m] : self.bounds[m + 1]], core_stack, self.layer, e, core_ranks,
+                         self.slot_index)
             else:
                 bias = None if self.bias is None else self.bias[: self.num_out]
                 out = F.linear(x2, self.weight[: self.num_out], bias)
@@ -378,18 +411,25 @@ def plan_shared(stacks: SlotStacks, shared: list[list[str]]) -> dict[tuple[str, 
     return plan
 
 
+def frozen_expand(linear: nn.Linear, p: torch.Tensor, rank: int) -> torch.Tensor:
+    """E = W0 P_r^T [out, rank] of one layer, in float32 then the model's dtype: the expand shared by every
+    adapter whose E and S are frozen (PSOFT's U_r S_r up to the rotation Q its load folds into the core)."""
+    weight = linear.weight.detach()
+    return (weight.float() @ p[:rank].to(device=weight.device, dtype=torch.float32).T).to(weight.dtype)
+
+
 @torch.no_grad()
 def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096,
-                    max_layer_rank: int = 0) -> AdaptedModel:
+                    max_layer_rank: int = 0, max_core_rank: int = 0) -> AdaptedModel:
     """Wrap every target linear of `model` in an AdaptedLinear reading shared slot stacks (and per-layer
-    stacks of rank max_layer_rank for LoRA, where it is > 0)."""
+    stacks of rank max_layer_rank for LoRA, core stacks of rank max_core_rank for PSOFT, where > 0)."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     group_rank = {g: min(max_rank, basis.group_rank(g)) for g in basis.groups}
     layer_shapes = {layer: (info.out_features, in_features) for info in basis.groups.values()
                     for layer, in_features in zip(info.layers, info.in_features)}
     stacks = SlotStacks({g: (info.out_features, group_rank[g], len(info.layers)) for g, info in basis.groups.items()},
-                        num_slots, dtype, device, layer_shapes, max_layer_rank)
+                        num_slots, dtype, device, layer_shapes, max_layer_rank, max_core_rank)
     slot_index = SlotIndex(max_tokens, device, stacks.slot_ranks)
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}
@@ -403,8 +443,13 @@ def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_
             layer = {basis.groups[group_of(n)].layers.index(n) for n in names}
             if len(layer) != 1:
                 raise ValueError(f"layers {names} share an input but sit at different depths of their groups")
+            cores = None
+            if stacks.cores:  # each member's core stack and host ranks, and its E = W0 P^T
+                held = [stacks.core_of(group_of(n)) for n in names]
+                cores = [(k, ranks, frozen_expand(linears[n], basis.p[n], k.shape[-1]))
+                         for n, (k, ranks) in zip(names, held)]
             shared = SharedGemm([linears[n] for n in names], bases, served, layer.pop(), slot_index,
-                                [stacks.per_layer(n) for n in names])
+                                [stacks.per_layer(n) for n in names], cores)
             for member, name in enumerate(names):
                 layers[name] = AdaptedLinear(linears[name], shared, member)
                 replace_module(model, name, layers[name])

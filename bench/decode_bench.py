@@ -10,7 +10,7 @@ adapters (r=16, `adapter_names`); the adapter-aware floor (base weights + KV + P
 each distinct adapter's M once per layer, over the measured copy bandwidth); TTFT; adapter activation host->GPU and
 disk->GPU; basis compute vs cache load; peak GPU memory; kernel profiles of the batch-64 steps. With
 --mixed-methods (or --mixed-methods-only), 16 LoRA r=16 + 16 PiCa r=32 + 16 PSOFT r=16 adapters mixed at
-batch 64, and each method alone on the same engine (LoRA stacks held).
+batch 64, and each method alone on the same engine (LoRA and PSOFT stacks held).
 """
 
 from __future__ import annotations
@@ -116,20 +116,15 @@ def random_lora_handle(host, basis, rank: int, seed: int):
     return host.handle_from_tensors(f"lora-{seed}", f"bench-lora-{seed}", tensors)
 
 
-def psoft_shaped_handle(host, model, basis, rank: int, seed: int):
-    """A PSOFT adapter's slot tensors, (R - I) Vh_r and U_r S_r per layer, with the basis's P_r standing in for
-    Vh_r (and W0 P_r^T for U_r S_r: the same pair up to the SVD's signs), so the benchmark needs no SVD of
-    every weight; R random orthogonal. Served cost is what the bench measures: it equals a real PSOFT's."""
+def psoft_shaped_handle(host, basis, rank: int, seed: int):
+    """A PSOFT adapter's slot tensors, `core.<group>` = K' [num_layers, r, r] (R - I with R random orthogonal:
+    what a PSOFT whose SVD agrees with the basis, Q = I, loads to), so the benchmark needs no SVD of every weight.
+    Served cost is what the bench measures: it equals a real PSOFT's (E = W0 P^T and z = P x are the layers')."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for info in basis.groups.values():
-        for layer in info.layers:
-            p = basis.p[layer][:rank].float()
-            q, _ = torch.linalg.qr(torch.randn(rank, rank, generator=gen))
-            core = (q - torch.eye(rank)).to(p.device)
-            tensors[f"lora_A.{layer}"] = (core @ p).to(torch.bfloat16).cpu()
-            weight = model.get_submodule(layer).weight.float()
-            tensors[f"lora_B.{layer}"] = (weight @ p.T).to(torch.bfloat16).cpu()
+    for g, info in basis.groups.items():
+        rot, _ = torch.linalg.qr(torch.randn(len(info.layers), rank, rank, generator=gen))
+        tensors[f"core.{g}"] = (rot - torch.eye(rank)).to(torch.bfloat16)
     return host.handle_from_tensors(f"psoft-{seed}", f"bench-psoft-{seed}", tensors)
 
 
@@ -140,19 +135,19 @@ def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
     by_method = {
         "pica": [host.handle_for(f"p{i}", random_adapter(basis, 32, seed=5000 + i)) for i in range(16)],
         "lora": [random_lora_handle(host, basis, 16, seed=6000 + i) for i in range(16)],
-        "psoft": [psoft_shaped_handle(host, loaded.model, basis, 16, seed=7000 + i) for i in range(16)],
+        "psoft": [psoft_shaped_handle(host, basis, 16, seed=7000 + i) for i in range(16)],
     }
     mixed = [h for triple in zip(*by_method.values()) for h in triple]
-    # after the handles: PSOFT's are made from the plain linears, which the engine wraps
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
                                                 max_model_len=args.prompt_len + args.new_tokens + 64,
-                                                max_gpu_adapters=48, max_rank=32, max_lora_rank=16,
+                                                max_gpu_adapters=48, max_rank=32, max_lora_rank=16, max_psoft_rank=16,
                                                 gpu_memory_utilization=0.85))
     run_batch(engine, mixed[:6], 6, args.prompt_len, 4, seed=-2)  # warm-up
     emit({"system": "pica_engine_mixed_methods", "adapters": 48, "rank": "pica32+lora16+psoft16",
           **run_batch(engine, mixed, batch, args.prompt_len, args.new_tokens, seed=11)})
     for i, (method, handles) in enumerate(by_method.items()):
-        emit({"system": f"pica_engine_{method}_only_lora_stacks_on", "adapters": 16, "rank": 32 if method == "pica" else 16,
+        emit({"system": f"pica_engine_{method}_only_lora_psoft_stacks_on", "adapters": 16,
+              "rank": 32 if method == "pica" else 16,
               **run_batch(engine, handles, batch, args.prompt_len, args.new_tokens, seed=20 + i)})
     release(engine, loaded.model)
     del engine, host, by_method, mixed

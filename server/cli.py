@@ -78,8 +78,9 @@ def load_with_adapter(args, separate_models: bool = False):
         base_weights = {layer: loaded.model.get_submodule(layer).weight for info in basis.groups.values()
                         for layer in info.layers}
     try:
-        # no slot stacks here (merge, export): a LoRA of any rank is fine
-        expect = AdapterExpectation.from_basis(basis, sys.maxsize, svd_factors_of(loaded.model, basis), base_weights)
+        # no slot stacks here (merge, export): a LoRA or PSOFT of any rank is fine
+        expect = AdapterExpectation.from_basis(basis, sys.maxsize, svd_factors_of(loaded.model, basis),
+                                               slot_served=False, base_weights=base_weights)
         return loaded, basis, load_adapter_dir(args.adapter, expect)
     except AdapterValidationError as exc:
         print("\n".join(["adapter refused:"] + [f"  - {p}" for p in exc.problems]), file=sys.stderr)
@@ -176,6 +177,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_host_adapters", "adapters kept in host RAM"),
         ("max_rank", "largest adapter r served (default: --rank-max)"),
         ("max_lora_rank", "largest LoRA rank served from PEFT folders (0: no LoRA; costs GPU slot memory)"),
+        ("max_psoft_rank", "largest PSOFT rank served from PEFT folders (0: no PSOFT; costs r*r per layer and slot)"),
         ("max_queue", "waiting requests before 429"),
     ):
         e.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=help_text)

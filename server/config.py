@@ -103,6 +103,10 @@ class EngineConfig:
     """Largest LoRA rank served: every GPU slot holds per-layer A and B stacks of this rank (memory
     num_slots * max_lora_rank * sum over target layers of (in + out)); 0 serves no LoRA (like vLLM
     without --enable-lora)."""
+    max_psoft_rank: int = 0
+    """Largest PSOFT rank served: every GPU slot holds an R x R core per target layer (num_slots * R^2 * number of
+    target layers), and each target layer holds E = W0 P_R^T [out, R] once (R * sum over target layers of out);
+    0 serves no PSOFT. Capped by the basis rank (--rank-max): PSOFT's frozen factors come from the basis."""
     max_queue: int = 1024
     """Waiting requests accepted before new ones are refused (HTTP 429)."""
     cuda_graphs: bool = True
@@ -117,8 +121,12 @@ class EngineConfig:
         ]
         if not 0 < self.gpu_memory_utilization <= 1:
             problems.append(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_lora_rank < 0:
-            problems.append(f"max_lora_rank must be >= 0, got {self.max_lora_rank}")
+        for name in ("max_lora_rank", "max_psoft_rank"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_rank is not None and self.max_psoft_rank > self.max_rank:
+            problems.append(f"max_psoft_rank {self.max_psoft_rank} exceeds max_rank {self.max_rank}: PSOFT reads the "
+                            "basis columns the base GEMM serves, max_rank of them")
         for name in ("max_model_len", "num_kv_blocks", "max_rank"):
             value = getattr(self, name)
             if value is not None and value < 1:

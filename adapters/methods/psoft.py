@@ -8,8 +8,16 @@ Cayley transform of the skew Q, exact `(I + Q)(I - Q)^-1` or its Neumann series 
 with psoft_orth false, `psoft_R.weight` is R itself [r, r]. The delta is `scaling B (R - I) A`, and scaling
 (psoft_alpha / r) cancels the 1 / scaling inside B. So E = U_r S_r and S = Vh_r are frozen per layer, from
 cache/svd_factors.py (computed only when a PSOFT adapter arrives), and K = R - I [r, r] per adapter and
-layer is computed once at load. It is served through the per-layer slot stacks (--max-lora-rank) as the
-product pair (U_r S_r, (R - I) Vh_r), exact; sharing the frozen factors across adapters is left to later.
+layer is computed once at load.
+
+Served with the frozen factors shared by every adapter, from the basis the base GEMM already serves. With
+A = Vh_r, B = U_r S_r = W0 A^T and the server's basis rows P (cache/basis.py: the same top subspace, other
+signs; its first R rows, R = --max-psoft-rank capped at the group's basis rank), Q = A P^T [r, R] gives
+A = Q P wherever A's rows lie in span(P), so the delta B K A = (W0 P^T) (Q^T K Q) P. Per adapter and layer the
+slot holds only K' = Q^T K Q [R, R] (computed here at load); z = P x comes from the base GEMM and E = W0 P^T
+[out, R] is held once per layer (adapters/layer.py, adapters/core_ops.py). Where A leaves span(P) (singular
+values tied at the cut, or a random basis) that identity fails, and the adapter is refused at load with the
+residual (SUBSPACE_TOLERANCE). Merge needs none of this: it folds in B K A itself.
 """
 
 from __future__ import annotations
@@ -29,6 +37,21 @@ UNSERVED_OPTIONS = {
                        "target linears are",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D weights) is not served: the base model's target layers are nn.Linear",
 }
+
+
+SUBSPACE_TOLERANCE = 1e-2
+"""Largest residual accepted, over a layer's rows, of PEFT's Vh_r against the server's basis: |a - Q_a P| for each
+row a of Vh_r (a unit vector), the sine of its angle to span(P). A matching subspace leaves rounding: about 1e-6
+with a float32 basis, 2e-3 with a bf16 one (a bf16 server's serving copy). Above it the delta served would miss
+that share of the adapter's direction, so the adapter is refused rather than served wrong."""
+
+
+def basis_alignment(vh: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(Q = Vh P^T [r, R] float32, the largest row norm of Vh - Q P) for vh [r, in] and basis rows p [R, in]: Q is
+    a signed permutation (a rotation within tied singular values) when vh's rows lie in span(p)."""
+    vh, p = vh.double(), p.double()
+    q = vh @ p.T
+    return q.float(), float((vh - q @ p).norm(dim=1).max())
 
 
 def tensor_name(layer: str, part: str) -> str:
@@ -103,18 +126,52 @@ class Psoft(AdapterMethod):
             if not unknown:
                 problems.append("the adapter holds no psoft_R tensors")
             return config
-        if config.r > expect.max_layer_rank:
-            problems.append(f"PSOFT rank {config.r} exceeds this server's --max-lora-rank {expect.max_layer_rank} "
-                            f"(PSOFT is served through the per-layer stacks; start it with --max-lora-rank {config.r} "
-                            "or more)")
         groups = tuple(g for g in expect.groups if any(served[layer] == g for layer in layers))
+        options = {**config.peft_options, "svd_factors": expect.svd_factors}
+        if expect.slot_served:
+            options.update(self._served_options(config.r, sorted(layers), groups, expect, problems))
         return replace(config, target_modules=groups, layer_ranks={layer: config.r for layer in sorted(layers)},
-                       layer_scaling={layer: 1.0 for layer in sorted(layers)},
-                       peft_options={**config.peft_options, "svd_factors": expect.svd_factors})
+                       layer_scaling={layer: 1.0 for layer in sorted(layers)}, peft_options=options)
+
+    @staticmethod
+    def _served_options(r: int, layers: list[str], groups: tuple[str, ...], expect, problems: list[str]) -> dict:
+        """Check that the server can serve rank r here and, where the SVD is at hand, express PEFT's A in the
+        server's basis: {"basis_q": layer -> Q [r, R], "layer_index": layer -> (group, index, num_layers)}."""
+        start = len(problems)
+        if r > expect.max_core_rank:
+            problems.append(f"PSOFT rank {r} exceeds this server's --max-psoft-rank {expect.max_core_rank} (each "
+                            f"GPU slot holds PSOFT cores up to that rank; start it with --max-psoft-rank {r} or more)")
+        for g in groups:
+            if r > expect.group_rank[g]:
+                problems.append(f"PSOFT rank {r} exceeds the basis rank {expect.group_rank[g]} of group {g!r} (PSOFT's "
+                                f"frozen factors are served from the basis: start the server with --rank-max {r} or "
+                                "more)")
+        if len(problems) > start or not getattr(expect.svd_factors, "is_local", False):
+            return {}  # a front end without the model: the engine core checks the subspace at its load
+        svd, q_of, worst = expect.svd_factors, {}, []
+        for layer in layers:
+            width = min(expect.max_core_rank, expect.group_rank[group_of(layer)])
+            q_of[layer], residual = basis_alignment(svd.top(layer, r)[1], svd.basis_rows(layer, width))
+            if residual > SUBSPACE_TOLERANCE:
+                worst.append((residual, layer, width))
+        if worst:
+            residual, layer, width = max(worst)
+            problems.append(
+                f"PSOFT's frozen factors leave this server's basis in {len(worst)} of {len(layers)} layers: the top-{r} "
+                f"right singular vectors PEFT takes (Vh_r) are not in the span of the basis's top {width} rows, up to "
+                f"a residual of {residual:.3g} in {layer} (accepted: {SUBSPACE_TOLERANCE:g}); usually singular values "
+                "tied at the rank cut, or a random basis. A larger --max-psoft-rank (up to the basis rank) serves more "
+                "basis rows; `pica-serve merge` folds the adapter in without the basis")
+            return {}
+        index = {}
+        for layer in layers:
+            info = expect.groups[group_of(layer)]
+            index[layer] = (group_of(layer), info.layers.index(layer), len(info.layers))
+        return {"basis_q": q_of, "layer_index": index}
 
     def max_elements(self, expect) -> int:
-        """Bounded by the per-layer stacks' rank, not the basis's."""
-        return sum(math.prod(shape) for shape in self.expected_tensors(expect.max_layer_rank, expect.groups).values())
+        """Bounded by the core stacks' rank, not the basis's."""
+        return sum(math.prod(shape) for shape in self.expected_tensors(expect.max_core_rank, expect.groups).values())
 
     def expected_tensors(self, r: int, groups: dict[str, GroupInfo]) -> dict[str, tuple[int, ...]]:
         return {name: shape for info in groups.values() for layer in info.layers
@@ -166,8 +223,16 @@ class Psoft(AdapterMethod):
         return expand @ shrink
 
     def slot_tensors_for(self, adapter) -> dict[str, torch.Tensor]:
-        """The per-layer stacks' pair: `lora_B.<layer>` = U_r S_r, `lora_A.<layer>` = (R - I) Vh_r."""
+        """The core stacks' `core.<group>` -> K' = Q^T (R - I) Q [num_layers, R, R] per adapted group (zero in the
+        layers it leaves alone), in the server's basis: E = W0 P^T and S = P are the layers' own."""
+        options = adapter.config.peft_options
+        if "basis_q" not in options:
+            raise RuntimeError("this PSOFT adapter was loaded without the server's basis (a merge, or an HTTP front "
+                               "end): only the engine core's load can fill a GPU slot")
         served = {}
-        for layer in adapter.config.layer_ranks:
-            served[f"lora_B.{layer}"], served[f"lora_A.{layer}"] = self._factors(adapter, layer)
+        for layer, q in options["basis_q"].items():
+            group, index, num_layers = options["layer_index"][layer]
+            width = q.shape[1]
+            cores = served.setdefault(f"core.{group}", torch.zeros(num_layers, width, width))
+            cores[index] = q.T @ self.core(adapter, layer) @ q
         return served

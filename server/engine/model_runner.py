@@ -78,7 +78,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.adapted = attach_adapters(
             loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens,
-            cfg.max_lora_rank,
+            cfg.max_lora_rank, cfg.max_psoft_rank,
         )
         self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
         if self.decode_kernels:

@@ -30,7 +30,8 @@ def load_served(config: AppConfig) -> Served:
         device=loaded.device, dtype=loaded.dtype,
     )
     # the SVD factors (PSOFT) read the target linears as loaded, before the engine wraps them
-    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, svd_factors_of(loaded.model, basis))
+    expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, svd_factors_of(loaded.model, basis),
+                                           config.engine.max_psoft_rank)
     store = AdapterStore(config.adapter_dir, expect)
     host_cache = HostCache(store.load, config.engine.max_host_adapters, loaded.dtype, loaded.device.type == "cuda")
     return Served(loaded, basis, store, host_cache)

@@ -279,7 +279,8 @@ def build_split_state(config: AppConfig, metrics: Metrics, on_engine_died=None) 
     try:
         info = ready.basis
         basis = Basis(info.checksum, info.kind, info.rank_max, info.groups, {}, info.source, info.seconds)
-        expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, SvdFactorsInCore())
+        expect = AdapterExpectation.from_basis(basis, config.engine.max_lora_rank, SvdFactorsInCore(),
+                                               config.engine.max_psoft_rank)
         store = AdapterStore(config.adapter_dir, expect)
         provision_adapters(store, config.server.adapters)
     except BaseException:

@@ -25,7 +25,8 @@ def lora_live(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("lora-srv")
     build_tiny_model(root / "model", "llama", seed=11)
     config = app_config(root, engine_process=request.param)
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_lora_rank=8, max_gpu_adapters=4))
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_lora_rank=8, max_psoft_rank=8,
+                                                                    max_gpu_adapters=4))
     with LiveServer(build_app(config)) as server:
         yield server, root
 
