@@ -163,6 +163,10 @@ class SlotStacks:
                         for n, (o, _) in layer_shapes.items()}
         self.layer_ranks = {n: [0] * num_slots for n in layer_shapes}
         """Full module name -> each slot's rank there, on the host (the torch path skips rank 0)."""
+        self._layer_rank_table = torch.zeros(len(layer_shapes), num_slots, dtype=torch.int32, device=device)
+        self.layer_ranks_device = dict(zip(layer_shapes, self._layer_rank_table))
+        """The same ranks on the device, int32 [num_slots] per layer (rows of one table, written by one copy in
+        `write`): the kernels stop each slot's loads at its own rank without reading host data."""
         self.stacks = {
             g: torch.zeros(num_slots, out_features, r, dtype=dtype, device=device)
             for g, (out_features, r, _) in group_shapes.items()
@@ -200,10 +204,15 @@ class SlotStacks:
                 a_stack[slot, :rank].copy_(a, non_blocking=non_blocking)
                 self.layer_b[name][slot, :, :rank].copy_(b, non_blocking=non_blocking)
             self.layer_ranks[name][slot] = rank
+        if self.layer_a:
+            column = torch.tensor([ranks[slot] for ranks in self.layer_ranks.values()], dtype=torch.int32)
+            self._layer_rank_table[:, slot].copy_(column)
 
     def per_layer(self, name: str):
-        """(A stack, B stack, host ranks) of one layer, or None where no per-layer stacks are held."""
-        return (self.layer_a[name], self.layer_b[name], self.layer_ranks[name]) if name in self.layer_a else None
+        """(A stack, B stack, host ranks, device ranks) of one layer, or None where no per-layer stacks are held."""
+        if name not in self.layer_a:
+            return None
+        return self.layer_a[name], self.layer_b[name], self.layer_ranks[name], self.layer_ranks_device[name]
 
     def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
