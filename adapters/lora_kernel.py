@@ -170,7 +170,7 @@ class LoraConfig:
     """Block shapes of the four kernels and how far the shrink splits `in` (defaults: default_lora_config)."""
 
     block_k: int = 128
-    """`in` elements per step of the per-token shrink (the tile shrink steps by 64)."""
+    """`in` elements per step of either shrink (at least 16 for the tile shrink's dots)."""
     block_n: int = 64
     """Output columns per program of either expand."""
     num_warps: int = 4
@@ -182,13 +182,17 @@ class LoraConfig:
     """A fixed split count instead (tests: several splits on a few tokens)."""
 
 
-def default_config(rank: int, per_token: bool) -> LoraConfig:
+def default_config(rank: int, per_token: bool, tile_tokens: int = 16) -> LoraConfig:
     """Per token: K and column blocks of about 8K and 4K elements of A and B per step (R=16: 512 and 256, R=64: 128
-    and 64). Tiles: 128 columns and at most 8 splits (each z partial is a [tile, R] block read by every column block)."""
+    and 64). Tiles: 128 columns (64 from R=128, with 8 warps, to bound the registers of the [tile, R] z and B
+    blocks); decode-sized tiles split `in` up to 8 ways (few tiles, latency-bound), prefill tiles at most 4 (many
+    tiles already, and every column block of a tile reads each partial z)."""
     block_r = max(16, triton.next_power_of_2(rank))
     if per_token:
         return LoraConfig(block_k=max(32, min(512, 8192 // block_r)), block_n=max(32, min(256, 4096 // block_r)))
-    return LoraConfig(block_k=64, block_n=128, programs_per_sm=2, max_splits=8)
+    wide = block_r >= 128
+    return LoraConfig(block_k=64, block_n=64 if wide else 128, num_warps=8 if wide else 4, programs_per_sm=2,
+                      max_splits=8 if tile_tokens <= 16 else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,9 +201,10 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def split_plan(in_features: int, programs: int, block_k: int, cfg: LoraConfig, sms: int) -> tuple[int, int]:
-    """(number of splits, `in` elements per split, a multiple of block_k) for a shrink of `programs` programs
-    before splitting: about cfg.programs_per_sm programs per SM, at most cfg.max_splits, at least block_k each."""
+def split_plan(in_features: int, programs: int, cfg: LoraConfig, sms: int) -> tuple[int, int]:
+    """(number of splits, `in` elements per split, a multiple of cfg.block_k) for a shrink of `programs` programs
+    before splitting: about cfg.programs_per_sm programs per SM, at most cfg.max_splits, a K block at least each."""
+    block_k = cfg.block_k
     k_blocks = triton.cdiv(in_features, block_k)
     want = cfg.splits or triton.cdiv(cfg.programs_per_sm * sms, max(programs, 1))
     splits = max(1, min(want, k_blocks, cfg.splits or cfg.max_splits))
@@ -220,11 +225,11 @@ def lora_grouped(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stac
     if num_tokens == 0 or rank == 0:
         return y
     per_token = groups.per_token
-    cfg = config or default_config(rank, per_token)
+    cfg = config or default_config(rank, per_token, groups.tile_tokens)
     block_r = max(16, triton.next_power_of_2(rank))
     sms = num_sms(x.device)
     if per_token:
-        splits, k_per_split = split_plan(in_features, num_tokens, cfg.block_k, cfg, sms)
+        splits, k_per_split = split_plan(in_features, num_tokens, cfg, sms)
         z = torch.empty(splits, num_tokens, rank, dtype=torch.float32, device=x.device)
         z_rank = torch.empty(num_tokens, dtype=torch.int32, device=x.device)
         slots = groups.token_slots
@@ -234,19 +239,18 @@ def lora_grouped(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stac
         _expand_token_kernel[(num_tokens, triton.cdiv(num_out, cfg.block_n))](
             y, b_stack, slots, z, z_rank, num_out, splits, y.stride(0), b_stack.stride(0), b_stack.stride(1),
             z.stride(0), RANK=rank, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-            BLOCK_S=triton.next_power_of_2(splits), num_warps=cfg.num_warps)
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=cfg.num_warps)  # 2: no size-1 reduction
         return y
     # a graph being captured replays for any slot mapping: its grid (and so its splits) covers the most tiles
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     num_tiles = max(groups.max_tiles(num_tokens, a_stack.shape[0]) if capturing else groups.num_tiles_host, 1)
-    block_k = 64
-    splits, k_per_split = split_plan(in_features, num_tiles, block_k, cfg, sms)
+    splits, k_per_split = split_plan(in_features, num_tiles, cfg, sms)
     z = torch.empty(splits, num_tokens, rank, dtype=torch.float32, device=x.device)
     tiles = (groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot, groups.num_tiles,
              groups.max_tokens - 1)
     _shrink_tile_kernel[(num_tiles, splits)](
         x, a_stack, ranks, *tiles, z, in_features, k_per_split, x.stride(0), a_stack.stride(0), a_stack.stride(1),
-        z.stride(0), RANK=rank, BLOCK_T=groups.tile_tokens, BLOCK_R=block_r, BLOCK_K=block_k,
+        z.stride(0), RANK=rank, BLOCK_T=groups.tile_tokens, BLOCK_R=block_r, BLOCK_K=cfg.block_k,
         PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps)
     _expand_tile_kernel[(num_tiles, triton.cdiv(num_out, cfg.block_n))](
         y, b_stack, ranks, *tiles, z, num_out, splits, y.stride(0), b_stack.stride(0), b_stack.stride(1), z.stride(0),
