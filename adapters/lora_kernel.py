@@ -184,14 +184,17 @@ class LoraConfig:
 
 def default_config(rank: int, per_token: bool, tile_tokens: int = 16) -> LoraConfig:
     """Per token: K and column blocks of about 8K and 4K elements of A and B per step (R=16: 512 and 256, R=64: 128
-    and 64). Tiles: 128 columns (64 from R=128, with 8 warps, to bound the registers of the [tile, R] z and B
-    blocks); decode-sized tiles split `in` up to 8 ways (few tiles, latency-bound), prefill tiles at most 4 (many
-    tiles already, and every column block of a tile reads each partial z)."""
+    and 64). Tiles: K blocks of 64 and 128 columns; decode-sized tiles split `in` up to 8 ways (few tiles,
+    latency-bound), prefill tiles at most 4 (many tiles already, and every column block of a tile reads each
+    partial z). Warps and the R >= 128 blocks keep every kernel within 255 registers without spills on sm_90
+    (ptxas via triton.compile, bf16: 4 warps spill at 64-token tiles and at R=256)."""
     block_r = max(16, triton.next_power_of_2(rank))
-    if per_token:
-        return LoraConfig(block_k=max(32, min(512, 8192 // block_r)), block_n=max(32, min(256, 4096 // block_r)))
     wide = block_r >= 128
-    return LoraConfig(block_k=64, block_n=64 if wide else 128, num_warps=8 if wide else 4, programs_per_sm=2,
+    if per_token:
+        return LoraConfig(block_k=max(32, min(512, 8192 // block_r)), block_n=max(32, min(256, 4096 // block_r)),
+                          num_warps=8 if wide else 4)
+    return LoraConfig(block_k=32 if wide else 64, block_n=64 if wide else 128,
+                      num_warps=8 if wide or tile_tokens > 16 else 4, programs_per_sm=2,
                       max_splits=8 if tile_tokens <= 16 else 4)
 
 

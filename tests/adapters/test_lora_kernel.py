@@ -10,6 +10,16 @@ def test_lora_kernels_match_reference():
     run_kernel_check(Path(__file__).with_name("lora_kernel_check.py"), "lora kernel ok")
 
 
+def test_lora_kernels_compile_for_sm90_without_spills():
+    """The configs lora_grouped picks lower to sm_90 code (ptxas, no GPU needed) and keep every kernel in registers."""
+    pytest.importorskip("triton")
+    from tests.adapters.lora_kernel_compile import compile_all
+
+    rows = compile_all()
+    assert len(rows) == 18
+    assert not [row for row in rows if row["STACK"]], rows
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lora_kernels_on_cuda_llama_shapes_and_graph_replay():
