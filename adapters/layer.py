@@ -12,7 +12,8 @@ once per step (-1 = base model) and shared by every layer.
 Methods with per-layer factors (LoRA: W0 + B_l A_l) have their own preallocated stacks per layer,
 A [num_slots, R, in] and B [num_slots, out, R] with R = `max_layer_rank` (`--max-lora-rank`; 0 holds
 none): each slot holds one method's tensors and zeros in the others' stacks, so a mixed batch runs
-every token through its own adapter's factors and nothing else.
+every token through its own adapter's factors and nothing else; each layer's rank per slot is kept on the
+host and the device (the kernels stop at it, so a slot of another method costs no loads).
 """
 
 from __future__ import annotations
