@@ -167,7 +167,7 @@ def _expand_tile_kernel(y_ptr, b_ptr, ranks_ptr, token_order_ptr, tile_start_ptr
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """Block shapes of the four kernels and how far the shrink splits `in` (defaults: default_lora_config)."""
+    """Block shapes of the four kernels and how far the shrink splits `in` (defaults: default_config)."""
 
     block_k: int = 128
     """`in` elements per step of either shrink (at least 16 for the tile shrink's dots)."""
