@@ -11,11 +11,13 @@ once per step (-1 = base model) and shared by every layer.
 
 Methods with per-layer factors (LoRA: W0 + B_l A_l) have their own preallocated stacks per layer,
 A [num_slots, R, in] and B [num_slots, out, R] with R = `max_layer_rank` (`--max-lora-rank`; 0 holds
-none). Methods whose E and S are both frozen (PSOFT: W0 + E_l K_l P_l) hold only K per slot and layer, in
-per-group core stacks [num_slots, num_layers, R, R] with R = `max_core_rank` (`--max-psoft-rank`; 0 holds
-none); E_l = W0_l P_l^T [out, R] is computed once at attach and held by the layer's GEMM, and z = P_l x is
-the GEMM's own extra columns (adapters.core_ops). Each slot holds one method's tensors and zeros in the
-others' stacks, so a mixed batch runs every token through its own adapter's factors and nothing else.
+none); each layer's rank per slot is kept on the host and the device (the LoRA kernels stop at it, so a slot
+of another method costs no loads). Methods whose E and S are both frozen (PSOFT: W0 + E_l K_l P_l) hold only K
+per slot and layer, in per-group core stacks [num_slots, num_layers, R, R] with R = `max_core_rank`
+(`--max-psoft-rank`; 0 holds none); E_l = W0_l P_l^T [out, R] is computed once at attach and held by the
+layer's GEMM, and z = P_l x is the GEMM's own extra columns (adapters.core_ops). Each slot holds one method's
+tensors and zeros in the others' stacks, so a mixed batch runs every token through its own adapter's factors
+and nothing else.
 """
 
 from __future__ import annotations
@@ -177,6 +179,10 @@ class SlotStacks:
                         for n, (o, _) in layer_shapes.items()}
         self.layer_ranks = {n: [0] * num_slots for n in layer_shapes}
         """Full module name -> each slot's rank there, on the host (the torch path skips rank 0)."""
+        self._layer_rank_table = torch.zeros(len(layer_shapes), num_slots, dtype=torch.int32, device=device)
+        self.layer_ranks_device = dict(zip(layer_shapes, self._layer_rank_table))
+        """The same ranks on the device, int32 [num_slots] per layer (rows of one table, written by one copy in
+        `write`): the kernels stop each slot's loads at its own rank without reading host data."""
         self.stacks = {
             g: torch.zeros(num_slots, out_features, r, dtype=dtype, device=device)
             for g, (out_features, r, _) in group_shapes.items()
@@ -215,6 +221,9 @@ class SlotStacks:
                 a_stack[slot, :rank].copy_(a, non_blocking=non_blocking)
                 self.layer_b[name][slot, :, :rank].copy_(b, non_blocking=non_blocking)
             self.layer_ranks[name][slot] = rank
+        if self.layer_a:
+            column = torch.tensor([ranks[slot] for ranks in self.layer_ranks.values()], dtype=torch.int32)
+            self._layer_rank_table[:, slot].copy_(column)
         for g, core_stack in self.cores.items():  # `core.<group>` -> K [num_layers, r, r]
             k = tensors.get(f"core.{g}")
             rank = 0 if k is None else k.shape[-1]
@@ -224,8 +233,10 @@ class SlotStacks:
             self.core_ranks[g][slot] = rank
 
     def per_layer(self, name: str):
-        """(A stack, B stack, host ranks) of one layer, or None where no per-layer stacks are held."""
-        return (self.layer_a[name], self.layer_b[name], self.layer_ranks[name]) if name in self.layer_a else None
+        """(A stack, B stack, host ranks, device ranks) of one layer, or None where no per-layer stacks are held."""
+        if name not in self.layer_a:
+            return None
+        return self.layer_a[name], self.layer_b[name], self.layer_ranks[name], self.layer_ranks_device[name]
 
     def core_of(self, group: str):
         """(core stack [S + 1, L, R, R], host ranks) of one group, or None where no core stacks are held."""

@@ -64,6 +64,7 @@ def expand(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: t
 
 try:  # Triton is only needed (and usually only installed) where CUDA is
     from adapters.expand_kernel import expand_grouped
+    from adapters.lora_kernel import lora_grouped
 
     KERNELS_AVAILABLE = True
 except ImportError:  # pragma: no cover - depends on the machine
@@ -101,9 +102,9 @@ def lora_torch(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack:
 
 def lora_gathered(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
                   token_slots: torch.Tensor) -> None:
-    """lora_reference in place on y with device tensors only (each token gathers its slot's A and B, two
-    batched matmuls): no host data, so CUDA graphs capture it and replay it for any slot mapping. It reads
-    T * R * (in + out) elements, fine at decode sizes; prefill-sized steps take lora_torch."""
+    """lora_reference in place on y with device tensors only (each token gathers its slot's whole A and B, two
+    batched matmuls): the GPU reference the Triton kernels (adapters.lora_kernel) are benchmarked against, and
+    the CUDA path where Triton is missing. It reads T * R * (in + out) elements whatever the slots' ranks."""
     slots = token_slots.clamp_min(0)
     keep = (token_slots >= 0).to(x.dtype)[:, None, None]  # base tokens add nothing
     z = torch.bmm(a_stack[slots], x[:, :, None]) * keep  # [T, R, 1]
@@ -111,14 +112,18 @@ def lora_gathered(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_sta
 
 
 GATHERED_MAX_TOKENS = 512
-"""Steps up to this many tokens take lora_gathered on CUDA (every decode step CUDA graphs capture: the
-buckets stop at max_num_seqs); larger ones lora_torch."""
+"""Without Triton, steps up to this many tokens take lora_gathered on CUDA (every decode step CUDA graphs
+capture: the buckets stop at max_num_seqs); larger ones lora_torch."""
 
 
 def lora(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, ranks: list[int],
-         slot_index) -> None:
-    """y [T, out] += B[slot] (A[slot] x) for the step's tokens, in place."""
-    if x.is_cuda and x.shape[0] <= GATHERED_MAX_TOKENS:
+         device_ranks: torch.Tensor, slot_index) -> None:
+    """y [T, out] += B[slot] (A[slot] x) for the step's tokens, in place: the Triton kernels on CUDA (every step
+    size, graph-safe; device_ranks [S] int32 stop each slot's loads at its rank), lora_torch elsewhere (host
+    ranks skip slots of rank 0)."""
+    if x.is_cuda and KERNELS_AVAILABLE:
+        lora_grouped(x, y, a_stack, b_stack, device_ranks, slot_index)
+    elif x.is_cuda and x.shape[0] <= GATHERED_MAX_TOKENS:
         lora_gathered(x, y, a_stack, b_stack, slot_index.token_slots)
     else:
         lora_torch(x, y, a_stack, b_stack, ranks, slot_index)

@@ -1,6 +1,8 @@
-"""Per-layer GPU micro-benchmarks: adapted blocks (base vs adapter path), expand configs, basis routes.
+"""Per-layer GPU micro-benchmarks: adapted blocks (base vs adapter path), expand configs, LoRA's per-layer
+factors (the gathered torch path vs the Triton kernels), basis routes.
 
     python bench/kernels_bench.py --out bench/results/kernels-h200.json [--tune adapters/expand_configs.json]
+    python bench/kernels_bench.py --out bench/results/kernels-lora-h200.json --lora-only --skip-basis
 
 Timings are medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), as the engine runs
 decode steps, so Python launch costs stay out.
@@ -24,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.expand_kernel import ExpandConfig, config_key, expand_grouped  # noqa: E402
 from adapters.layer import SharedGemm, SlotIndex, SlotStacks  # noqa: E402
-from adapters.ops import expand_reference  # noqa: E402
+from adapters.lora_kernel import lora_grouped  # noqa: E402
+from adapters.ops import expand_reference, lora_gathered, lora_torch  # noqa: E402
 from cache.basis import principal_basis  # noqa: E402
 
 
@@ -131,6 +134,64 @@ def tune_expand(ranks=(32, 256), tokens=64):
     return rows, table
 
 
+LORA_LAYERS = {"q": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
+"""Llama-3-8B's per-layer shapes (in, out) for the LoRA rows (k and v share a shape, so do gate and up)."""
+
+
+def lora_row(tokens, layer, rank, num_adapters, num_slots=64, lora_rank=None, dtype=torch.bfloat16, dev="cuda"):
+    """One layer's `y += B[slot] A[slot] x` on `tokens` tokens spread round-robin over num_adapters slots: the
+    gathered torch path (the GPU path before the kernels), the kernels in each form and in the one SlotIndex picks,
+    and for prefill the per-slot torch matmuls. lora_rank=0 fills the slots with adapters of no per-layer factors
+    (PiCa slots with the LoRA stacks on: every op still runs, only the kernels skip the work)."""
+    in_features, out_features = LORA_LAYERS[layer]
+    lora_rank = rank if lora_rank is None else lora_rank
+    gen = torch.Generator().manual_seed(0)
+    stacks = SlotStacks({}, num_slots, dtype, dev, {"l": (out_features, in_features)}, rank)
+    for slot in range(num_adapters):
+        stacks.write(slot, {} if not lora_rank else {
+            "lora_A.l": (torch.randn(lora_rank, in_features, generator=gen) / in_features**0.5).to(dtype),
+            "lora_B.l": (torch.randn(out_features, lora_rank, generator=gen) * 0.02).to(dtype)})
+    a_stack, b_stack, host_ranks, ranks = stacks.per_layer("l")
+    slots = [i % num_adapters for i in range(tokens)]
+    index = SlotIndex(max(tokens, 16), dev)
+    index.set(slots)
+    picked = "per_token" if index.per_token else "tiles"
+    x = torch.randn(tokens, in_features, generator=gen).to(dev, dtype)
+    y = (torch.randn(tokens, out_features, generator=gen) * 0.1).to(dev, dtype)
+    ref = y.float().clone()
+    lora_torch(x.float(), ref, a_stack.float(), b_stack.float(), host_ranks, index)
+    got = y.clone()
+    lora_grouped(x, got, a_stack, b_stack, ranks, index)
+    distinct = min(num_adapters, tokens)
+    ab_bytes = distinct * lora_rank * (in_features + out_features) * x.element_size()
+    row = {"tokens": tokens, "layer": layer, "in": in_features, "out": out_features, "stack_rank": rank,
+           "lora_rank": lora_rank, "num_adapters": num_adapters, "picked": picked,
+           "rel_err_vs_fp32": float((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)),
+           "max_abs_err_vs_fp32": float((got.float() - ref).abs().max())}
+    work = y.clone()
+    row["gathered_us"] = bench(lambda: lora_gathered(x, work, a_stack, b_stack, index.token_slots))
+    if tokens > 256:
+        row["torch_grouped_us"] = bench(lambda: lora_torch(x, work, a_stack, b_stack, host_ranks, index), graph=False)
+    for form in ("tiles", "per_token"):
+        index.set(slots, per_token=form == "per_token")
+        row[f"kernel_{form}_us"] = bench(lambda: lora_grouped(x, work, a_stack, b_stack, ranks, index))
+    row["kernel_us"] = row[f"kernel_{picked}_us"]
+    row["speedup_vs_gathered"] = row["gathered_us"] / row["kernel_us"]
+    row["kernel_GBps_on_AB"] = ab_bytes / (row["kernel_us"] * 1e-6) / 1e9
+    print("lora", json.dumps(row), flush=True)
+    return row
+
+
+def lora_rows():
+    """Decode (64 tokens over 8 and 64 slots, r=16 and 64), prefill (2048 tokens over 8 slots), and a decode step
+    whose slots hold no LoRA (16 PiCa adapters with --max-lora-rank 16)."""
+    rows = [lora_row(64, layer, rank, adapters) for rank, adapters, layer in
+            itertools.product((16, 64), (8, 64), LORA_LAYERS)]
+    rows += [lora_row(2048, layer, rank, 8) for rank, layer in itertools.product((16, 64), LORA_LAYERS)]
+    rows += [lora_row(64, layer, 16, 16, lora_rank=0) for layer in LORA_LAYERS]
+    return rows
+
+
 def basis_routes():
     rows = []
     for out_features, in_features in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
@@ -164,17 +225,20 @@ def main():
     parser.add_argument("--tune", type=Path, help="time the expand configs on the decode shapes and write the best per "
                         "shape for this device into this file (merged into what it holds; adapters/expand_configs.json "
                         "is the committed one)")
-    parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the block timings")
+    parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the block and LoRA timings")
+    parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "ceilings": device_ceilings()}
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
-    for rank, adapters in (() if args.tune_only else ((32, 8), (256, 64))):
+    for rank, adapters in (() if args.tune_only or args.lora_only else ((32, 8), (256, 64))):
         for in_features, outs in ((4096, qkv), (4096, (4096,)), (4096, gate_up), (14336, (4096,))):
             report["blocks"].append(adapted_block(64, in_features, outs, rank, adapters, 64))
-    if not args.tune_only:
+    if not (args.tune_only or args.lora_only):
         report["blocks"].append(adapted_block(2048, 4096, qkv, 256, 16, 16))  # a prefill chunk
+    if not args.tune_only:
+        report["lora"] = lora_rows()
     if args.tune:
         report["tune"], table = tune_expand()
         tuned = json.loads(args.tune.read_text()) if args.tune.exists() else {}
@@ -190,6 +254,11 @@ def main():
             "expand_us", "adapter_path_us", "adapter_overhead_us", "expand_GBps_on_M", "rel_err_vs_fp32_reference"]
     print(" | ".join(c.replace("_us", "") for c in cols))
     for row in report["blocks"]:
+        print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols))
+    cols = ["tokens", "layer", "lora_rank", "num_adapters", "picked", "gathered_us", "kernel_tiles_us",
+            "kernel_per_token_us", "speedup_vs_gathered", "kernel_GBps_on_AB", "rel_err_vs_fp32"]
+    print(" | ".join(c.replace("_us", "") for c in cols))
+    for row in report.get("lora", []):
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols))
     for row in report.get("basis", []):
         print(row)

@@ -215,12 +215,13 @@ def test_lora_ops_on_cuda_match_reference(dtype, tol):
         a_stack[s, r:] = 0
         b_stack[s, :, r:] = 0
     slot_index = SlotIndex(1024, "cuda")
-    for num_tokens in (1, 7, 64, 600):  # decode sizes (gathered) and a prefill-sized step (grouped torch)
+    device_ranks = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    for num_tokens in (1, 7, 64, 600):  # decode sizes (per-token or tile kernels) and a prefill-sized step (tiles)
         slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
         slot_index.set(slots)
         x = torch.randn(num_tokens, d_in, generator=gen).to(dtype)
         y = torch.randn(num_tokens, d_out, generator=gen).to(dtype)
         expected = lora_reference(x, y, a_stack, b_stack, torch.tensor(slots))
         out = y.cuda()
-        lora(x.cuda(), out, a_stack.cuda(), b_stack.cuda(), ranks, slot_index)
+        lora(x.cuda(), out, a_stack.cuda(), b_stack.cuda(), ranks, device_ranks, slot_index)
         torch.testing.assert_close(out.cpu().float(), expected.float(), atol=tol, rtol=tol)

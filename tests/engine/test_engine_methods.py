@@ -1,7 +1,7 @@
 """LoRA and PSOFT (PEFT folders) beside PiCa and base requests in the engine's continuous batching, with slot
 churn between methods: each request equals a greedy run alone on its dense merged model (which the adapters'
-tests check against PEFT's own forward). On CUDA the per-layer factors run in lora_gathered and PSOFT's cores in
-core_gathered, inside CUDA graphs."""
+tests check against PEFT's own forward). On CUDA the per-layer factors run in the Triton kernels
+(adapters/lora_kernel.py) and PSOFT's cores in core_gathered, inside CUDA graphs."""
 
 import random
 
