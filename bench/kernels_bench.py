@@ -226,6 +226,7 @@ def main():
                         "shape for this device into this file (merged into what it holds; adapters/expand_configs.json "
                         "is the committed one)")
     parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the block and LoRA timings")
+    parser.add_argument("--tune-ranks", default="32,256", help="with --tune: the ranks to time (others keep their entries)")
     parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -240,7 +241,7 @@ def main():
     if not args.tune_only:
         report["lora"] = lora_rows()
     if args.tune:
-        report["tune"], table = tune_expand()
+        report["tune"], table = tune_expand(tuple(int(r) for r in args.tune_ranks.split(",")))
         tuned = json.loads(args.tune.read_text()) if args.tune.exists() else {}
         tuned.setdefault(report["device"], {}).update(table)
         args.tune.parent.mkdir(parents=True, exist_ok=True)
