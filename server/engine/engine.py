@@ -303,7 +303,8 @@ class Engine:
     def _may_finish(self, seq: Sequence) -> bool:
         """Could finish on the token in flight (EOS, a stop token id, a stop string checked here)."""
         params = seq.params
-        return (self._will_finish(seq) or bool(params.stop_token_ids) or (not params.ignore_eos and bool(self.limits.eos_token_ids))
+        return (self._will_finish(seq) or bool(params.stop_token_ids)
+                or (not params.ignore_eos and bool(self.limits.eos_token_ids))
                 or (seq.detokenizer is not None and bool(params.stop)))
 
     def _finish(self, done: "_Launched"):

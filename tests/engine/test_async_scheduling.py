@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 import pytest
+import torch
 
 from server.engine.sampling import SamplingParams
 
@@ -73,7 +74,8 @@ def mixed_script(world, seed: int, num_requests: int, last_arrival: int, abort_s
         rid = f"r{i}"
         arrival = rng.randint(0, last_arrival)
         prompt = [rng.randrange(3, 250) for _ in range(rng.randint(1, 40))]
-        script.setdefault(arrival, []).append(("add", rid, prompt, random_params(rng), world.handle(choices[i % len(choices)])))
+        handle = world.handle(choices[i % len(choices)])
+        script.setdefault(arrival, []).append(("add", rid, prompt, random_params(rng), handle))
         if rng.random() < abort_share:
             script.setdefault(arrival + rng.randint(1, 12), []).append(("abort", rid))
             aborted.add(rid)
@@ -162,7 +164,9 @@ def test_lookahead_runs_while_requests_wait_behind_a_full_batch(world_factory):
                    world.handle(None if i % 2 else "a0")) for i in range(7)]}
     sync, fast, engine, sync_stats, fast_stats = both(world, script, max_num_seqs=2, max_num_batched_tokens=32)
     assert_same(sync, fast)
-    steps = lambda stats: [(s.batch_size, s.num_prefill_tokens, s.num_decode_tokens, s.num_waiting) for s in stats]  # noqa: E731
+    def steps(stats):
+        return [(s.batch_size, s.num_prefill_tokens, s.num_decode_tokens, s.num_waiting) for s in stats]
+
     assert steps(sync_stats) == steps(fast_stats)
     assert engine.num_lookahead_steps > len(fast_stats) // 2
 
@@ -180,7 +184,8 @@ def test_a_finished_requests_wasted_lookahead_token_is_dropped(world_factory):
                   ("add", "long", [9, 8], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True), None)]}
     sync, fast, engine, sync_stats, fast_stats = both(world, script, eos=[eos])
     assert_same(sync, fast)
-    assert fast["x"]["finish"] == "stop" and fast["x"]["tokens"] == ref_got["x"]["tokens"][: ref_got["x"]["tokens"].index(eos) + 1]
+    ref_tokens = ref_got["x"]["tokens"]
+    assert fast["x"]["finish"] == "stop" and fast["x"]["tokens"] == ref_tokens[: ref_tokens.index(eos) + 1]
     # the async engine ran one more row than the synchronous one: the dropped token
     assert sum(s.batch_size for s in fast_stats) == sum(s.batch_size for s in sync_stats) + 1
 
@@ -189,3 +194,49 @@ def test_async_scheduling_defaults_off_on_cpu(world_factory):
     world = world_factory(num_adapters=0)
     assert world.engine().async_scheduling is False
     assert world.engine(async_scheduling=True).async_scheduling is True
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cuda_async_equals_sync_on_a_mixed_workload(world_factory, cuda_graphs, seed):
+    """fp32, so that the wasted rows (a batch one row larger) cannot move a greedy argmax."""
+    world = world_factory(num_adapters=5, device="cuda", dtype="float32")
+    script, aborted = mixed_script(world, seed, num_requests=40, last_arrival=30, abort_share=0.15)
+    eos = random.Random(seed).sample(range(3, 250), 6)
+    sync, fast, engine, _, fast_stats = both(world, script, eos=eos, max_num_seqs=12, max_num_batched_tokens=32,
+                                             max_gpu_adapters=3, cuda_graphs=cuda_graphs)
+    assert (engine.runner.graphs is not None) == cuda_graphs and engine.runner.decode_kernels
+    assert_same(sync, fast, aborted)
+    assert engine.num_lookahead_steps > 10
+    decode = [s for s in fast_stats if s.batch_size and not s.num_prefill_tokens]
+    assert decode and all(s.gpu_seconds > 0 for s in decode)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_cuda_bf16_async_steps_are_the_sync_steps(world_factory, cuda_graphs):
+    """Nothing finishes but by length: the async schedule is the synchronous one step for step, so even in bf16
+    (where what shares a batch moves the numerics) tokens and logprobs are bit for bit the same."""
+    world = world_factory(num_adapters=4, device="cuda", dtype="bfloat16")
+    rng = random.Random(6)
+    choices = [None] + sorted(world.adapters)
+    script = {0: [("add", f"r{i}", [rng.randrange(3, 250) for _ in range(rng.randint(1, 30))],
+                   SamplingParams(max_tokens=rng.randint(4, 24), temperature=0 if i % 3 else 0.9, seed=i,
+                                  ignore_eos=True, logprobs=2 if i % 4 == 0 else None),
+                   world.handle(choices[i % len(choices)])) for i in range(40)]}
+    sync, fast, engine, sync_stats, fast_stats = both(world, script, max_num_seqs=16, max_num_batched_tokens=64,
+                                                      max_gpu_adapters=4, cuda_graphs=cuda_graphs)
+    def steps(stats):
+        return [(s.batch_size, s.num_prefill_tokens, s.num_decode_tokens) for s in stats]
+
+    assert steps(sync_stats) == steps(fast_stats)
+    for rid in sync:
+        assert sync[rid]["tokens"] == fast[rid]["tokens"], rid
+        assert [lp.logprob for lp in sync[rid]["logprobs"]] == [lp.logprob for lp in fast[rid]["logprobs"]], rid
+    assert engine.num_lookahead_steps > len(fast_stats) // 2
