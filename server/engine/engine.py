@@ -177,7 +177,16 @@ class Engine:
         self.scheduler.finish(seq, finish_reason)
         self.runner.sampler.forget(request_id)
         self._aborted.append(FinishedRequest.of(seq, time.monotonic()))
+        self._drop_dead_inflight()
         return True
+
+    def _drop_dead_inflight(self) -> None:
+        """Forget a lookahead step whose every row belongs to a finished request: nothing would read it. Its
+        staging buffers and pinned copies are guarded by events, its KV writes precede any later step's."""
+        if self._inflight is not None and all(seq.is_finished for seq in self._inflight.sampling):
+            self._inflight = None
+            if not self.has_work:
+                self._last_end_event = self._last_step_end = None
 
     def drop_adapter(self, adapter_id: str) -> None:
         """A deleted adapter leaves the GPU slots it does not hold pinned; running requests finish."""
@@ -225,6 +234,7 @@ class Engine:
         if on_launched is not None and done.sampled is not None:
             on_launched()
         outputs, ttft, itl, finished = self._finish(done)
+        self._drop_dead_inflight()
         end = time.perf_counter()
         self._last_step_end = end if self.has_work else None
         if not self.has_work:
