@@ -58,5 +58,6 @@ def test_core_process_matches_the_dense_oracle(tmp_path, model_config_for, devic
     for (request_id, adapter_id, prompt, max_tokens), tokens in zip(jobs, got):
         assert tokens == oracle.greedy(adapter_id, prompt, max_tokens), (request_id, adapter_id)
     decode = [s for s in stats if s.batch_size and not s.num_prefill_tokens]
-    assert decode and all(s.host_seconds > 0 for s in decode)
+    # on CUDA a lookahead step's idle time before it can be 0 (queued before the step ahead of it ended)
+    assert decode and all(s.host_seconds > 0 if device == "cpu" else s.host_seconds >= 0 for s in decode)
     assert all((s.gpu_seconds > 0) == (device == "cuda") for s in decode)
