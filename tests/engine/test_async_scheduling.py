@@ -82,6 +82,39 @@ def mixed_script(world, seed: int, num_requests: int, last_arrival: int, abort_s
     return script, aborted
 
 
+def with_stops_that_hit(world, script, aborted, **engine_kw):
+    """The script with stop strings, stop token ids and EOS taken from the middle of each request's own output in a
+    first run with none (each kind on a quarter of the requests, the last quarter ends by length), so that every
+    way of ending occurs; returns (script, eos ids, the kind each request got)."""
+    plain = {call: [(a[0], a[1], a[2], dataclasses.replace(a[3], stop=(), stop_token_ids=(), ignore_eos=True), a[4])
+                    if a[0] == "add" else a for a in actions] for call, actions in script.items()}
+    first, _ = drive(world.engine(async_scheduling=False, **engine_kw), plain)
+    eos, kinds, rng = set(), {}, random.Random(len(first))
+    for i, rid in enumerate(sorted(first, key=lambda r: int(r[1:]))):
+        tokens, text = first[rid]["tokens"], first[rid]["text"]
+        kinds[rid] = ["stop_str", "stop_id", "eos", "length"][i % 4] if rid not in aborted and len(tokens) > 3 else "length"
+        if kinds[rid] == "stop_str" and len(text) < 4:
+            kinds[rid] = "length"
+        if kinds[rid] == "eos":
+            eos.add(tokens[rng.randrange(1, len(tokens) - 1)])
+    eos_free = {rid for rid in first if kinds[rid] != "eos"}
+
+    def params_for(rid, params):
+        tokens, text = first[rid]["tokens"], first[rid]["text"]
+        kind = kinds[rid]
+        if kind == "stop_str":
+            k = rng.randrange(1, len(text) - 2)
+            return dataclasses.replace(params, stop=(text[k : k + 2], "never there"), stop_token_ids=(), ignore_eos=True)
+        if kind == "stop_id":
+            return dataclasses.replace(params, stop=(), stop_token_ids=(tokens[rng.randrange(1, len(tokens) - 1)],),
+                                       ignore_eos=True)
+        return dataclasses.replace(params, stop=(), stop_token_ids=(), ignore_eos=rid in eos_free)
+
+    stopped = {call: [(a[0], a[1], a[2], params_for(a[1], a[3]), a[4]) if a[0] == "add" else a for a in actions]
+               for call, actions in plain.items()}
+    return stopped, eos, kinds
+
+
 def both(world, script, eos=None, **engine_kw):
     """The script on a synchronous and on an async engine: (sync results, async results, async engine, stats)."""
     runs = []
@@ -116,13 +149,14 @@ def assert_same(sync: dict, fast: dict, aborted=frozenset()) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_async_equals_sync_on_a_mixed_workload(world_factory, seed):
     world = world_factory(num_adapters=5)
-    script, aborted = mixed_script(world, seed, num_requests=28, last_arrival=30, abort_share=0.15)
-    eos = random.Random(seed).sample(range(3, 250), 6)
-    sync, fast, engine, _, _ = both(world, script, eos=eos, max_num_seqs=6, max_num_batched_tokens=16,
-                                    max_gpu_adapters=2)
+    limits = dict(max_num_seqs=10, max_num_batched_tokens=16, max_gpu_adapters=2)
+    script, aborted = mixed_script(world, seed, num_requests=28, last_arrival=80, abort_share=0.15)
+    script, eos, kinds = with_stops_that_hit(world, script, aborted, **limits)
+    sync, fast, engine, _, _ = both(world, script, eos=eos, **limits)
     assert_same(sync, fast, aborted)
-    finishes = {r["finish"] for r in sync.values()}
-    assert {"stop", "length"} <= finishes, finishes  # EOS / stop ids / stop strings and lengths all occurred
+    ended = {kinds[rid] for rid, r in sync.items() if r["finish"] == "stop"}
+    assert ended == {"stop_str", "stop_id", "eos"}, ended  # each way of stopping early occurred
+    assert any(r["finish"] == "length" for r in sync.values())
     assert engine.slots.stats.evictions > 0, "slot churn: loads happened between lookahead steps"
     assert engine.num_lookahead_steps > 10, engine.num_lookahead_steps
 
@@ -206,10 +240,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_async_equals_sync_on_a_mixed_workload(world_factory, cuda_graphs, seed):
     """fp32, so that the wasted rows (a batch one row larger) cannot move a greedy argmax."""
     world = world_factory(num_adapters=5, device="cuda", dtype="float32")
-    script, aborted = mixed_script(world, seed, num_requests=40, last_arrival=30, abort_share=0.15)
-    eos = random.Random(seed).sample(range(3, 250), 6)
-    sync, fast, engine, _, fast_stats = both(world, script, eos=eos, max_num_seqs=12, max_num_batched_tokens=32,
-                                             max_gpu_adapters=3, cuda_graphs=cuda_graphs)
+    limits = dict(max_num_seqs=12, max_num_batched_tokens=32, max_gpu_adapters=3, cuda_graphs=cuda_graphs)
+    script, aborted = mixed_script(world, seed, num_requests=40, last_arrival=100, abort_share=0.15)
+    script, eos, _ = with_stops_that_hit(world, script, aborted, **limits)
+    sync, fast, engine, _, fast_stats = both(world, script, eos=eos, **limits)
     assert (engine.runner.graphs is not None) == cuda_graphs and engine.runner.decode_kernels
     assert_same(sync, fast, aborted)
     assert engine.num_lookahead_steps > 10
