@@ -8,8 +8,8 @@ between CUDA events: the target is < 1 ms at batch 64 on the H200) beside the me
 how many steps the async engine launched ahead. Requests ignore EOS and all stop by length, so the async
 engine runs the synchronous engine's steps exactly and their tokens must be bit for bit the same (bf16, CUDA
 graphs on); a second workload whose requests end on random stop token ids, arriving in waves, reports the
-same numbers with the lookahead's fallbacks and wasted rows (its tokens may differ where bf16 numerics move
-with what shares a batch). Exits 1 if the first workload's tokens differ.
+same numbers with the lookahead's fallbacks (arrivals while any request may end) and wasted rows (its
+tokens may differ where bf16 numerics move with what shares a batch). Exits 1 if the first workload's tokens differ.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from server.model_loader import load_model  # noqa: E402
 
 
 def workload(batch: int, prompt_len: int, new_tokens: int, vocab: int, early_stops: bool, seed: int):
-    """(call index, request id, prompt, params): all at once, or in four waves with stop token ids."""
+    """(call index, request id, prompt, params): all at once; or in four waves, of various lengths, with stop
+    token ids (any request may then end on any step, so a step after an arrival runs synchronously)."""
     rng = random.Random(seed)
     jobs = []
     for i in range(batch if not early_stops else 2 * batch):
-        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True,
+        params = SamplingParams(max_tokens=rng.randint(new_tokens // 4, new_tokens) if early_stops else new_tokens,
+                                temperature=0, ignore_eos=True,
                                 stop_token_ids=tuple(rng.sample(range(2, vocab), 64)) if early_stops else ())
         jobs.append((0 if not early_stops else (i // (batch // 2)) * new_tokens // 3, f"w{seed}-{i}",
                      [rng.randrange(2, vocab) for _ in range(prompt_len)], params))
