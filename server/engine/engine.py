@@ -170,7 +170,9 @@ class Engine:
 
     def abort_request(self, request_id: str, finish_reason: str = "abort") -> bool:
         """Cancel a request and free its KV blocks and slot pin at once; False if it is not here.
-        `finish_reason` is what its stats say ('stop' when the front end found a stop string)."""
+        `finish_reason` is what its stats say ('stop' when the front end found a stop string). A lookahead step
+        in flight may still write the freed blocks and read the slot: safe, since whatever reuses them (a KV
+        write, a slot load's copy) is queued after it on the one stream; its token for the request is dropped."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
