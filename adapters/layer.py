@@ -33,6 +33,7 @@ from torch import nn
 
 from adapters.core_ops import core
 from adapters.ops import expand, lora
+from adapters.staging import HostStaging
 from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
 
@@ -67,8 +68,7 @@ class SlotIndex:
         self.slot_ranks = slot_ranks
         self._slots = torch.full((m,), BASE_SLOT, dtype=torch.long, device=device)
         self._groups = torch.zeros(5 * m + 1, dtype=torch.int32, device=device)
-        self._staging = torch.zeros(5 * m + 1, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self._staging_np = self._staging.numpy()  # filled with numpy, copied to the device in one go
+        self._staging = HostStaging(self._groups, device)  # filled with numpy, copied to the device in one go
         self.token_order, self.tile_start, self.tile_end, self.tile_slot, self._ranks = self._groups[: 5 * m].view(5, m)
         self.num_tiles = self._groups[5 * m :]
         self.num_tokens = 0
@@ -109,8 +109,8 @@ class SlotIndex:
         """Set the slots of the next forward's tokens (flattened in [batch, seq] order), and which expand kernel
         serves them (per_token: prefers_per_token unless given; CUDA graphs capture each kind).
 
-        Reuses one staging buffer: the previous step's copy has finished, since every step ends
-        with the sampler's host sync."""
+        The host staging is double-buffered (adapters.staging): the engine sets step N+1's index while
+        step N's copy may still be queued."""
         n, m = len(token_slots), self.max_tokens
         if n > m:
             raise ValueError(f"{n} tokens in one forward, more than the {m} this index holds")
@@ -123,7 +123,7 @@ class SlotIndex:
         segment = np.repeat(np.arange(len(tiles_per_segment)), tiles_per_segment)
         first_tile = np.cumsum(tiles_per_segment) - tiles_per_segment
         tile_start = starts[segment] + (np.arange(len(segment)) - first_tile[segment]) * tile
-        staging = self._staging_np
+        staging = self._staging.next()
         k = len(segment)
         staging[:n] = order
         staging[m : m + k] = tile_start
@@ -133,7 +133,7 @@ class SlotIndex:
         widest = RANK_UNKNOWN if self.slot_ranks is None else self.slot_ranks[np.maximum(slots, 0)]
         staging[4 * m : 4 * m + n] = np.where(adapted, widest, 0)
         staging[5 * m] = k
-        self._groups.copy_(self._staging, non_blocking=True)
+        self._staging.copy_to(self._groups)
         self._slots[:n].copy_(torch.from_numpy(slots), non_blocking=True)
         self.num_tokens = n
         self.tile_tokens = tile

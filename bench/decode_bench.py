@@ -141,7 +141,7 @@ def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
                                                 max_model_len=args.prompt_len + args.new_tokens + 64,
                                                 max_gpu_adapters=48, max_rank=32, max_lora_rank=16, max_psoft_rank=16,
-                                                gpu_memory_utilization=0.85))
+                                                gpu_memory_utilization=0.85, async_scheduling=args.async_scheduling))
     run_batch(engine, mixed[:6], 6, args.prompt_len, 4, seed=-2)  # warm-up
     emit({"system": "pica_engine_mixed_methods", "adapters": 48, "rank": "pica32+lora16+psoft16",
           **run_batch(engine, mixed, batch, args.prompt_len, args.new_tokens, seed=11)})
@@ -162,7 +162,8 @@ def resident_rows(loaded, basis, args, emit, rank: int, batch: int) -> None:
     n = args.resident
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
                                                 max_model_len=args.prompt_len + args.new_tokens + 64,
-                                                max_gpu_adapters=n, max_rank=rank, gpu_memory_utilization=0.85))
+                                                max_gpu_adapters=n, max_rank=rank, gpu_memory_utilization=0.85,
+                                                async_scheduling=args.async_scheduling))
     host = HostCache(lambda _id: None, n, torch.bfloat16, pin_memory=True)
     handles = [host.handle_for(f"res{i}", random_adapter(basis, rank, seed=9000 + i)) for i in range(n)]
     spread = handles[:: max(1, n // batch)][:batch]
@@ -212,15 +213,21 @@ def run_batch(engine, handles, batch, prompt_len, new_tokens, seed) -> dict:
                            handles[i % len(handles)] if handles else None)
     decode_start = None  # the first step with no prefill: every request has its first token
     decode_tokens = 0
+    host, gpu = [], []  # per decode step: the GPU's idle time before it (StepStats.host_seconds), its GPU time
     while engine.has_work:
         step_start = time.perf_counter()
         _, stats = engine.step()
         if stats.num_prefill_tokens == 0 and stats.batch_size:
             decode_start = decode_start or step_start
             decode_tokens += stats.num_decode_tokens
+            host.append(stats.host_seconds)
+            gpu.append(stats.gpu_seconds)
     end = time.perf_counter()
+    median_ms = lambda values: 1e3 * sorted(values)[len(values) // 2] if values else None  # noqa: E731
     return {"batch": batch, "decode_tok_s": decode_tokens / (end - decode_start), "ttft_s": decode_start - start,
-            "total_s": end - start, "total_tok_s": batch * new_tokens / (end - start)}
+            "total_s": end - start, "total_tok_s": batch * new_tokens / (end - start),
+            "host_ms_per_decode_step": median_ms(host), "gpu_ms_per_decode_step": median_ms(gpu),
+            "async_scheduling": engine.async_scheduling}
 
 
 def hf_generate(model, batch, prompt_len, new_tokens, adapter_names=None) -> dict:
@@ -294,6 +301,8 @@ def main():
     parser.add_argument("--resident", type=int, default=0,
                         help="also an engine with this many GPU adapter slots, all loaded, decoding over a spread of them")
     parser.add_argument("--startup-only", action="store_true", help="model load and basis timings, then stop")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's async scheduling (default: on, as on any CUDA server)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -360,7 +369,8 @@ def main():
         engine = Engine(loaded, basis, EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=4096,
                                                     max_model_len=args.prompt_len + args.new_tokens + 64,
                                                     max_gpu_adapters=max(counts), max_rank=rank,
-                                                    gpu_memory_utilization=0.85))
+                                                    gpu_memory_utilization=0.85,
+                                                    async_scheduling=args.async_scheduling))
         host = HostCache(lambda _id: None, 1024, torch.bfloat16, pin_memory=True)
         handles = [host.handle_for(f"a{i}", random_adapter(basis, rank, seed=1000 * rank + i)) for i in range(max(counts))]
         run_batch(engine, handles[:2], 4, args.prompt_len, 4, seed=-1)  # warm-up, untimed: compiles, allocates

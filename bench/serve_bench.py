@@ -10,8 +10,9 @@ weights), then drives clients: a fixed number in flight (`--concurrency`) or Poi
 (`--request-rate`), native `/v1/generate` or OpenAI `/v1/completions`, streaming or not. Reports
 request throughput, output tok/s, steady decode tok/s (while every client is in flight), TTFT and
 inter-token latency p50/p90/p99, the engine's host time per decode step (from the server's step
-counters: each step's wall time and the loop's gap before it, less the step's GPU time, i.e. the time
-the GPU sat idle for the host) and the server's own `/metrics` before and after. vLLM's serving
+counters: the time the GPU sat idle for the host before each step, between CUDA events; compare
+`--server-args="$ENGINE --no-async-scheduling"` for the synchronous engine) and the server's own
+`/metrics` before and after. vLLM's serving
 benchmark is the model followed. The server runs its engine core in its own process unless
 `--server-args=--engine-in-process` says otherwise (the `=`: the value starts with `--`).
 

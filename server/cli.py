@@ -184,6 +184,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                    help="share of GPU memory for weights, activations and KV cache")
     e.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (debugging, comparisons)")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="prepare and launch decode step N+1 while step N runs on the GPU (same tokens; default: on "
+                        "with CUDA, off on CPU)")
     e.add_argument("--cpu-kv-cache-gib", type=float, default=defaults.cpu_kv_cache_gib, help="KV cache size on CPU")
     h = p.add_argument_group("http")
     h.add_argument("--host", default="127.0.0.1", help="bind address; any but loopback needs --admin-key")
@@ -436,7 +439,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
             value = env_default(action.dest)
             if value is None:
                 continue
-            if isinstance(action, argparse._StoreTrueAction):  # PICA_ENFORCE_EAGER=1, =true, =0 ...
+            if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):  # =1, =true, =0 ...
                 action.default = value.strip().lower() in ("1", "true", "yes", "on")
             else:
                 action.default = value

@@ -127,9 +127,10 @@ class Metrics:
         # host time per step that the serving benchmark reports
         self.engine_steps = Counter("pica_engine_steps", "Engine steps that computed tokens", ["kind"], registry=r)
         self.engine_host_seconds = Counter(
-            "pica_engine_step_host_seconds", "Time the device sat idle for the host: each step's wall time and the "
-            "loop's gap before it, less its device time", ["kind"], registry=r)
-        self.engine_gpu_seconds = Counter("pica_engine_step_gpu_seconds", "Device time of steps' forwards (CUDA only)",
+            "pica_engine_step_host_seconds", "Time the device sat idle for the host before each step (CUDA events; "
+            "on CPU the step's wall time and the loop's gap before it)", ["kind"], registry=r)
+        self.engine_gpu_seconds = Counter("pica_engine_step_gpu_seconds", "Device time of steps (inputs, forward, "
+                                          "sampling; CUDA only)",
                                           ["kind"], registry=r)
         self.swap = Histogram(
             "pica_adapter_swap_seconds", "Adapter activation latency by path", ["path"], buckets=LATENCY_BUCKETS, registry=r

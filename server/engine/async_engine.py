@@ -75,17 +75,25 @@ class AsyncEngine:
         self._wake.set()
 
     def _deliver(self, request_id: str, item) -> None:
-        stream = self._streams.get(request_id)
-        if stream is None:
-            return
-        loop, out_queue = stream
-        if getattr(item, "finished", True):
-            with self._lock:
-                self._streams.pop(request_id, None)
-        try:
-            loop.call_soon_threadsafe(out_queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed: nobody is listening
-            pass
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items) -> None:
+        """Hand (request_id, output or exception) pairs to their streams: one wake-up per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is None:
+                    continue
+                loop, out_queue = stream
+                if getattr(item, "finished", True):
+                    del self._streams[request_id]
+                by_loop.setdefault(loop, []).append((out_queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(put_all, batch)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
 
     def _drain_inbox(self) -> None:
         while True:
@@ -127,8 +135,13 @@ class AsyncEngine:
                     self.on_stats(stats)
                 except Exception:
                     log.exception("stats callback failed")
-            for output in outputs:
-                self._deliver(output.request_id, RequestFailed(output.error) if output.error else output)
+            self._deliver_all([(out.request_id, RequestFailed(out.error) if out.error else out) for out in outputs])
+
+
+def put_all(items) -> None:
+    """Runs on an event loop: put each (queue, item) pair."""
+    for out_queue, item in items:
+        out_queue.put_nowait(item)
 
 
 class RequestStream:

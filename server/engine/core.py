@@ -3,8 +3,9 @@
 No asyncio, no HTTP, no detokenization: the front end (server/engine/core_client.py, in the uvicorn
 process) sends requests over one ZeroMQ socket and gets one `CoreUpdate` per step back on another,
 so the GIL and the event loop of the HTTP server never sit inside a decode step. A step's update is
-encoded and sent while the next step's forward runs on the GPU (its tokens reach clients that much
-later, one forward later on CPU, where a forward does not run asynchronously). The adapter store on
+encoded and sent while the next step's forward runs on the GPU: with async scheduling as soon as the
+step returns (the lookahead step is already queued), otherwise once the next step has launched (its
+tokens reach clients that much later, one forward later on CPU). The adapter store on
 disk stays the source of truth: the core reads adapters from it into its own host cache, in a loader
 thread, so a disk read never stalls the step loop.
 """
@@ -169,7 +170,10 @@ class EngineCore:
             if self.engine.has_work or handled:
                 outputs, stats = self._step()
                 self._flush()  # a step that launched nothing did not send the one before
-                self._pending = (outputs, stats)
+                if self.engine.has_step_in_flight:  # async scheduling: the next forward runs; send now
+                    self._send_update(outputs, stats)
+                else:
+                    self._pending = (outputs, stats)
             if not self.engine.has_work and (self._pending is not None or self._rejected or self._disk_loads):
                 self._flush(always=True)  # no step follows soon: send now
 

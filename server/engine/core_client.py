@@ -24,7 +24,7 @@ from pathlib import Path
 import zmq
 
 from server.config import AppConfig
-from server.engine.async_engine import QueueFullError, RequestFailed, RequestStream
+from server.engine.async_engine import QueueFullError, RequestFailed, RequestStream, put_all
 from server.engine.core import run_engine_core
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import ModelLimits, RequestOutput, check_request
@@ -222,7 +222,7 @@ class CoreClient:
                 self._to_core.send(encoder.encode(AbortRequests(stopped, "stop")), copy=False)
         for loop, items in by_loop.items():  # one wake-up per event loop per step
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:  # that loop is closed: nobody is listening
                 pass
 
@@ -248,7 +248,7 @@ class CoreClient:
             by_loop.setdefault(tracked.loop, []).append((tracked.queue, EngineDeadError(self.death)))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(put_all, items)
             except RuntimeError:
                 pass
         if self.on_death is not None:
@@ -286,8 +286,3 @@ class RequestRejected(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def _put_all(items) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from adapters.staging import HostStaging
 from server.engine.attention import DecodeMetadata
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,10 @@ class DecodeGraphs:
         self.runner = runner
         self.buckets = graph_buckets(max_batch)
         dev, b, width = runner.device, max_batch, runner.max_blocks_per_seq
-        # all static inputs in one int64 buffer, filled by one copy from a pinned staging twin
+        # all static inputs in one int64 buffer, filled by one copy from pinned staging (double-buffered: step
+        # N+1's inputs are staged while step N's copy may still be queued)
         self._buffer = torch.zeros(b * (4 + width), dtype=torch.long, device=dev)
-        self._staging = torch.zeros_like(self._buffer, device="cpu").pin_memory()
-        self._staging_np = self._staging.numpy()
+        self._staging = HostStaging(self._buffer, dev)
         self.input_ids, self.positions, self.slot_mapping, self.context_lens = self._buffer[: 4 * b].view(4, b)
         self.block_tables = self._buffer[4 * b :].view(b, width)
         self.max_batch = max_batch
@@ -73,15 +74,19 @@ class DecodeGraphs:
         log.info("captured %d decode graphs (buckets %s) in %.1fs", len(self._graphs), self.buckets,
                  time.perf_counter() - start)
 
-    def _fill(self, inputs) -> None:
-        """Copy a step's inputs into the static buffers (one host-to-device copy; the previous one has
-        finished, since every step ends with the sampler's host sync)."""
+    def _fill(self, inputs, device_tokens=None) -> None:
+        """Copy a step's inputs into the static buffers (one host-to-device copy). With device_tokens the token
+        column holds rows of device_tokens.tokens, gathered into input_ids on the device after the copy."""
         n, b = len(inputs.token_ids), self.max_batch
-        columns = self._staging_np[: 4 * b].reshape(4, b)
+        staging = self._staging.next()
+        columns = staging[: 4 * b].reshape(4, b)
         for row, values in enumerate((inputs.token_ids, inputs.positions, inputs.slot_mapping, inputs.context_lens)):
             columns[row, :n] = values
-        self._staging_np[4 * b :].reshape(b, -1)[:n] = inputs.block_tables
-        self._buffer.copy_(self._staging, non_blocking=True)
+        staging[4 * b :].reshape(b, -1)[:n] = inputs.block_tables
+        self._staging.copy_to(self._buffer)
+        if device_tokens is not None:
+            ids = self.input_ids[: len(device_tokens.rows)]
+            ids.copy_(device_tokens.tokens.index_select(0, ids))
 
     def kind(self) -> str:
         """The kind of the step the slot index was last set for."""
@@ -101,11 +106,12 @@ class DecodeGraphs:
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / iters
 
-    def run(self, scheduled) -> torch.Tensor:
-        """Replay the bucket's graph for these decoding sequences; logits [len(scheduled), V]."""
+    def run(self, scheduled, device_tokens=None) -> torch.Tensor:
+        """Replay the bucket's graph for these decoding sequences; logits [len(scheduled), V] (the graph's own
+        output: the next replay overwrites it)."""
         bucket = self.bucket_for(len(scheduled))
-        inputs = self.runner.decode_inputs(scheduled, pad_to=bucket)
-        self._fill(inputs)
+        inputs = self.runner.decode_inputs(scheduled, pad_to=bucket, device_tokens=device_tokens)
+        self._fill(inputs, device_tokens)
         self.runner.adapted.slot_index.set(inputs.token_slots)
         graph, logits = self._graphs[(bucket, self.kind())]
         graph.replay()

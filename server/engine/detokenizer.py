@@ -9,6 +9,8 @@ string, so a streamed delta is never taken back.
 from __future__ import annotations
 
 _CONTEXT_TOKENS = 6
+_TRIM_TOKENS = 64
+"""Ids before the decode window are dropped once this many have piled up (kept memory and work per token O(1))."""
 
 
 class IncrementalDetokenizer:
@@ -17,11 +19,13 @@ class IncrementalDetokenizer:
         self._raw_decode = getattr(getattr(tokenizer, "backend_tokenizer", None), "decode", None)
         self.tokenizer = tokenizer
         self.stop = stop
+        self._max_stop = max((len(s) for s in stop), default=0)
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self.text = ""
-        self._num_emitted = 0
+        self._pending = ""
+        """Text not returned by take_delta yet. Emitted text is never needed again: a stop string can only start
+        in the pending text, since any earlier start would have been held back (take_delta)."""
 
     def _decode(self, ids: list[int]) -> str:
         if self._raw_decode is not None:
@@ -35,30 +39,32 @@ class IncrementalDetokenizer:
         full = self._decode(self._ids[self._prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return False  # nothing printable yet (or an incomplete UTF-8 sequence)
-        old_len = len(self.text)
-        self.text += full[len(prefix) :]
+        old_len = len(self._pending)
+        self._pending += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        if self._prefix_offset >= _TRIM_TOKENS:
+            del self._ids[: self._prefix_offset]
+            self._prefix_offset, self._read_offset = 0, self._read_offset - self._prefix_offset
         if not self.stop:
             return False
-        start = max(0, old_len - max(len(s) for s in self.stop) + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        start = max(0, old_len - self._max_stop + 1)
+        hits = [i for i in (self._pending.find(s, start) for s in self.stop) if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            self._pending = self._pending[: min(hits)]
             return True
         return False
 
     def take_delta(self, final: bool = False) -> str:
         """Text not yet returned, minus a tail that may still become a stop string (unless final)."""
-        end = len(self.text) if final else len(self.text) - self._held_back()
-        delta = self.text[self._num_emitted : end] if end > self._num_emitted else ""
-        self._num_emitted += len(delta)
+        end = len(self._pending) if final else len(self._pending) - self._held_back()
+        delta, self._pending = self._pending[:end], self._pending[end:]
         return delta
 
     def _held_back(self) -> int:
         longest = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:n]):
+            for n in range(min(len(s) - 1, len(self._pending)), longest, -1):
+                if self._pending.endswith(s[:n]):
                     longest = n
                     break
         return longest

@@ -9,16 +9,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cache.host_cache import AdapterHandle
 from cache.slot_table import SlotTable
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.model_runner import ModelRunner
+from server.engine.model_runner import DeviceTokens, ModelRunner
+from server.engine.sampler import SampledTokens
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence, TokenLogprob
 from server.engine.stats import EngineGauges, FinishedRequest, StepStats
 from server.engine.warmup import warm_up
@@ -42,6 +43,30 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     """Set (with finish_reason 'error') when this request failed inside a step; the others go on."""
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device, until `Engine._finish` reads its tokens."""
+
+    sched: SchedulerOutput
+    sampling: list[Sequence]
+    """The sequences this step samples for, in the order of its sampled tokens."""
+    swap_seconds: tuple[float, ...]
+    slot_hits: int
+    slot_misses: int
+    slot_evictions: int
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    sampled: SampledTokens | None = None
+    rows: dict[int, int] = field(default_factory=dict)
+    """id(sequence) -> its row in sampled.tokens."""
+    start_event: object = None
+    end_event: object = None
+    prev_end_event: object = None
+    """CUDA: the end of the step launched before this one, when the engine was busy in between."""
+    host_seconds_before: float = 0.0
+    """Wall time from the start of the launching step() call to this launch (host time of a step after idle)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +122,16 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[FinishedRequest] = []  # reported with the next step's stats
         self._last_step_end: float | None = None  # set while work was left at the end of the last step
+        self._last_end_event = None  # CUDA: the end of the last launched step, while work went on
+        self._inflight: _Launched | None = None  # async scheduling: a launched step whose tokens are not read yet
+        self.async_scheduling = (cfg.async_scheduling if cfg.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")
+        self.num_lookahead_steps = 0
+        """Steps launched ahead of the previous step's tokens (the rest ran synchronously)."""
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     @property
     def num_waiting(self) -> int:
@@ -142,14 +173,25 @@ class Engine:
 
     def abort_request(self, request_id: str, finish_reason: str = "abort") -> bool:
         """Cancel a request and free its KV blocks and slot pin at once; False if it is not here.
-        `finish_reason` is what its stats say ('stop' when the front end found a stop string)."""
+        `finish_reason` is what its stats say ('stop' when the front end found a stop string). A lookahead step
+        in flight may still write the freed blocks and read the slot: safe, since whatever reuses them (a KV
+        write, a slot load's copy) is queued after it on the one stream; its token for the request is dropped."""
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
         self.scheduler.finish(seq, finish_reason)
         self.runner.sampler.forget(request_id)
         self._aborted.append(FinishedRequest.of(seq, time.monotonic()))
+        self._drop_dead_inflight()
         return True
+
+    def _drop_dead_inflight(self) -> None:
+        """Forget a lookahead step whose every row belongs to a finished request: nothing would read it. Its
+        staging buffers and pinned copies are guarded by events, its KV writes precede any later step's."""
+        if self._inflight is not None and all(seq.is_finished for seq in self._inflight.sampling):
+            self._inflight = None
+            if not self.has_work:
+                self._last_end_event = self._last_step_end = None
 
     def drop_adapter(self, adapter_id: str) -> None:
         """A deleted adapter leaves the GPU slots it does not hold pinned; running requests finish."""
@@ -169,69 +211,146 @@ class Engine:
             host_evictions=host.evictions if host else 0,
         )
 
+    @property
+    def has_step_in_flight(self) -> bool:
+        """A lookahead step is queued on the device; the next step() reads its tokens."""
+        return self._inflight is not None
+
     def step(self, on_launched: Callable[[], None] | None = None) -> tuple[list[RequestOutput], StepStats]:
-        """One step. `on_launched` runs once the forward is queued on the device and before the step waits for
-        it (sampling syncs): host work that needs no result of this step (the engine core sends the previous
-        step's outputs there) overlaps the GPU instead of following it."""
-        start = time.perf_counter()
-        gap = start - self._last_step_end if self._last_step_end is not None else 0.0  # the loop's own time
-        hits, misses, evictions = self.slots.stats.hits, self.slots.stats.misses, self.slots.stats.evictions
-        sched = self.scheduler.schedule()
-        swap_seconds = tuple(self.runner.load_adapter(slot, handle.tensors) for slot, handle in sched.slot_loads)
-        outputs: list[RequestOutput] = []
-        ttft, itl, finished = [], [], self._aborted
-        self._aborted = []
-        prefill_tokens = decode_tokens = 0
-        if sched.scheduled:
-            logits = self.runner.run(sched.scheduled)
-            if on_launched is not None:
-                on_launched()
-            sampling = [item.seq for item in sched.scheduled if item.samples]
-            tokens, logprobs = self.runner.sampler(logits, sampling)
-            now = time.monotonic()
-            for item in sched.scheduled:
-                item.seq.num_computed_tokens += item.num_tokens
-                if item.num_tokens == 1 and item.seq.num_output_tokens > 0:
-                    decode_tokens += 1
-                else:
-                    prefill_tokens += item.num_tokens
-            for seq, token, logprob in zip(sampling, tokens, logprobs):
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                    ttft.append(now - seq.arrival_time)
-                else:
-                    itl.append(now - seq.last_token_time)
-                seq.last_token_time = now
-                try:
-                    outputs.append(self._postprocess(seq, token, logprob))
-                except Exception as exc:  # this request's own failure (detokenizing, stop strings): it alone ends
-                    log.exception("request %s failed in a step; the others go on", seq.request_id)
-                    outputs.append(self._fail(seq, exc))
-                if seq.is_finished:
-                    finished.append(FinishedRequest.of(seq, now))
-        gpu_seconds = self.runner.forward_gpu_seconds() if sched.scheduled else 0.0
+        """Postprocess one step's tokens and return its outputs.
+
+        Synchronous: schedule, launch, read the tokens, postprocess. With async scheduling, the step after the
+        one being postprocessed is scheduled and launched first when the lookahead is exact (decodes only:
+        Scheduler.schedule_lookahead), its input tokens read on the device from this step's samples; reading
+        this step's tokens then waits for this step alone, and the host work overlaps the next forward.
+        `on_launched` runs once the device has work queued and before the step waits for it (the engine core
+        sends the previous step's outputs there)."""
+        call_start = time.perf_counter()
+        gap = call_start - self._last_step_end if self._last_step_end is not None else 0.0  # the loop's own time
+        done, self._inflight = self._inflight, None
+        if done is None:
+            done = self._launch(self._schedule(), None, call_start)
+        if self.async_scheduling and done.sampled is not None:
+            sched = self.scheduler.schedule_lookahead(lambda seq: id(seq) in done.rows, self._will_finish,
+                                                      self._may_finish)
+            if sched is not None:
+                self._inflight = self._launch(sched, done, call_start)
+                self.num_lookahead_steps += 1
+        if on_launched is not None and done.sampled is not None:
+            on_launched()
+        outputs, ttft, itl, finished = self._finish(done)
+        self._drop_dead_inflight()
         end = time.perf_counter()
         self._last_step_end = end if self.has_work else None
+        if not self.has_work:
+            self._last_end_event = None
+        if done.end_event is not None:  # CUDA: the device's own idle time before this step, between the events
+            done.end_event.synchronize()
+            gpu_seconds = done.start_event.elapsed_time(done.end_event) / 1000
+            host_seconds = (done.prev_end_event.elapsed_time(done.start_event) / 1000 if done.prev_end_event
+                            else done.host_seconds_before)
+        else:
+            gpu_seconds, host_seconds = 0.0, gap + end - call_start
         stats = StepStats(
-            batch_size=len(sched.scheduled),
-            num_prefill_tokens=prefill_tokens,
-            num_decode_tokens=decode_tokens,
+            batch_size=len(done.sched.scheduled),
+            num_prefill_tokens=done.num_prefill_tokens,
+            num_decode_tokens=done.num_decode_tokens,
             num_running=self.num_running,
             num_waiting=self.num_waiting,
-            num_preempted=sched.num_preempted,
+            num_preempted=done.sched.num_preempted,
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_total=self.blocks.num_blocks,
-            gpu_slot_hits=self.slots.stats.hits - hits,
-            gpu_slot_misses=self.slots.stats.misses - misses,
-            gpu_slot_evictions=self.slots.stats.evictions - evictions,
-            swap_seconds=swap_seconds,
+            gpu_slot_hits=done.slot_hits,
+            gpu_slot_misses=done.slot_misses,
+            gpu_slot_evictions=done.slot_evictions,
+            swap_seconds=done.swap_seconds,
             ttft_seconds=tuple(ttft),
             itl_seconds=tuple(itl),
             finished=tuple(finished),
-            host_seconds=max(0.0, gap + end - start - gpu_seconds),
+            host_seconds=max(0.0, host_seconds),
             gpu_seconds=gpu_seconds,
         )
         return outputs, stats
+
+    def _schedule(self) -> tuple[SchedulerOutput, tuple[float, ...], tuple[int, int, int]]:
+        """schedule() with its adapter slot loads done; only while no step is in flight (it may preempt)."""
+        stats = self.slots.stats
+        hits, misses, evictions = stats.hits, stats.misses, stats.evictions
+        sched = self.scheduler.schedule()
+        swap_seconds = tuple(self.runner.load_adapter(slot, handle.tensors) for slot, handle in sched.slot_loads)
+        return sched, swap_seconds, (stats.hits - hits, stats.misses - misses, stats.evictions - evictions)
+
+    def _launch(self, scheduled, after: "_Launched | None", call_start: float) -> "_Launched":
+        """Queue a step's forward and sampling on the device (no host sync). `after`: the step in flight whose
+        sampled tokens are this lookahead step's inputs."""
+        if after is None:
+            sched, swap_seconds, (hits, misses, evictions) = scheduled
+        else:
+            sched, swap_seconds, (hits, misses, evictions) = scheduled, (), (0, 0, 0)
+        done = _Launched(sched, [item.seq for item in sched.scheduled if item.samples], swap_seconds, hits, misses,
+                         evictions)
+        if not sched.scheduled:
+            return done
+        for item in sched.scheduled:
+            if after is not None or (item.num_tokens == 1 and item.seq.num_output_tokens > 0):
+                done.num_decode_tokens += 1
+            else:
+                done.num_prefill_tokens += item.num_tokens
+        device_tokens = None
+        if after is not None:
+            device_tokens = DeviceTokens(after.sampled.tokens, [after.rows[id(item.seq)] for item in sched.scheduled])
+        done.prev_end_event = self._last_end_event
+        done.host_seconds_before = time.perf_counter() - call_start
+        done.start_event = self.runner.timing_event()
+        logits = self.runner.run(sched.scheduled, device_tokens)
+        done.sampled = self.runner.sampler.sample(logits, done.sampling)
+        done.end_event = self._last_end_event = self.runner.timing_event()
+        for item in sched.scheduled:  # their K/V are written by this step (so the lookahead's positions follow)
+            item.seq.num_computed_tokens += item.num_tokens
+        done.rows = {id(seq): row for row, seq in enumerate(done.sampling)}
+        return done
+
+    def _will_finish(self, seq: Sequence) -> bool:
+        """Certain to finish with the token in flight (its length), whatever the token is."""
+        return (seq.num_output_tokens + 1 >= seq.params.max_tokens
+                or len(seq.token_ids) + 1 >= self.limits.max_model_len)
+
+    def _may_finish(self, seq: Sequence) -> bool:
+        """Could finish on the token in flight (EOS, a stop token id, a stop string checked here)."""
+        params = seq.params
+        return (self._will_finish(seq) or bool(params.stop_token_ids)
+                or (not params.ignore_eos and bool(self.limits.eos_token_ids))
+                or (seq.detokenizer is not None and bool(params.stop)))
+
+    def _finish(self, done: "_Launched"):
+        """Read a launched step's tokens (waits for that step only) and postprocess them."""
+        outputs: list[RequestOutput] = []
+        ttft, itl, finished = [], [], self._aborted
+        self._aborted = []
+        if done.sampled is None:
+            return outputs, ttft, itl, finished
+        tokens, logprobs = done.sampled.to_host()
+        now = time.monotonic()
+        for seq, token, logprob in zip(done.sampling, tokens, logprobs):
+            if seq.is_finished:
+                # finished at the step before (or aborted) while this lookahead step ran: the token is wasted
+                # and never emitted; its KV blocks were freed then, which is safe because any step reusing them
+                # is launched after this one, and one stream runs steps in launch order
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                ttft.append(now - seq.arrival_time)
+            else:
+                itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+            try:
+                outputs.append(self._postprocess(seq, token, logprob))
+            except Exception as exc:  # this request's own failure (detokenizing, stop strings): it alone ends
+                log.exception("request %s failed in a step; the others go on", seq.request_id)
+                outputs.append(self._fail(seq, exc))
+            if seq.is_finished:
+                finished.append(FinishedRequest.of(seq, now))
+        return outputs, ttft, itl, finished
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
         self._seqs.pop(seq.request_id, None)

@@ -30,9 +30,19 @@ def kv_slot(block_table: list[int], position: int, block_size: int) -> int:
     return block_table[position // block_size] * block_size + position % block_size
 
 
+@dataclass(frozen=True)
+class DeviceTokens:
+    """A lookahead step's input tokens, still on the device: scheduled[i]'s one token is tokens[rows[i]] (the
+    previous step's sampled tokens, which the host has not read yet)."""
+
+    tokens: torch.Tensor  # [num_rows_prev] int64
+    rows: list[int]
+
+
 @dataclass
 class DecodeInputs:
-    """One decode step's inputs as host arrays (int64), rows past the real sequences padded."""
+    """One decode step's inputs as host arrays (int64), rows past the real sequences padded. With device
+    tokens, token_ids holds each row's index into them instead (DeviceTokens.rows)."""
 
     token_ids: np.ndarray
     positions: np.ndarray
@@ -96,9 +106,6 @@ class ModelRunner:
             for _ in range(self.spec.num_layers)
         ]
         self.sampler = Sampler(self.device)
-        # [start, end] of the last step's forward, for the host-time-per-step stat (only on CUDA)
-        self._forward_events = ([torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                                if self.device.type == "cuda" else None)
         log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", self.num_kv_blocks, cfg.block_size,
                  self.num_kv_blocks * self.spec.bytes_per_block / 2**30)
         self.graphs = None
@@ -147,13 +154,14 @@ class ModelRunner:
                          logits_to_keep=logits_rows, use_cache=False)
         return out.logits
 
-    def decode_inputs(self, scheduled: list[ScheduledSeq], pad_to: int) -> "DecodeInputs":
+    def decode_inputs(self, scheduled: list[ScheduledSeq], pad_to: int, device_tokens: DeviceTokens | None = None
+                      ) -> "DecodeInputs":
         """Host arrays for a decode-only step, padded with dummy rows (scratch KV block, no adapter)."""
         bs = self.block_size
         inputs = DecodeInputs.padding(pad_to, self.max_blocks_per_seq, self.scratch_block, bs)
         for i, item in enumerate(scheduled):
             seq, pos = item.seq, item.start
-            inputs.token_ids[i] = seq.token_ids[pos]
+            inputs.token_ids[i] = seq.token_ids[pos] if device_tokens is None else device_tokens.rows[i]
             inputs.positions[i] = pos
             inputs.slot_mapping[i] = kv_slot(seq.block_table, pos, bs)
             inputs.context_lens[i] = pos + 1
@@ -162,47 +170,44 @@ class ModelRunner:
             inputs.token_slots[i] = seq.slot
         return inputs
 
-    def _run_decode_eager(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        inputs = self.decode_inputs(scheduled, len(scheduled))
+    def _run_decode_eager(self, scheduled: list[ScheduledSeq], device_tokens: DeviceTokens | None) -> torch.Tensor:
+        inputs = self.decode_inputs(scheduled, len(scheduled), device_tokens)
+        # pageable sources: the driver has read each array when the call returns, so fresh arrays need no staging
         to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
         meta = DecodeMetadata(self.kv_caches, to_dev(inputs.slot_mapping), to_dev(inputs.block_tables),
                               to_dev(inputs.context_lens), self.block_size)
         self.adapted.slot_index.set(inputs.token_slots)
         rows = torch.arange(len(scheduled), device=self.device)
-        return self.forward(to_dev(inputs.token_ids), to_dev(inputs.positions), meta, rows)[0]
+        token_ids = to_dev(inputs.token_ids)
+        if device_tokens is not None:
+            token_ids = device_tokens.tokens.index_select(0, token_ids)
+        return self.forward(token_ids, to_dev(inputs.positions), meta, rows)[0]
 
-    def run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """Forward the step's tokens; returns logits [num_sampling_seqs, V] in scheduled order."""
-        if self._forward_events is None:
-            return self._run(scheduled)
-        start, end = self._forward_events
-        start.record()
-        logits = self._run(scheduled)
-        end.record()
-        return logits
-
-    def forward_gpu_seconds(self) -> float:
-        """Device time of the last step's forward; call after the step's host sync (sampling), so the wait is
-        for nothing. 0 off CUDA."""
-        if self._forward_events is None:
-            return 0.0
-        start, end = self._forward_events
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
+    def timing_event(self) -> "torch.cuda.Event | None":
+        """A timing event recorded on the current stream now (step boundaries for the stats); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     @torch.no_grad()
-    def _run(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def run(self, scheduled: list[ScheduledSeq], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
+        """Forward the step's tokens; returns logits [num_sampling_seqs, V] in scheduled order. With
+        device_tokens (a lookahead step: decodes only) each sequence's input token is read on the device."""
         if self.decode_kernels and all(item.num_tokens == 1 and item.samples for item in scheduled):
             if self.graphs is not None and self.graphs.bucket_for(len(scheduled)) is not None:
-                return self.graphs.run(scheduled)
-            return self._run_decode_eager(scheduled)
+                return self.graphs.run(scheduled, device_tokens)
+            return self._run_decode_eager(scheduled, device_tokens)
+        if device_tokens is not None and any(item.num_tokens != 1 for item in scheduled):
+            raise ValueError("device tokens feed decode steps only")
         bs = self.block_size
         token_ids, positions, token_slots, slot_mapping = [], [], [], []
         query_starts, query_lens, context_lens, block_tables, logits_rows = [], [], [], [], []
         for item in scheduled:
             seq, start, n = item.seq, item.start, item.num_tokens
             query_starts.append(len(token_ids))
-            token_ids += seq.token_ids[start : start + n]
+            token_ids += seq.token_ids[start : start + n] if device_tokens is None else [0]  # filled below
             positions += range(start, start + n)
             token_slots += [seq.slot] * n
             table = seq.block_table
@@ -230,4 +235,7 @@ class ModelRunner:
             self.kv_caches, as_long(slot_mapping), query_index, kv_index, query_positions, ctx, token_gather
         )
         self.adapted.slot_index.set(token_slots)
-        return self.forward(as_long(token_ids), as_long(positions), meta, as_long(logits_rows))[0]
+        ids = as_long(token_ids)
+        if device_tokens is not None:  # one token a sequence: query_starts are 0..S-1
+            ids = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
+        return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]

@@ -37,9 +37,14 @@ class Sampler:
             self._generators[seq.request_id] = gen
         return gen
 
-    @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """logits [S, V] -> one token per sequence (+ logprobs where asked)."""
+        """logits [S, V] -> one token per sequence (+ logprobs where asked), on the host."""
+        return self.sample(logits, seqs).to_host()
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> "SampledTokens":
+        """logits [S, V] -> the step's tokens on the device, their copy to the host queued (no sync). Everything
+        that reads `logits` is queued here, so the next step may overwrite them (a CUDA graph's output)."""
         logits = logits.float()
         params = [s.params for s in seqs]
         greedy_tokens = logits.argmax(-1)
@@ -53,19 +58,15 @@ class Sampler:
             sampled = (probs / q).argmax(-1)
             is_greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
             tokens = torch.where(is_greedy, greedy_tokens, sampled)
-        token_list = tokens.tolist()  # step boundary: the one host sync of sampling
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        chosen = top_vals = top_ids = None
         if wanted:
             all_logprobs = torch.log_softmax(logits[wanted], -1)
-            chosen = all_logprobs.gather(1, tokens[wanted, None]).squeeze(1).tolist()
+            chosen = all_logprobs.gather(1, tokens[wanted, None]).squeeze(1)
             max_top = max(params[i].logprobs for i in wanted)
-            top_vals, top_ids = all_logprobs.topk(max_top, -1) if max_top else (None, None)
-            for row, i in enumerate(wanted):
-                n = params[i].logprobs
-                top = tuple(zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist())) if n else ()
-                logprobs[i] = TokenLogprob(token_list[i], chosen[row], top)
-        return token_list, logprobs
+            if max_top:
+                top_vals, top_ids = all_logprobs.topk(max_top, -1)
+        return SampledTokens(tokens, [(i, params[i].logprobs) for i in wanted], chosen, top_ids, top_vals)
 
     @staticmethod
     def _processed_probs(logits: torch.Tensor, params) -> torch.Tensor:
@@ -84,3 +85,38 @@ class Sampler:
             drop = sorted_probs.cumsum(-1) - sorted_probs > top_ps[:, None]  # keeps at least the top token
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
         return logits.softmax(-1)
+
+
+class SampledTokens:
+    """One step's sampled tokens [S] on the device (read by the next step's inputs without a sync), with their
+    copies to the host (and the logprobs') queued behind the sampling kernels; `to_host` waits for those
+    alone, not for work queued after them."""
+
+    def __init__(self, tokens: torch.Tensor, wanted: list[tuple[int, int]], chosen, top_ids, top_vals):
+        self.tokens = tokens
+        self._wanted = wanted  # (row, top-n) of the rows that asked for logprobs
+        to_host = lambda t: t.to("cpu", non_blocking=True) if t is not None else None  # noqa: E731 (pinned: async)
+        self._host = [to_host(t) for t in (tokens, chosen, top_ids, top_vals)]
+        self._ready = None
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Step boundary: the one host sync of sampling (waits for this step's copies only)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, chosen, top_ids, top_vals = self._host
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_list)
+        if self._wanted:
+            chosen = chosen.tolist()
+            top_ids = top_ids.tolist() if top_ids is not None else None
+            top_vals = top_vals.tolist() if top_vals is not None else None
+            for row, (i, n) in enumerate(self._wanted):
+                top = tuple(zip(top_ids[row][:n], top_vals[row][:n])) if n else ()
+                logprobs[i] = TokenLogprob(token_list[i], chosen[row], top)
+        return token_list, logprobs

@@ -8,11 +8,16 @@ blocks run out, the youngest running sequence is preempted (its blocks freed, re
 Fairness: arrival order is kept. When the oldest waiting request cannot get an adapter slot (all
 pinned by running requests), only requests for the base model, which need no slot, may pass it;
 requests for other adapters wait behind it, so it cannot starve.
+
+Lookahead (`schedule_lookahead`): while step N runs, step N+1 is scheduled as `schedule()` would schedule it
+once N's tokens are known, and only where that is certain; otherwise the engine waits for N and calls
+`schedule()`.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cache.slot_table import BASE_SLOT, SlotTable
@@ -80,6 +85,33 @@ class Scheduler:
         self.running = kept
         if out.num_preempted == 0:
             self._admit_waiting(out, budget)
+        return out
+
+    def schedule_lookahead(self, has_pending_token: Callable[[Sequence], bool], will_finish: Callable[[Sequence], bool],
+                           may_finish: Callable[[Sequence], bool]) -> SchedulerOutput | None:
+        """Step N+1 while step N runs: one decode for each running sequence but those that `will_finish` at N
+        (their N+1 token could only be wasted), or None where `schedule()` after N might do otherwise.
+
+        Every running sequence must have its next token pending in N (`has_pending_token`: a chunk that did not
+        reach the end of a prompt, or a sequence N left out, computes more than one token next). The decodes must
+        fit the token budget and the free KV blocks as they are now (N's finishes only free more, so schedule()
+        would not preempt), and no waiting request may be admitted after N: none waits, or the batch or budget
+        stays full whatever N samples (no sequence `may_finish` at N beyond those that will)."""
+        if not all(has_pending_token(seq) for seq in self.running):
+            return None
+        decodes = [seq for seq in self.running if not will_finish(seq)]
+        if not decodes or len(decodes) > self.max_num_batched_tokens:
+            return None
+        if sum(self.blocks.num_blocks_needed(seq, 1) for seq in decodes) > self.blocks.num_free_blocks:
+            return None
+        if self.waiting:
+            known = all(will_finish(seq) or not may_finish(seq) for seq in self.running)
+            if not known or (len(decodes) < self.max_num_seqs and len(decodes) < self.max_num_batched_tokens):
+                return None
+        out = SchedulerOutput()
+        for seq in decodes:
+            self.blocks.allocate(seq, 1)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, 1, samples=True))
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:

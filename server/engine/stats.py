@@ -42,10 +42,12 @@ class StepStats:
     """Gaps between consecutive tokens produced this step."""
     finished: tuple[FinishedRequest, ...]
     host_seconds: float = 0.0
-    """Wall time of this step and of the gap before it (when work was already waiting), less gpu_seconds:
-    the time the device sat idle for the host. On CPU gpu_seconds is 0, so this is the whole step."""
+    """The time the device sat idle for the host before this step: on CUDA between events at the end of the
+    step launched before it (when work was already waiting) and at this step's start, else the host time
+    from the step() call to the launch; on CPU the wall time of the step() call that returned this step
+    and of the loop's gap before it."""
     gpu_seconds: float = 0.0
-    """Device time of the step's forward (CUDA events); 0 off CUDA."""
+    """Device time of the step: its inputs, forward and sampling (CUDA events); 0 off CUDA."""
 
 
 @dataclass(frozen=True)

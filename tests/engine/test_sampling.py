@@ -117,3 +117,30 @@ def test_detokenizer_streams_utf8_and_holds_back_stop_prefixes():
         plain.add_token(i)
         out += plain.take_delta()
     assert out == text
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_detokenizer_deltas_equal_the_whole_decode_cut_at_the_first_stop(seed):
+    import random
+
+    from server.engine.detokenizer import _TRIM_TOKENS
+
+    tok = build_byte_tokenizer()
+    rng = random.Random(seed)
+    alphabet = "ab c.é✓日🙂"
+    text = "".join(rng.choice(alphabet) for _ in range(600))
+    ids = tok(text)["input_ids"]
+    stop = tuple({"".join(rng.choice(alphabet) for _ in range(rng.randint(2, 4))) for _ in range(3)}) if seed % 2 else ()
+    detok = IncrementalDetokenizer(tok, tok("x y")["input_ids"], stop)
+    deltas, stopped = [], False
+    for n, i in enumerate(ids):
+        stopped = detok.add_token(i)
+        deltas.append(detok.take_delta(final=stopped or n == len(ids) - 1))
+        # O(1) a token: a bounded id window, and no more pending text than a stop string could still need
+        assert len(detok._ids) <= _TRIM_TOKENS + 8 and len(detok._pending) < max(map(len, stop), default=1)
+        if stopped:
+            break
+    whole = tok.decode(ids, skip_special_tokens=True)
+    cuts = [whole.find(s) for s in stop if s in whole]
+    assert "".join(deltas) == whole[: min(cuts)] if cuts else whole
+    assert stopped == bool(cuts)

@@ -76,6 +76,20 @@ def test_options_default_from_pica_env(monkeypatch):
     assert app_config(parser.parse_args(["serve", "--port", "9002"])).server.port == 9002
 
 
+def test_async_scheduling_flag_and_env(monkeypatch):
+    from server.cli import app_config, apply_env_defaults, build_parser
+
+    parser = build_parser()
+    apply_env_defaults(parser)
+    assert app_config(parser.parse_args(["serve"])).engine.async_scheduling is None  # the device decides
+    assert app_config(parser.parse_args(["serve", "--async-scheduling"])).engine.async_scheduling is True
+    assert app_config(parser.parse_args(["serve", "--no-async-scheduling"])).engine.async_scheduling is False
+    monkeypatch.setenv("PICA_ASYNC_SCHEDULING", "0")
+    parser = build_parser()
+    apply_env_defaults(parser)
+    assert app_config(parser.parse_args(["serve"])).engine.async_scheduling is False
+
+
 def test_help_shows_every_option_with_help_and_defaults(capsys):
     import argparse
 
