@@ -171,6 +171,11 @@ class Collected:
     num_output_tokens: int
 
 
+DISCONNECT_POLL_SECONDS = 0.05
+"""How often a non-streaming request checks that its client is still there: a client that left stops holding
+KV blocks and batch rows within this (a stream notices at its next write)."""
+
+
 async def collect(streams: list[RequestStream], request: Request) -> list[Collected]:
     """Run requests to completion; a client that disconnects first cancels them all."""
     results = [Collected("", [], [], None, 0, 0) for _ in streams]
@@ -182,7 +187,7 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Collec
     task = asyncio.ensure_future(gather())
     try:
         while not task.done():
-            done, _ = await asyncio.wait({task}, timeout=0.25)
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
             if not done and await request.is_disconnected():
                 raise APIError(499, "client disconnected")
         try:
