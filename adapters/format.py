@@ -144,6 +144,24 @@ def separate_model_refusal(config_bytes: bytes) -> str | None:
     return None if named is None else get_method(named).separate_model_reason()
 
 
+
+def check_target_modules(targets, groups) -> tuple[list[str], list[str] | None]:
+    """Problems with a config's target_modules (a non-empty list of distinct target groups of this base model),
+    and the list itself where it is a list of strings (None otherwise)."""
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        shown = repr(targets)
+        shown = shown if len(shown) <= 80 else f"{shown[:80]}... ({len(shown) - 80} more characters)"
+        return [f"target_modules must be a non-empty list of strings, got {shown}"], None
+    problems = []
+    repeated = sorted(t for t, n in Counter(targets).items() if n > 1)
+    if repeated:
+        problems.append(f"target_modules lists {repeated} more than once")
+    unknown = [t for t in targets if t not in groups]
+    if unknown:
+        problems.append(f"target_modules {unknown[:8]} are not target groups of this base model (they are "
+                        f"{sorted(groups)})")
+    return problems, targets
+
 def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: list[str], warnings: list[str]):
     try:
         raw = json.loads(config_bytes)
@@ -190,23 +208,12 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         problems.append(f"r must be a positive integer, got {r!r}")
         r = None
-    targets = raw.get("target_modules")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        problems.append(f"target_modules must be a non-empty list of strings, got {targets!r}")
-        targets = None
-    else:
-        repeated = sorted(t for t, n in Counter(targets).items() if n > 1)
-        if repeated:
-            problems.append(f"target_modules lists {repeated} more than once")
-        unknown_groups = [t for t in targets if t not in expect.groups]
-        if unknown_groups:
-            problems.append(
-                f"target_modules {unknown_groups} are not served by this server (it serves {sorted(expect.groups)})"
-            )
-        elif r is not None:
-            for t in targets:
-                if r > expect.group_rank[t]:
-                    problems.append(f"r={r} exceeds the basis rank {expect.group_rank[t]} available for group {t!r}")
+    found, targets = check_target_modules(raw.get("target_modules"), expect.groups)
+    problems += found
+    if targets is not None and r is not None and all(t in expect.groups for t in targets):
+        for t in targets:
+            if r > expect.group_rank[t]:
+                problems.append(f"r={r} exceeds the basis rank {expect.group_rank[t]} available for group {t!r}")
     checksum = raw.get("basis_checksum")
     if checksum is not None and checksum != expect.basis_checksum:
         problems.append(

@@ -17,7 +17,6 @@ subspaces (their captured energy), which ties the file to its base weights beyon
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import torch
 
@@ -72,7 +71,7 @@ class Cersa(AdapterMethod):
                 "BASE --adapter DIR --out OUT`, then `pica-serve serve --model OUT`")
 
     def parse_config(self, raw: dict, expect, problems: list[str], warnings: list[str]):
-        from adapters.format import CONFIG_FILE, AdapterConfig
+        from adapters.format import CONFIG_FILE, AdapterConfig, check_target_modules
 
         start = len(problems)
         unknown = sorted(set(raw) - set(KNOWN_KEYS))
@@ -89,21 +88,10 @@ class Cersa(AdapterMethod):
             threshold = None
         elif not PAPER_THRESHOLDS[0] <= threshold <= PAPER_THRESHOLDS[1]:
             warnings.append(f"energy_threshold {threshold} is outside the 0.9-0.95 the CERSA paper keeps")
-        targets = raw.get("target_modules")
-        layers: dict[str, GroupInfo] = {}
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            problems.append(f"target_modules must be a non-empty list of strings, got {str(targets)[:80]}")
-            targets = None
-        else:
-            repeated = sorted(t for t, n in Counter(targets).items() if n > 1)
-            if repeated:
-                problems.append(f"target_modules lists {repeated} more than once")
-            unknown_groups = [t for t in targets if t not in expect.groups]
-            if unknown_groups:
-                problems.append(f"target_modules {unknown_groups[:8]} are not target groups of this base model "
-                                f"(they are {sorted(expect.groups)})")
-            layers = {layer: expect.groups[t] for t in targets if t in expect.groups
-                      for layer in expect.groups[t].layers}
+        found, targets = check_target_modules(raw.get("target_modules"), expect.groups)
+        problems += found
+        layers: dict[str, GroupInfo] = {layer: expect.groups[t] for t in targets or () if t in expect.groups
+                                         for layer in expect.groups[t].layers}
         ranks = raw.get("ranks")
         if not isinstance(ranks, dict):
             problems.append("ranks must map every target layer's full module name to its k, got "

@@ -59,7 +59,7 @@ def test_valid_adapter_loads():
         (config(r=0), "r must be a positive integer, got 0"),
         (config(r="8"), "r must be a positive integer, got '8'"),
         (config(target_modules="q_proj"), "target_modules must be a non-empty list of strings"),
-        (config(target_modules=["q_proj", "lm_head"]), "target_modules ['lm_head'] are not served by this server"),
+        (config(target_modules=["q_proj", "lm_head"]), "target_modules ['lm_head'] are not target groups of this base model"),
         (config(r=17), "r=17 exceeds the basis rank 16 available for group 'down_proj'"),
         (config(basis_checksum="b" * 64), "adapter was trained against basis bbbbbbbbbbbbbbbb"),
         (config(basis_kind="random:1"), "adapter uses a 'random:1' basis, this server serves the 'principal' basis"),

@@ -77,7 +77,7 @@ def test_folders_copied_into_the_store_are_adopted_at_start(tmp_path, basis, cap
         restarted = AdapterStore(store.root, store.expect)
     assert restarted.ids() == ["a", "copied"]
     assert restarted.load("copied").config.r == 4 and restarted.info("copied").num_params > 0
-    assert "not served by this server" in restarted.damaged["bad"]
+    assert "not target groups of this base model" in restarted.damaged["bad"]
     assert (store.root / "bad" / "adapter_config.json").exists()  # skipped, never deleted
     assert "ignoring folder" in caplog.text and "adopted adapter folder" in caplog.text
 

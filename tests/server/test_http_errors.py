@@ -77,7 +77,7 @@ def test_upload_invalid_adapter_reports_every_problem(live, good_files):
     tensors["M.q_proj"] = torch.full_like(tensors["M.q_proj"], float("nan"))
     err = error_of(post_files(live, "broken", {"adapter_config.json": json.dumps(config).encode(),
                                                "adapter_model.safetensors": st_save(tensors)}), 400)
-    assert "target_modules ['nope_proj'] are not served" in err["message"]
+    assert "target_modules ['nope_proj'] are not target groups of this base model" in err["message"]
     assert "adapter was trained against basis ffffffffffffffff" in err["message"]
     err = error_of(post_files(live, "broken", {**good_files, "adapter_model.safetensors": b"\x80\x04pickle"}), 400)
     assert "not a readable safetensors file" in err["message"]
