@@ -113,8 +113,8 @@ class EngineConfig:
     """On CUDA, capture decode steps as CUDA graphs (batch buckets up to max_num_seqs)."""
     async_scheduling: bool | None = None
     """Schedule and launch decode step N+1 while step N runs on the device, then read N's tokens (vLLM's
-    --async-scheduling); steps where that lookahead cannot be exact run synchronously. Tokens are the same
-    either way. None = on with CUDA, off on CPU (where a forward does not run asynchronously)."""
+    --async-scheduling); steps where that lookahead cannot be exact run synchronously. Greedy and seeded tokens are
+    the same either way where the batch numerics match (README, "Async scheduling"). None = on with CUDA, off on CPU (where a forward does not run asynchronously)."""
 
     def __post_init__(self):
         problems = [

@@ -12,6 +12,17 @@ import torch
 from server.engine.sequence import Sequence, TokenLogprob
 
 
+def device_tensor(values: list, device: torch.device) -> torch.Tensor:
+    """A small per-row tensor on the device without waiting for it: a plain `torch.tensor(..., device=cuda)` copies
+    from pageable memory and synchronizes the stream, so sampling a lookahead step (async scheduling) would wait
+    for that step's whole forward. Pinned and non-blocking instead (the caching host allocator keeps the buffer
+    until the copy has run)."""
+    host = torch.tensor(values)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
@@ -56,13 +67,14 @@ class Sampler:
                 if seq.params.seed is not None and not seq.params.is_greedy:
                     q[i].exponential_(generator=self._generator(seq))
             sampled = (probs / q).argmax(-1)
-            is_greedy = torch.tensor([p.is_greedy for p in params], device=logits.device)
+            is_greedy = device_tensor([p.is_greedy for p in params], logits.device)
             tokens = torch.where(is_greedy, greedy_tokens, sampled)
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         chosen = top_vals = top_ids = None
         if wanted:
-            all_logprobs = torch.log_softmax(logits[wanted], -1)
-            chosen = all_logprobs.gather(1, tokens[wanted, None]).squeeze(1)
+            rows = device_tensor(wanted, logits.device)
+            all_logprobs = torch.log_softmax(logits[rows], -1)
+            chosen = all_logprobs.gather(1, tokens[rows, None]).squeeze(1)
             max_top = max(params[i].logprobs for i in wanted)
             if max_top:
                 top_vals, top_ids = all_logprobs.topk(max_top, -1)
@@ -70,16 +82,16 @@ class Sampler:
 
     @staticmethod
     def _processed_probs(logits: torch.Tensor, params) -> torch.Tensor:
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        temps = device_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.device)
         logits = logits / temps[:, None]
         top_ks = [p.top_k for p in params]
         if any(top_ks):
             vocab = logits.shape[-1]
-            ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+            ks = device_tensor([k if 0 < k < vocab else vocab for k in top_ks], logits.device)
             kth = logits.sort(-1, descending=True).values.gather(1, (ks - 1)[:, None])
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if any(p.top_p < 1 for p in params):
-            top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
+            top_ps = device_tensor([p.top_p for p in params], logits.device)
             sorted_logits, order = logits.sort(-1, descending=True)
             sorted_probs = sorted_logits.softmax(-1)
             drop = sorted_probs.cumsum(-1) - sorted_probs > top_ps[:, None]  # keeps at least the top token

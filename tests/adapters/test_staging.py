@@ -17,10 +17,6 @@ def stage_three(device: str, busy=lambda: None) -> list[torch.Tensor]:
     return outs
 
 
-def test_staged_copies_keep_their_values_on_cpu():
-    assert [int(o.unique()) for o in stage_three("cpu")] == [1, 2, 3]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_queued_copy_is_not_overwritten_on_cuda():
