@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_bench import SHAPES, NullTokenizer, build_model_dir, random_adapter  # noqa: E402
+from bench.decode_bench import SHAPES, DecodeTimer, NullTokenizer, build_model_dir, random_adapter  # noqa: E402
 from cache.basis_cache import BasisCache  # noqa: E402
 from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
@@ -54,8 +54,7 @@ def workload(batch: int, prompt_len: int, new_tokens: int, vocab: int, early_sto
 
 def run(engine: Engine, jobs, handles) -> dict:
     tokens: dict[str, list[int]] = {}
-    host, gpu = [], []
-    decode_tokens, decode_start = 0, None
+    timer = DecodeTimer()
     pending = sorted(jobs, key=lambda j: j[0])
     call, lookahead_before = 0, engine.num_lookahead_steps
     while pending or engine.has_work:
@@ -70,16 +69,9 @@ def run(engine: Engine, jobs, handles) -> dict:
         outputs, stats = engine.step()
         for out in outputs:
             tokens[out.request_id] += out.token_ids
-        if stats.batch_size and not stats.num_prefill_tokens:
-            decode_start = decode_start or step_start
-            decode_tokens += stats.num_decode_tokens
-            host.append(stats.host_seconds)
-            gpu.append(stats.gpu_seconds)
-    end = time.perf_counter()
-    median_ms = lambda values: 1e3 * sorted(values)[len(values) // 2] if values else None  # noqa: E731
-    return {"decode_tok_s": decode_tokens / (end - decode_start) if decode_start else None,
-            "host_ms_per_decode_step": median_ms(host), "gpu_ms_per_decode_step": median_ms(gpu),
-            "decode_steps": len(host), "lookahead_steps": engine.num_lookahead_steps - lookahead_before, "tokens": tokens}
+        timer.record(step_start, stats)
+    return {**timer.summary(time.perf_counter()), "lookahead_steps": engine.num_lookahead_steps - lookahead_before,
+            "tokens": tokens}
 
 
 def main() -> int:

@@ -211,23 +211,39 @@ def run_batch(engine, handles, batch, prompt_len, new_tokens, seed) -> dict:
     for i in range(batch):
         engine.add_request(f"s{seed}-{i}", [rng.randrange(2, vocab) for _ in range(prompt_len)], params,
                            handles[i % len(handles)] if handles else None)
-    decode_start = None  # the first step with no prefill: every request has its first token
-    decode_tokens = 0
-    host, gpu = [], []  # per decode step: the GPU's idle time before it (StepStats.host_seconds), its GPU time
+    timer = DecodeTimer()
     while engine.has_work:
         step_start = time.perf_counter()
         _, stats = engine.step()
-        if stats.num_prefill_tokens == 0 and stats.batch_size:
-            decode_start = decode_start or step_start
-            decode_tokens += stats.num_decode_tokens
-            host.append(stats.host_seconds)
-            gpu.append(stats.gpu_seconds)
+        timer.record(step_start, stats)
     end = time.perf_counter()
-    median_ms = lambda values: 1e3 * sorted(values)[len(values) // 2] if values else None  # noqa: E731
-    return {"batch": batch, "decode_tok_s": decode_tokens / (end - decode_start), "ttft_s": decode_start - start,
+    return {"batch": batch, **timer.summary(end), "ttft_s": timer.decode_start - start,
             "total_s": end - start, "total_tok_s": batch * new_tokens / (end - start),
-            "host_ms_per_decode_step": median_ms(host), "gpu_ms_per_decode_step": median_ms(gpu),
             "async_scheduling": engine.async_scheduling}
+
+
+class DecodeTimer:
+    """Decode tok/s from the first step with no prefill (every request has its first token) to the end, and
+    per decode step the GPU's idle time before it (StepStats.host_seconds) and its GPU time, as medians."""
+
+    def __init__(self):
+        self.decode_start: float | None = None
+        self.decode_tokens = 0
+        self.host: list[float] = []
+        self.gpu: list[float] = []
+
+    def record(self, step_start: float, stats) -> None:
+        if stats.batch_size and not stats.num_prefill_tokens:
+            self.decode_start = self.decode_start or step_start
+            self.decode_tokens += stats.num_decode_tokens
+            self.host.append(stats.host_seconds)
+            self.gpu.append(stats.gpu_seconds)
+
+    def summary(self, end: float) -> dict:
+        median_ms = lambda values: 1e3 * sorted(values)[len(values) // 2] if values else None  # noqa: E731
+        return {"decode_tok_s": self.decode_tokens / (end - self.decode_start) if self.decode_start else None,
+                "host_ms_per_decode_step": median_ms(self.host), "gpu_ms_per_decode_step": median_ms(self.gpu),
+                "decode_steps": len(self.host)}
 
 
 def hf_generate(model, batch, prompt_len, new_tokens, adapter_names=None) -> dict:
