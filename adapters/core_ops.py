@@ -10,7 +10,10 @@ tokens (tokens of other methods have w = 0). Every fast version has a plain-torc
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from adapters.staging import to_device_async
 
 
 def core_reference(z: torch.Tensor, y: torch.Tensor, cores: torch.Tensor, layer: int, expand: torch.Tensor,
@@ -38,8 +41,9 @@ def core_torch(z: torch.Tensor, y: torch.Tensor, cores: torch.Tensor, layer: int
     parts = [(s, rows) for s, rows in slot_index.segments() if ranks[s]]
     if not parts:
         return
-    rows = torch.cat([r for _, r in parts]).to(z.device)
-    w = torch.cat([z[r.to(z.device)].float() @ cores[s, layer].float().T for s, r in parts])  # [n, R]
+    rows = to_device_async(torch.cat([r for _, r in parts]), z.device)  # the host grouping, without a stream sync
+    w = torch.cat([z[rows[i : i + len(r)]].float() @ cores[s, layer].float().T
+                   for (s, r), i in zip(parts, np.cumsum([0] + [len(r) for _, r in parts]))])  # [n, R]
     y[rows] = (y[rows].float() + w @ expand.float().T).to(y.dtype)
 
 

@@ -14,6 +14,15 @@ import numpy as np
 import torch
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting: `.to(cuda)` from pageable memory synchronizes the stream, so
+    the host would wait for every step queued before (async scheduling's lookahead among them). Pinned and
+    non-blocking instead; PyTorch's caching host allocator keeps the pinned copy until the device has read it."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class HostStaging:
     def __init__(self, like: torch.Tensor, device: torch.device):
         """Two host twins of `like` (pinned on CUDA), for copies into tensors of its shape and dtype."""

@@ -429,6 +429,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ENV_TRUE, ENV_FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(parser: argparse.ArgumentParser, action: argparse.Action, value: str) -> bool | None:
+    """A flag's $PICA_<OPTION> value: true or false words, or `auto` for a flag whose default is None (the engine
+    decides, as without the variable); anything else stops with a message rather than reading as false."""
+    word = value.strip().lower()
+    if word in ENV_TRUE or word in ENV_FALSE:
+        return word in ENV_TRUE
+    if word == "auto" and action.default is None:
+        return None
+    allowed = ", ".join(ENV_TRUE + ENV_FALSE + (("auto",) if action.default is None else ()))
+    parser.error(f"$PICA_{action.dest.upper()}={value!r} is not one of {allowed}")
+
+
 def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
     """Every option's default can come from $PICA_<OPTION> (argparse still converts and checks it)."""
     for action in parser._actions:
@@ -440,7 +455,7 @@ def apply_env_defaults(parser: argparse.ArgumentParser) -> None:
             if value is None:
                 continue
             if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):  # =1, =true, =0 ...
-                action.default = value.strip().lower() in ("1", "true", "yes", "on")
+                action.default = env_flag(parser, action, value)
             else:
                 action.default = value
 

@@ -146,6 +146,13 @@ class Psoft(AdapterMethod):
                 problems.append(f"PSOFT rank {r} exceeds the basis rank {expect.group_rank[g]} of group {g!r} (PSOFT's "
                                 f"frozen factors are served from the basis: start the server with --rank-max {r} or "
                                 "more)")
+        if len(problems) == start and expect.basis_kind != "principal" and not getattr(expect.svd_factors, "is_local",
+                                                                                        False):
+            # what the front end can tell without the model (the engine core's load would refuse it, too late
+            # for a 400: the stored adapter would then fail every request)
+            problems.append(f"PSOFT's frozen factors are the top singular vectors of W0, served from the basis; this "
+                            f"server's basis is {expect.basis_kind!r}, not 'principal' (`pica-serve merge` folds the "
+                            "adapter in without the basis)")
         if len(problems) > start or not getattr(expect.svd_factors, "is_local", False):
             return {}  # a front end without the model: the engine core checks the subspace at its load
         svd, q_of, worst = expect.svd_factors, {}, []

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from adapters.staging import to_device_async
 from server.engine.sequence import Sequence, TokenLogprob
 
 
 def device_tensor(values: list, device: torch.device) -> torch.Tensor:
-    """A small per-row tensor on the device without waiting for it: a plain `torch.tensor(..., device=cuda)` copies
-    from pageable memory and synchronizes the stream, so sampling a lookahead step (async scheduling) would wait
-    for that step's whole forward. Pinned and non-blocking instead (the caching host allocator keeps the buffer
-    until the copy has run)."""
-    host = torch.tensor(values)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    """A small per-row tensor on the device without waiting for the steps queued before it (a lookahead step's
+    sampling would otherwise wait for that step's whole forward)."""
+    return to_device_async(torch.tensor(values), device)
 
 
 class Sampler:

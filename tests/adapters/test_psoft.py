@@ -163,6 +163,7 @@ def test_psoft_refusals_of_the_served_layout(world, tmp_path):  # noqa: F811
     import dataclasses
 
     from cache.basis_cache import BasisCache
+    from cache.svd_factors import SvdFactorsInCore
 
     _, cfg, basis = world
     peft_model, folder = save_peft_adapter(cfg.model, tmp_path / "p", PsoftConfig(**PSOFT_KINDS["cayley"]), seed=2)
@@ -179,6 +180,10 @@ def test_psoft_refusals_of_the_served_layout(world, tmp_path):  # noqa: F811
         load_adapter_dir(folder, AdapterExpectation.from_basis(random, 8, svd_factors_of(model, random), 8))
     assert "PSOFT's frozen factors leave this server's basis in 4 of 4 layers" in str(err.value)
     assert "accepted: 0.01" in str(err.value)
+    front_end = AdapterExpectation.from_basis(random, 8, SvdFactorsInCore(), 8)  # no model: refused by the kind alone
+    with pytest.raises(AdapterValidationError, match="this server's basis is 'random:1', not 'principal'"):
+        load_adapter_dir(folder, front_end)
+    load_adapter_dir(folder, AdapterExpectation.from_basis(basis, 8, SvdFactorsInCore(), 8))  # principal: accepted
 
     adapter = load_adapter_dir(folder, AdapterExpectation.from_basis(random, 8, svd_factors_of(model, random),
                                                                      slot_served=False))

@@ -76,7 +76,9 @@ def test_options_default_from_pica_env(monkeypatch):
     assert app_config(parser.parse_args(["serve", "--port", "9002"])).server.port == 9002
 
 
-def test_async_scheduling_flag_and_env(monkeypatch):
+def test_async_scheduling_flag_and_env(monkeypatch, capsys):
+    import pytest
+
     from server.cli import app_config, apply_env_defaults, build_parser
 
     parser = build_parser()
@@ -84,10 +86,15 @@ def test_async_scheduling_flag_and_env(monkeypatch):
     assert app_config(parser.parse_args(["serve"])).engine.async_scheduling is None  # the device decides
     assert app_config(parser.parse_args(["serve", "--async-scheduling"])).engine.async_scheduling is True
     assert app_config(parser.parse_args(["serve", "--no-async-scheduling"])).engine.async_scheduling is False
-    monkeypatch.setenv("PICA_ASYNC_SCHEDULING", "0")
-    parser = build_parser()
-    apply_env_defaults(parser)
-    assert app_config(parser.parse_args(["serve"])).engine.async_scheduling is False
+    for value, expected in (("0", False), ("on", True), ("auto", None)):
+        monkeypatch.setenv("PICA_ASYNC_SCHEDULING", value)
+        parser = build_parser()
+        apply_env_defaults(parser)
+        assert app_config(parser.parse_args(["serve"])).engine.async_scheduling is expected, value
+    monkeypatch.setenv("PICA_ASYNC_SCHEDULING", "maybe")  # not read as false: refused, naming the variable
+    with pytest.raises(SystemExit):
+        apply_env_defaults(build_parser())
+    assert "$PICA_ASYNC_SCHEDULING='maybe' is not one of" in capsys.readouterr().err
 
 
 def test_help_shows_every_option_with_help_and_defaults(capsys):
