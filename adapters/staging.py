@@ -15,9 +15,9 @@ import torch
 
 
 def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device` without waiting: `.to(cuda)` from pageable memory synchronizes the stream, so
-    the host would wait for every step queued before (async scheduling's lookahead among them). Pinned and
-    non-blocking instead; PyTorch's caching host allocator keeps the pinned copy until the device has read it."""
+    """A small host tensor on `device` without waiting: a blocking `.to(cuda)` synchronizes the stream, so the host
+    would wait for every step queued before (async scheduling's lookahead among them). Pinned and non-blocking
+    instead; PyTorch's caching host allocator keeps the pinned copy until the device has read it."""
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

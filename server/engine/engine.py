@@ -310,10 +310,14 @@ class Engine:
         done.rows = {id(seq): row for row, seq in enumerate(done.sampling)}
         return done
 
+    def _at_length(self, seq: Sequence, ahead: int = 0) -> bool:
+        """Whether the sequence is at its length limit (max_tokens, or the model's length) `ahead` tokens from now."""
+        return (seq.num_output_tokens + ahead >= seq.params.max_tokens
+                or len(seq.token_ids) + ahead >= self.limits.max_model_len)
+
     def _will_finish(self, seq: Sequence) -> bool:
         """Certain to finish with the token in flight (its length), whatever the token is."""
-        return (seq.num_output_tokens + 1 >= seq.params.max_tokens
-                or len(seq.token_ids) + 1 >= self.limits.max_model_len)
+        return self._at_length(seq, ahead=1)
 
     def _may_finish(self, seq: Sequence) -> bool:
         """Could finish on the token in flight (EOS, a stop token id, a stop string checked here)."""
@@ -371,7 +375,7 @@ class Engine:
             reason = "stop"
         elif seq.detokenizer is not None and seq.detokenizer.add_token(token):
             reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.limits.max_model_len:
+        elif self._at_length(seq):
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
