@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_bench import SHAPES, DecodeTimer, NullTokenizer, build_model_dir, random_adapter  # noqa: E402
+from bench.decode_bench import SHAPES, DecodeTimer, NullTokenizer, build_model_dir, has_model_dir, random_adapter  # noqa: E402
 from cache.basis_cache import BasisCache  # noqa: E402
 from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-async-"))
-    if not (workdir / "model" / "config.json").exists():
+    if not has_model_dir(args.shape, workdir / "model"):
         build_model_dir(args.shape, workdir / "model")
     cfg = ModelConfig(model=str(workdir / "model"), device="cuda", dtype="bfloat16", rank_max=32,
                       cache_dir=workdir / "cache")

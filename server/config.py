@@ -83,6 +83,10 @@ class EngineConfig:
     """Sequences in the running batch at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks + decodes)."""
+    max_prefill_tokens_with_decodes: int = 256
+    """Prompt tokens a step may carry beside running decodes (chunked prefill): every running stream waits for
+    the step, so a large prefill in it stalls them all (inter-token p99). Steps with no decodes take the whole
+    budget. Raise it toward max_num_batched_tokens for throughput, at the cost of token latency."""
     max_model_len: int | None = None
     """Prompt + output limit; None = the model's max_position_embeddings, capped at 8192."""
     block_size: int = 16
@@ -119,7 +123,7 @@ class EngineConfig:
     def __post_init__(self):
         problems = [
             f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_gpu_adapters",
+            for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes", "block_size", "max_gpu_adapters",
                          "max_host_adapters", "max_queue")
             if getattr(self, name) < 1
         ]

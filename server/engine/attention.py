@@ -69,22 +69,50 @@ class DecodeMetadata:
     block_size: int
 
 
+@dataclass
+class MixedMetadata:
+    """A step of decodes and prompt chunks: each part attends on its own, so the decodes' queries are not
+    padded to the longest chunk (a [S, H, Qmax, Kmax] attention for one query a sequence) and, on CUDA, run
+    the paged decode kernel. Rows index the step's T tokens."""
+
+    kv_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    """[T] flat KV index where each step token's K/V is written."""
+    decode_rows: torch.Tensor
+    decode: AttentionMetadata | DecodeMetadata
+    prefill_rows: torch.Tensor
+    prefill: AttentionMetadata
+
+
 def paged_attention_forward(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None,
-    pica_attention: AttentionMetadata | DecodeMetadata | None = None, **kwargs,
+    pica_attention: AttentionMetadata | DecodeMetadata | MixedMetadata | None = None, **kwargs,
 ):
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
     meta = pica_attention
     kv = meta.kv_caches[module.layer_idx]
     kv[0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(kv.dtype))
     kv[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(kv.dtype))
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    attend = lambda part, q_part: _attend(part, q_part, kv, scaling, sliding_window, softcap)  # noqa: E731
+    if isinstance(meta, MixedMetadata):
+        out = torch.empty_like(q)
+        out[meta.decode_rows] = attend(meta.decode, q[meta.decode_rows])
+        out[meta.prefill_rows] = attend(meta.prefill, q[meta.prefill_rows])
+    else:
+        out = attend(meta, q)
+    return out[None], None
+
+
+def _attend(meta: AttentionMetadata | DecodeMetadata, q: torch.Tensor, kv: torch.Tensor, scaling, sliding_window,
+            softcap) -> torch.Tensor:
+    """q [T, H, D] of the tokens `meta` describes, their K/V already in the cache -> [T, H, D]."""
     if isinstance(meta, DecodeMetadata):
         from server.engine.decode_attention import paged_decode_attention  # Triton: CUDA machines only
 
-        out = paged_decode_attention(query[0].transpose(0, 1), kv[0], kv[1], meta.block_tables, meta.context_lens,
-                                     meta.block_size, scaling, sliding_window, softcap)
-        return out[None], None
-    q = query[0].transpose(0, 1)[meta.query_index].transpose(1, 2)  # [S, H, Qmax, D]
+        return paged_decode_attention(q, kv[0], kv[1], meta.block_tables, meta.context_lens, meta.block_size,
+                                      scaling, sliding_window, softcap)
+    q = q[meta.query_index].transpose(1, 2)  # [S, H, Qmax, D]
     k = kv[0][meta.kv_index].transpose(1, 2)  # [S, Hkv, Kmax, D]
     v = kv[1][meta.kv_index].transpose(1, 2)
     mask = meta.mask(sliding_window)
@@ -93,9 +121,7 @@ def paged_attention_forward(
     else:
         out = attention_reference(q, k, v, mask, scaling, softcap)
     num_seqs, num_heads, max_q, head_dim = out.shape
-    out = out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[meta.token_gather]  # [T, H, D]
-    return out[None], None
-
+    return out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[meta.token_gather]  # [T, H, D]
 
 def attention_reference(q, k, v, mask, scaling, softcap=None):
     """Semantics: softmax(mask(softcap(q k^T * scaling))) v per sequence, with GQA head sharing."""

@@ -118,7 +118,8 @@ class Engine:
             log.info("warm-up prefill: %.2f s", warm_up(self.runner, cfg.max_num_batched_tokens, cfg.max_num_seqs))
         self.slots = SlotTable(cfg.max_gpu_adapters)
         self.blocks = BlockManager(self.runner.num_kv_blocks, cfg.block_size)
-        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots)
+        self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots,
+                                   cfg.max_prefill_tokens_with_decodes)
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[FinishedRequest] = []  # reported with the next step's stats
         self._last_step_end: float | None = None  # set while work was left at the end of the last step

@@ -18,7 +18,7 @@ import torch
 from adapters.layer import attach_adapters
 from adapters.ops import KERNELS_AVAILABLE
 from server.config import EngineConfig
-from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, DecodeMetadata
+from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, DecodeMetadata, MixedMetadata
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledSeq
 
@@ -202,24 +202,57 @@ class ModelRunner:
         if device_tokens is not None and any(item.num_tokens != 1 for item in scheduled):
             raise ValueError("device tokens feed decode steps only")
         bs = self.block_size
-        token_ids, positions, token_slots, slot_mapping = [], [], [], []
-        query_starts, query_lens, context_lens, block_tables, logits_rows = [], [], [], [], []
+        token_ids, positions, token_slots, slot_mapping, logits_rows = [], [], [], [], []
         for item in scheduled:
             seq, start, n = item.seq, item.start, item.num_tokens
-            query_starts.append(len(token_ids))
             token_ids += seq.token_ids[start : start + n] if device_tokens is None else [0]  # filled below
             positions += range(start, start + n)
             token_slots += [seq.slot] * n
-            table = seq.block_table
-            slot_mapping += [kv_slot(table, p, bs) for p in range(start, start + n)]
-            query_lens.append(n)
-            context_lens.append(start + n)
-            block_tables.append(table)
+            slot_mapping += [kv_slot(seq.block_table, p, bs) for p in range(start, start + n)]
             if item.samples:
                 logits_rows.append(len(token_ids) - 1)
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        meta = self._attention_metadata(scheduled, as_long(slot_mapping), as_long)
+        self.adapted.slot_index.set(token_slots)
+        ids = as_long(token_ids)
+        if device_tokens is not None:  # one token a sequence: query_starts are 0..S-1
+            ids = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
+        return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]
 
-        dev = self.device
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=dev)  # noqa: E731
+    def _attention_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long
+                            ) -> AttentionMetadata | MixedMetadata:
+        """Attention over the step's packed tokens (scheduled order). Where decodes run beside prompt chunks, each
+        part attends on its own: decodes in the paged decode kernel on CUDA (padded to one query elsewhere), so
+        their queries are not padded to the longest chunk."""
+        starts = np.cumsum([0] + [item.num_tokens for item in scheduled[:-1]]).tolist()
+        decodes = [i for i, item in enumerate(scheduled) if item.num_tokens == 1]
+        if not decodes or len(decodes) == len(scheduled):
+            return self._padded_metadata(scheduled, starts, slot_mapping, as_long)
+        prefills = [i for i in range(len(scheduled)) if scheduled[i].num_tokens != 1]
+        decode_rows = [starts[i] for i in decodes]
+        prefill_rows = [starts[i] + j for i in prefills for j in range(scheduled[i].num_tokens)]
+        prefill_part = [scheduled[i] for i in prefills]
+        prefill_meta = self._padded_metadata(
+            prefill_part, np.cumsum([0] + [item.num_tokens for item in prefill_part[:-1]]).tolist(), slot_mapping,
+            as_long)
+        decode_part = [scheduled[i] for i in decodes]
+        if self.decode_kernels:
+            inputs = self.decode_inputs(decode_part, len(decode_part))
+            decode_meta = DecodeMetadata(self.kv_caches, slot_mapping, as_long(inputs.block_tables),
+                                         as_long(inputs.context_lens), self.block_size)
+        else:
+            decode_meta = self._padded_metadata(decode_part, list(range(len(decode_part))), slot_mapping, as_long)
+        return MixedMetadata(self.kv_caches, slot_mapping, as_long(decode_rows), decode_meta, as_long(prefill_rows),
+                             prefill_meta)
+
+    def _padded_metadata(self, scheduled: list[ScheduledSeq], query_starts: list[int], slot_mapping: torch.Tensor,
+                         as_long) -> AttentionMetadata:
+        """Each sequence's queries padded to the longest (query_starts: where each sequence's tokens begin among
+        the tokens this metadata covers)."""
+        bs, dev = self.block_size, self.device
+        query_lens = [item.num_tokens for item in scheduled]
+        context_lens = [item.start + item.num_tokens for item in scheduled]
+        block_tables = [item.seq.block_table for item in scheduled]
         num_seqs, max_q, max_k = len(scheduled), max(query_lens), max(context_lens)
         max_blocks = max(len(t) for t in block_tables)
         tables = as_long([t + [0] * (max_blocks - len(t)) for t in block_tables])  # [S, max_blocks]
@@ -229,13 +262,6 @@ class ModelRunner:
         qi = torch.arange(max_q, device=dev)[None, :]
         query_index = q_start[:, None] + torch.minimum(qi, q_len[:, None] - 1)  # [S, Qmax]
         query_positions = torch.where(qi < q_len[:, None], ctx[:, None] - q_len[:, None] + qi, -1)
-        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_len)  # [T]
-        token_gather = seq_of_token * max_q + torch.arange(len(token_ids), device=dev) - q_start[seq_of_token]
-        meta = AttentionMetadata(
-            self.kv_caches, as_long(slot_mapping), query_index, kv_index, query_positions, ctx, token_gather
-        )
-        self.adapted.slot_index.set(token_slots)
-        ids = as_long(token_ids)
-        if device_tokens is not None:  # one token a sequence: query_starts are 0..S-1
-            ids = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
-        return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_len, output_size=sum(query_lens))
+        token_gather = seq_of_token * max_q + torch.arange(sum(query_lens), device=dev) - q_start[seq_of_token]
+        return AttentionMetadata(self.kv_caches, slot_mapping, query_index, kv_index, query_positions, ctx, token_gather)

@@ -2,7 +2,10 @@
 
 Running sequences go first, oldest first: a decoding sequence computes one token, a prefilling one
 a chunk of its prompt, all under one token budget. Waiting sequences are then admitted in arrival
-order while budget, sequence count, KV blocks and a GPU slot for their adapter allow. When KV
+order while budget, sequence count, KV blocks and a GPU slot for their adapter allow. Where the step
+decodes, its prompt tokens (chunks and admissions) stay under a smaller budget as well
+(`max_prefill_tokens_with_decodes`), so a wave of new prompts does not hold every stream's next token
+for a whole prefill: it is spread over several steps instead (Sarathi-Serve's stall-free batching). When KV
 blocks run out, the youngest running sequence is preempted (its blocks freed, recomputed later).
 
 Fairness: arrival order is kept. When the oldest waiting request cannot get an adapter slot (all
@@ -43,10 +46,17 @@ class SchedulerOutput:
     num_preempted: int = 0
 
 
+def _decodes(seq: Sequence) -> bool:
+    """Whether the sequence's next step computes its newest output token (all else it computes is prompt)."""
+    return seq.num_uncomputed_tokens == 1 and seq.num_output_tokens > 0
+
+
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, slots: SlotTable):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, slots: SlotTable,
+                 max_prefill_tokens_with_decodes: int | None = None):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_with_decodes = max_prefill_tokens_with_decodes or max_num_batched_tokens
         self.blocks = blocks
         self.slots = slots
         self.waiting: deque[Sequence] = deque()
@@ -62,11 +72,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        decoding = any(_decodes(seq) for seq in self.running)
+        prefill_budget = self.max_prefill_tokens_with_decodes if decoding else budget
         kept: list[Sequence] = []
         queue = list(self.running)
         while queue:
             seq = queue.pop(0)
-            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            prefills = not _decodes(seq)
+            num_tokens = min(seq.num_uncomputed_tokens, budget, prefill_budget if prefills else budget)
             if num_tokens == 0:
                 kept.append(seq)
                 continue
@@ -81,10 +94,12 @@ class Scheduler:
             self.blocks.allocate(seq, num_tokens)
             out.scheduled.append(self._chunk(seq, num_tokens))
             budget -= num_tokens
+            if prefills:
+                prefill_budget -= num_tokens
             kept.append(seq)
         self.running = kept
         if out.num_preempted == 0:
-            self._admit_waiting(out, budget)
+            self._admit_waiting(out, min(budget, prefill_budget))
         return out
 
     def schedule_lookahead(self, has_pending_token: Callable[[Sequence], bool], will_finish: Callable[[Sequence], bool],

@@ -164,3 +164,34 @@ def test_reupload_while_running_keeps_each_request_on_its_version(world_factory)
     assert early + tokens["old"] == world.greedy("a0", [3, 4, 5], 8)
     assert tokens["new"] == world.greedy("a1", [3, 4, 5], 8)
     assert tokens["old"] != tokens["new"]
+
+
+def test_prompts_beside_decodes_stay_under_the_prefill_budget(world_factory):
+    """A wave of prompts arriving while streams decode is spread over steps of at most
+    max_prefill_tokens_with_decodes prompt tokens, every one of them decoding too; with nothing decoding the
+    whole budget is used. Tokens match the oracle either way."""
+    world = world_factory(num_adapters=1)
+    engine = world.engine(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_with_decodes=8)
+    prompts = {f"r{i}": [3 + i + j for j in range(10 + i)] for i in range(6)}
+    for rid in ("r0", "r1"):
+        engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=12, **GREEDY), world.handle("a0"))
+    tokens, finish, stats = {}, {}, []
+    for step in range(200):
+        if step == 1:
+            for rid in ("r2", "r3", "r4", "r5"):
+                engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=3, **GREEDY), None)
+        if not engine.has_work:
+            break
+        outputs, step_stats = engine.step()
+        stats.append(step_stats)
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finish[out.request_id] = out.finish_reason
+    assert stats[0].num_prefill_tokens == 10 + 11 and stats[0].num_decode_tokens == 0
+    with_prompts = [s for s in stats[1:] if s.num_prefill_tokens]
+    assert sum(s.num_prefill_tokens for s in with_prompts) == sum(len(prompts[f"r{i}"]) for i in range(2, 6))
+    assert len(with_prompts) >= 7 and all(s.num_prefill_tokens <= 8 and s.num_decode_tokens for s in with_prompts)
+    assert set(finish) == set(prompts) and set(finish.values()) == {"length"}
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == world.greedy("a0" if rid in ("r0", "r1") else None, prompt, 12 if rid in ("r0", "r1") else 3)

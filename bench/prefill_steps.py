@@ -1,0 +1,135 @@
+"""Prefill on the GPU as a server sees it: the first wave after start, a later wave, and prompts arriving while
+64 streams decode, step by step.
+
+    python bench/prefill_steps.py --shape llama3-8b --workdir /tmp/b8 --out $OUT/prefill-steps.json
+
+The engine is built as `pica-serve serve` builds it (warm-up included; budget 4096, 64 sequences, 320-token
+context, 64 r=32 slots), so its first wave is what the first clients after a (re)start wait for. Reports each
+step of two waves of 64 fresh prompts (prompt and decode tokens, wall and GPU ms; the first wave also under
+torch.profiler, its busiest ops written beside the JSON), then the steps of prompts arriving four a step beside 64
+decodes under each prompt budget (`--max-prefill-tokens-with-decodes` values): what a stream's inter-token gap
+becomes when new requests join its batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.decode_bench import NullTokenizer, build_model_dir, has_model_dir  # noqa: E402
+from cache.basis_cache import BasisCache  # noqa: E402
+from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.sampling import SamplingParams  # noqa: E402
+from server.model_loader import load_model  # noqa: E402
+
+
+def step_row(engine: Engine) -> tuple[dict, list]:
+    start = time.perf_counter()
+    outputs, stats = engine.step()
+    return {"prefill_tokens": stats.num_prefill_tokens, "decode_tokens": stats.num_decode_tokens,
+            "wall_ms": round(1e3 * (time.perf_counter() - start), 3), "gpu_ms": round(1e3 * stats.gpu_seconds, 3),
+            "host_ms": round(1e3 * stats.host_seconds, 3)}, outputs
+
+
+def wave(engine: Engine, rng: random.Random, vocab: int, name: str, batch: int, prompt_len: int) -> dict:
+    """`batch` fresh prompts at once, stepped until every one has its first token."""
+    start = time.perf_counter()
+    for i in range(batch):
+        engine.add_request(f"{name}-{i}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), None)
+    first, steps = set(), []
+    while len(first) < batch:
+        row, outputs = step_row(engine)
+        steps.append(row)
+        first |= {out.request_id for out in outputs if out.token_ids}
+    ttft = time.perf_counter() - start
+    while engine.has_work:
+        engine.step()
+    return {"ttft_all_s": round(ttft, 4), "steps": steps}
+
+
+def arrivals(engine: Engine, rng: random.Random, vocab: int, batch: int, prompt_len: int, per_step: int,
+             num_steps: int) -> dict:
+    """`batch` streams decoding, `per_step` new prompts added before each of num_steps steps; the steps' times."""
+    for i in range(batch):
+        engine.add_request(f"stream-{i}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
+                           SamplingParams(max_tokens=num_steps + 64, temperature=0, ignore_eos=True), None)
+    while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(8):  # decode-only steps as a baseline
+        engine.step()
+    decode_only = [step_row(engine)[0] for _ in range(8)]
+    mixed = []
+    for n in range(num_steps):
+        for j in range(per_step):
+            engine.add_request(f"new-{n}-{j}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
+                               SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), None)
+        mixed.append(step_row(engine)[0])
+    for rid in list(engine.request_ids):
+        engine.abort_request(rid)
+    while engine.has_work:
+        engine.step()
+    median = lambda rows: sorted(r["wall_ms"] for r in rows)[len(rows) // 2]  # noqa: E731
+    return {"decode_only_wall_ms_median": median(decode_only),
+            "with_prompts_wall_ms_median": median([r for r in mixed if r["prefill_tokens"]] or mixed),
+            "with_prompts_wall_ms_max": max(r["wall_ms"] for r in mixed), "steps": mixed}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--prompt-len", type=int, default=133, help="the serving benchmark's 35-word prompts")
+    parser.add_argument("--budgets", default="256,4096", help="--max-prefill-tokens-with-decodes values to compare")
+    parser.add_argument("--device", default="cuda", help="cpu: a check of the script itself (--shape small)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-prefill-"))
+    if not has_model_dir(args.shape, workdir / "model"):
+        build_model_dir(args.shape, workdir / "model", args.device)
+    cfg = ModelConfig(model=str(workdir / "model"), device=args.device, dtype="bfloat16", rank_max=32,
+                      cache_dir=workdir / "cache")
+    loaded = dataclasses.replace(load_model(cfg), tokenizer=NullTokenizer())
+    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, DEFAULT_TARGET_MODULES, 32, progress=False,
+                                                      device=args.device, dtype=torch.bfloat16)
+    start = time.perf_counter()
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=320,
+                                                max_gpu_adapters=64, max_rank=32, gpu_memory_utilization=0.85))
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "shape": args.shape,
+              "command": " ".join(sys.argv), "engine_start_s": round(time.perf_counter() - start, 2)}
+    rng, vocab = random.Random(0), loaded.model.config.vocab_size
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (args.device == "cuda")
+    with torch.profiler.profile(activities=activities) as prof:
+        report["first_wave"] = wave(engine, rng, vocab, "first", 64, args.prompt_len)
+    table = prof.key_averages()
+    text = (table.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n"
+            + table.table(sort_by="self_device_time_total", row_limit=25) * (args.device == "cuda"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".profile.txt").write_text(text)
+    report["second_wave"] = wave(engine, rng, vocab, "second", 64, args.prompt_len)
+    report["third_wave"] = wave(engine, rng, vocab, "third", 64, args.prompt_len)
+    report["arrivals"] = {}
+    for budget in (int(b) for b in args.budgets.split(",")):
+        engine.scheduler.max_prefill_tokens_with_decodes = budget
+        report["arrivals"][budget] = arrivals(engine, rng, vocab, 64, args.prompt_len, per_step=4, num_steps=24)
+    for key in ("first_wave", "second_wave", "third_wave"):
+        print(key, report[key]["ttft_all_s"], [(r["prefill_tokens"], r["wall_ms"]) for r in report[key]["steps"]])
+    for budget, r in report["arrivals"].items():
+        print("budget", budget, {k: v for k, v in r.items() if k != "steps"})
+    args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
