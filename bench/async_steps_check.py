@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_bench import SHAPES, DecodeTimer, NullTokenizer, build_model_dir, has_model_dir, random_adapter  # noqa: E402
+from bench.decode_bench import (SHAPES, WHOLE_BATCH_PREFILL, DecodeTimer, NullTokenizer, build_model_dir,  # noqa: E402
+                                has_model_dir, random_adapter)
 from cache.basis_cache import BasisCache  # noqa: E402
 from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> int:
               "batch": args.batch, "num_adapters": args.num_adapters, "command": " ".join(sys.argv)}
     results = {}
     for async_scheduling in (False, True):
-        engine = Engine(loaded, basis, EngineConfig(max_num_seqs=args.batch, max_num_batched_tokens=4096,
+        engine = Engine(loaded, basis, EngineConfig(max_num_seqs=args.batch, **WHOLE_BATCH_PREFILL,
                                                     max_model_len=args.prompt_len + args.new_tokens + 64,
                                                     max_gpu_adapters=max(args.num_adapters, 1), max_rank=32,
                                                     gpu_memory_utilization=0.85, async_scheduling=async_scheduling))

@@ -39,6 +39,11 @@ from server.engine.rms_norm import restore_rms_norms  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
 
+WHOLE_BATCH_PREFILL = dict(max_num_batched_tokens=4096, max_prefill_tokens_with_decodes=4096)
+"""The engines' batching here: a batch's prompts are all computed before it decodes (4096 tokens a step, whether or
+not others decode), so every row decodes the whole batch at once. The server's default instead spreads prompts
+that arrive beside decodes over several steps (`--max-prefill-tokens-with-decodes`); bench/serve_bench.py runs that."""
+
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
@@ -146,7 +151,7 @@ def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
         "psoft": [psoft_shaped_handle(host, basis, 16, seed=7000 + i) for i in range(16)],
     }
     mixed = [h for triple in zip(*by_method.values()) for h in triple]
-    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, **WHOLE_BATCH_PREFILL,
                                                 max_model_len=args.prompt_len + args.new_tokens + 64,
                                                 max_gpu_adapters=48, max_rank=32, max_lora_rank=16, max_psoft_rank=16,
                                                 gpu_memory_utilization=0.85, async_scheduling=args.async_scheduling))
@@ -168,7 +173,7 @@ def resident_rows(loaded, basis, args, emit, rank: int, batch: int) -> None:
     distinct adapters spread across the slots; beside it the same engine with only those `batch` loaded, and the
     slot memory per adapter (what residency costs, and whether a step slows with it)."""
     n = args.resident
-    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=4096,
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, **WHOLE_BATCH_PREFILL,
                                                 max_model_len=args.prompt_len + args.new_tokens + 64,
                                                 max_gpu_adapters=n, max_rank=rank, gpu_memory_utilization=0.85,
                                                 async_scheduling=args.async_scheduling))
@@ -183,7 +188,7 @@ def resident_rows(loaded, basis, args, emit, rank: int, batch: int) -> None:
     emit({**row, "resident": engine.slots.num_resident,
           **run_batch(engine, spread, batch, args.prompt_len, args.new_tokens, seed=31)})
     for start in range(0, n, batch):  # every slot loaded: short requests over the rest
-        run_batch(engine, handles[start : start + batch], min(batch, n - start), 4, 1, seed=start)
+        run_batch(engine, handles[start : start + batch], min(batch, n - start), 4, 2, seed=start)
     emit({**row, "resident": engine.slots.num_resident,
           **run_batch(engine, spread, batch, args.prompt_len, args.new_tokens, seed=32)})
     release(engine, loaded.model)
@@ -391,7 +396,7 @@ def main():
 
     for rank in ranks:
         torch.cuda.reset_peak_memory_stats()
-        engine = Engine(loaded, basis, EngineConfig(max_num_seqs=max(batches), max_num_batched_tokens=4096,
+        engine = Engine(loaded, basis, EngineConfig(max_num_seqs=max(batches), **WHOLE_BATCH_PREFILL,
                                                     max_model_len=args.prompt_len + args.new_tokens + 64,
                                                     max_gpu_adapters=max(counts), max_rank=rank,
                                                     gpu_memory_utilization=0.85,

@@ -6,7 +6,7 @@
 The engine is built as `pica-serve serve` builds it (warm-up included; budget 4096, 64 sequences, 320-token
 context, 64 r=32 slots), so its first wave is what the first clients after a (re)start wait for. Reports each
 step of two waves of 64 fresh prompts (prompt and decode tokens, wall and GPU ms; the first wave also under
-torch.profiler, its busiest ops written beside the JSON), then the steps of prompts arriving four a step beside 64
+torch.profiler, its busiest ops written beside the JSON), then the steps of prompts arriving two a step beside 32
 decodes under each prompt budget (`--max-prefill-tokens-with-decodes` values): what a stream's inter-token gap
 becomes when new requests join its batch.
 """
@@ -122,7 +122,7 @@ def main() -> int:
     report["arrivals"] = {}
     for budget in (int(b) for b in args.budgets.split(",")):
         engine.scheduler.max_prefill_tokens_with_decodes = budget
-        report["arrivals"][budget] = arrivals(engine, rng, vocab, 64, args.prompt_len, per_step=4, num_steps=24)
+        report["arrivals"][budget] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2, num_steps=16)
     for key in ("first_wave", "second_wave", "third_wave"):
         print(key, report[key]["ttft_all_s"], [(r["prefill_tokens"], r["wall_ms"]) for r in report[key]["steps"]])
     for budget, r in report["arrivals"].items():
