@@ -14,8 +14,12 @@ becomes when new requests join its batch.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
+import gc
+import io
 import json
+import pstats
 import random
 import sys
 import tempfile
@@ -23,22 +27,26 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode_bench import NullTokenizer, build_model_dir, has_model_dir  # noqa: E402
 from cache.basis_cache import BasisCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
+from server.engine import attention  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
 
 
 def step_row(engine: Engine) -> tuple[dict, list]:
-    start = time.perf_counter()
+    """One step's tokens and times; cpu_ms is this process's CPU time in it (near wall_ms: the host is the bound)."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs, stats = engine.step()
     return {"prefill_tokens": stats.num_prefill_tokens, "decode_tokens": stats.num_decode_tokens,
             "wall_ms": round(1e3 * (time.perf_counter() - start), 3), "gpu_ms": round(1e3 * stats.gpu_seconds, 3),
+            "cpu_ms": round(1e3 * (time.process_time() - cpu_start), 3),
             "host_ms": round(1e3 * stats.host_seconds, 3)}, outputs
 
 
@@ -123,6 +131,25 @@ def main() -> int:
     for budget in (int(b) for b in args.budgets.split(",")):
         engine.scheduler.max_prefill_tokens_with_decodes = budget
         report["arrivals"][budget] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2, num_steps=16)
+    budget = int(args.budgets.split(",")[0])
+    engine.scheduler.max_prefill_tokens_with_decodes = budget
+    with cProfile.Profile() as host_profile:  # where a mixed step's host time goes, by Python function
+        report["arrivals"][f"{budget}-cprofile"] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2,
+                                                            num_steps=8)
+    stream = io.StringIO()
+    pstats.Stats(host_profile, stream=stream).sort_stats("tottime").print_stats(30)
+    pstats.Stats(host_profile, stream=stream).sort_stats("cumulative").print_stats(30)
+    args.out.with_suffix(".cprofile.txt").write_text(stream.getvalue())
+    if args.device == "cuda":  # the same arrivals with cuDNN's SDPA allowed again, for comparison
+        default = attention.VARIED_SHAPE_BACKENDS
+        attention.VARIED_SHAPE_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *default]
+        report["arrivals"][f"{budget}-cudnn"] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2,
+                                                         num_steps=16)
+        attention.VARIED_SHAPE_BACKENDS = default
+    gc.collect()
+    gc.disable()  # and with no garbage collection pauses
+    report["arrivals"][f"{budget}-no-gc"] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2, num_steps=16)
+    gc.enable()
     for key in ("first_wave", "second_wave", "third_wave"):
         print(key, report[key]["ttft_all_s"], [(r["prefill_tokens"], r["wall_ms"]) for r in report[key]["steps"]])
     for budget, r in report["arrivals"].items():
