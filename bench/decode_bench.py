@@ -40,9 +40,8 @@ from server.engine.sampling import SamplingParams  # noqa: E402
 from server.model_loader import load_model  # noqa: E402
 
 WHOLE_BATCH_PREFILL = dict(max_num_batched_tokens=4096, max_prefill_tokens_with_decodes=4096)
-"""The engines' batching here: a batch's prompts are all computed before it decodes (4096 tokens a step, whether or
-not others decode), so every row decodes the whole batch at once. The server's default instead spreads prompts
-that arrive beside decodes over several steps (`--max-prefill-tokens-with-decodes`); bench/serve_bench.py runs that."""
+"""The engines' batching here, whatever the server's defaults: a batch's prompts are all computed before it decodes
+(4096 tokens a step, whether or not others decode), so every row decodes the whole batch at once."""
 
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -83,10 +83,12 @@ class EngineConfig:
     """Sequences in the running batch at once."""
     max_num_batched_tokens: int = 2048
     """Token budget of one step (prefill chunks + decodes)."""
-    max_prefill_tokens_with_decodes: int = 256
-    """Prompt tokens a step may carry beside running decodes (chunked prefill): every running stream waits for
-    the step, so a large prefill in it stalls them all (inter-token p99). Steps with no decodes take the whole
-    budget. Raise it toward max_num_batched_tokens for throughput, at the cost of token latency."""
+    max_prefill_tokens_with_decodes: int | None = None
+    """Prompt tokens a step may carry beside running decodes; None = the whole budget. Every running stream waits
+    for such a step, so a lower limit bounds how long one prefill stalls them, but spreads new prompts over more
+    steps. A step with prompts runs eagerly, not as a CUDA graph: on the H200 (8B shape) it costs about 50 ms of host
+    time whatever its size, so more of them cost more than they save (bench/results/README.md); a limit pays off
+    where prompts are thousands of tokens long."""
     max_model_len: int | None = None
     """Prompt + output limit; None = the model's max_position_embeddings, capped at 8192."""
     block_size: int = 16
@@ -123,7 +125,7 @@ class EngineConfig:
     def __post_init__(self):
         problems = [
             f"{name} must be >= 1, got {getattr(self, name)}"
-            for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens_with_decodes", "block_size", "max_gpu_adapters",
+            for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_gpu_adapters",
                          "max_host_adapters", "max_queue")
             if getattr(self, name) < 1
         ]
@@ -135,7 +137,7 @@ class EngineConfig:
         if self.max_rank is not None and self.max_psoft_rank > self.max_rank:
             problems.append(f"max_psoft_rank {self.max_psoft_rank} exceeds max_rank {self.max_rank}: PSOFT reads the "
                             "basis columns the base GEMM serves, max_rank of them")
-        for name in ("max_model_len", "num_kv_blocks", "max_rank"):
+        for name in ("max_model_len", "num_kv_blocks", "max_rank", "max_prefill_tokens_with_decodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1, got {value}")

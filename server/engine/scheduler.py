@@ -3,9 +3,9 @@
 Running sequences go first, oldest first: a decoding sequence computes one token, a prefilling one
 a chunk of its prompt, all under one token budget. Waiting sequences are then admitted in arrival
 order while budget, sequence count, KV blocks and a GPU slot for their adapter allow. Where the step
-decodes, its prompt tokens (chunks and admissions) stay under a smaller budget as well
-(`max_prefill_tokens_with_decodes`), so a wave of new prompts does not hold every stream's next token
-for a whole prefill: it is spread over several steps instead (Sarathi-Serve's stall-free batching). When KV
+decodes, its prompt tokens (chunks and admissions) may be held to a smaller budget as well
+(`max_prefill_tokens_with_decodes`, off by default): a long prompt then no longer holds every stream's
+next token for its whole prefill, but is spread over several steps (Sarathi-Serve's stall-free batching). When KV
 blocks run out, the youngest running sequence is preempted (its blocks freed, recomputed later).
 
 Fairness: arrival order is kept. When the oldest waiting request cannot get an adapter slot (all
