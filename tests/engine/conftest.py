@@ -50,9 +50,12 @@ class World:
         return ids[len(prompt) :]
 
 
-def run_to_completion(engine, max_steps=10_000):
+def run_to_completion(engine, max_steps=10_000, before_step=None):
+    """Step until the engine drains; before_step(i), where given, runs before step i (arrivals mid-run)."""
     tokens, finish, stats = {}, {}, []
-    for _ in range(max_steps):
+    for i in range(max_steps):
+        if before_step is not None:
+            before_step(i)
         if not engine.has_work:
             break
         outputs, step_stats = engine.step()

@@ -175,19 +175,13 @@ def test_prompts_beside_decodes_stay_under_the_prefill_budget(world_factory):
     prompts = {f"r{i}": [3 + i + j for j in range(10 + i)] for i in range(6)}
     for rid in ("r0", "r1"):
         engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=12, **GREEDY), world.handle("a0"))
-    tokens, finish, stats = {}, {}, []
-    for step in range(200):
+
+    def arrive(step):
         if step == 1:
             for rid in ("r2", "r3", "r4", "r5"):
                 engine.add_request(rid, prompts[rid], SamplingParams(max_tokens=3, **GREEDY), None)
-        if not engine.has_work:
-            break
-        outputs, step_stats = engine.step()
-        stats.append(step_stats)
-        for out in outputs:
-            tokens.setdefault(out.request_id, []).extend(out.token_ids)
-            if out.finished:
-                finish[out.request_id] = out.finish_reason
+
+    tokens, finish, stats = run_to_completion(engine, before_step=arrive)
     assert stats[0].num_prefill_tokens == 10 + 11 and stats[0].num_decode_tokens == 0
     with_prompts = [s for s in stats[1:] if s.num_prefill_tokens]
     assert sum(s.num_prefill_tokens for s in with_prompts) == sum(len(prompts[f"r{i}"]) for i in range(2, 6))
