@@ -92,7 +92,8 @@ STEPS = [
 def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
-    shapes = [dict(heads=4, kv_heads=2, head_dim=16, block_size=4), dict(heads=4, kv_heads=4, head_dim=16, block_size=8)]
+    shapes = [dict(heads=4, kv_heads=2, head_dim=16, block_size=4),
+              dict(heads=4, kv_heads=4, head_dim=16, block_size=8)]
     n = 0
     for i, kinds in enumerate(STEPS):
         for shape in shapes:
