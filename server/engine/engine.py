@@ -292,8 +292,9 @@ class Engine:
                          evictions)
         if not sched.scheduled:
             return done
-        for item in sched.scheduled:
-            if after is not None or (item.num_tokens == 1 and item.seq.num_output_tokens > 0):
+        for item in sched.scheduled:  # a decode computes the newest output token (Scheduler's _decodes), not
+            # a one-token chunk of a preempted sequence's recompute
+            if after is not None or (item.num_tokens == 1 and item.samples and item.seq.num_output_tokens > 0):
                 done.num_decode_tokens += 1
             else:
                 done.num_prefill_tokens += item.num_tokens

@@ -121,8 +121,8 @@ class ModelRunner:
         max_model_len tokens can ever use at once."""
         blocks_per_seq = self.max_blocks_per_seq
         if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        if self.device.type != "cuda":
+            fit = cfg.num_kv_blocks
+        elif self.device.type != "cuda":
             fit = int(cfg.cpu_kv_cache_gib * 2**30 // self.spec.bytes_per_block)
         else:
             free, total = torch.cuda.mem_get_info(self.device)
@@ -132,11 +132,11 @@ class ModelRunner:
             hidden = self.model.config.get_text_config().hidden_size
             activations = 16 * cfg.max_num_batched_tokens * hidden * spec.dtype.itemsize + 4 * gather
             fit = int((total * cfg.gpu_memory_utilization - (total - free) - activations) // spec.bytes_per_block)
-        num_blocks = min(fit, cfg.max_num_seqs * blocks_per_seq)
-        if num_blocks < blocks_per_seq:
+        num_blocks = fit if cfg.num_kv_blocks is not None else min(fit, cfg.max_num_seqs * blocks_per_seq)
+        if num_blocks < blocks_per_seq:  # a full-length request would preempt itself forever
             raise RuntimeError(
                 f"KV cache fits {num_blocks} blocks, fewer than one {self.max_model_len}-token sequence needs "
-                f"({blocks_per_seq}); lower max_model_len or give the server more memory"
+                f"({blocks_per_seq}); lower max_model_len, or give the server more memory (or more --num-kv-blocks)"
             )
         return num_blocks
 

@@ -173,6 +173,24 @@ def test_async_equals_sync_under_kv_preemption(world_factory):
     assert sum(s.num_preempted for s in fast_stats) > 0 and engine.num_lookahead_steps > 0
 
 
+
+@pytest.mark.parametrize("kv", [{}, dict(num_kv_blocks=16, block_size=4, max_model_len=64)])
+def test_async_equals_sync_with_a_prompt_budget_beside_decodes(world_factory, kv):
+    """--max-prefill-tokens-with-decodes 3: prompts (and, under KV pressure, recomputes) spread over steps
+    that decode; the lookahead must still be exactly the step schedule() would make."""
+    world = world_factory(num_adapters=3)
+    limits = dict(max_num_seqs=8, max_num_batched_tokens=16, max_gpu_adapters=2, max_prefill_tokens_with_decodes=3,
+                  **kv)
+    script, aborted = mixed_script(world, 5, num_requests=20, last_arrival=60, abort_share=0.1)
+    script, eos, _ = with_stops_that_hit(world, script, aborted, **limits)
+    sync, fast, engine, sync_stats, fast_stats = both(world, script, eos=eos, **limits)
+    assert_same(sync, fast, aborted)
+    assert engine.num_lookahead_steps > 0, engine.num_lookahead_steps  # few: prompts spread over more steps
+    assert all(s.num_prefill_tokens <= 3 for s in sync_stats + fast_stats if s.num_decode_tokens)
+    assert any(s.num_prefill_tokens > 3 for s in sync_stats)  # steps with nothing decoding use the whole budget
+    if kv:
+        assert sum(s.num_preempted for s in fast_stats) > 0
+
 def test_aborts_mid_flight_cut_at_the_same_token(world_factory):
     """No arrival after the start: the async schedule is the synchronous one, so an abort before step k cuts
     both engines after the same token, although the async engine has step k's token in flight then."""

@@ -46,3 +46,15 @@ def test_a_failure_in_one_requests_step_work_fails_it_alone(world_factory):
     assert len(tokens["a"]) == len(tokens["c"]) == 6
     assert engine.blocks.num_used_blocks == 0 and not engine._seqs
     assert sorted(f.finish_reason for s in stats for f in s.finished) == ["error", "length", "length"]
+
+
+def test_a_kv_override_too_small_for_one_full_length_sequence_is_refused(world_factory):
+    """A --num-kv-blocks override must hold one max_model_len sequence, as the computed capacity must: else a
+    request the edge accepts (prompt + max_tokens <= max_model_len) preempts itself every step, forever."""
+    world = world_factory(num_adapters=0)
+    with pytest.raises(RuntimeError, match="fewer than one 64-token sequence needs"):
+        world.engine(num_kv_blocks=10, block_size=4, max_model_len=64)
+    engine = world.engine(num_kv_blocks=16, block_size=4, max_model_len=64)
+    engine.add_request("long", list(range(3, 43)), SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    _, finish, _ = run_to_completion(engine, max_steps=500)
+    assert finish == {"long": "length"}

@@ -189,3 +189,28 @@ def test_prompts_beside_decodes_stay_under_the_prefill_budget(world_factory):
     assert set(finish) == set(prompts) and set(finish.values()) == {"length"}
     for rid, prompt in prompts.items():
         assert tokens[rid] == world.greedy("a0" if rid in ("r0", "r1") else None, prompt, 12 if rid in ("r0", "r1") else 3)
+
+
+def test_recompute_chunks_of_one_token_count_as_prompt_tokens(world_factory):
+    """Under KV pressure with a prompt budget of 1 beside decodes, preempted sequences (which have output tokens)
+    recompute one token a step; those tokens are prompt tokens in the stats, as the scheduler budgets them, not
+    decodes: a step's decodes each sample a token. Tokens still match the oracle."""
+    world = world_factory(num_adapters=1)
+    engine = world.engine(num_kv_blocks=8, block_size=4, max_model_len=32, max_num_seqs=8,
+                          max_prefill_tokens_with_decodes=1)
+    prompts = {f"r{i}": [3 + 7 * i + j for j in range(6)] for i in range(6)}
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=10, **GREEDY), world.handle("a0"))
+    tokens, steps = {}, []
+    for _ in range(2000):
+        if not engine.has_work:
+            break
+        outputs, stats = engine.step()
+        steps.append((stats, len(outputs)))
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert not engine.has_work and sum(s.num_preempted for s, _ in steps) > 0
+    assert all(s.num_decode_tokens <= num_outputs for s, num_outputs in steps)
+    assert all(s.num_prefill_tokens <= 1 for s, _ in steps if s.num_decode_tokens)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == world.greedy("a0", prompt, 10)
