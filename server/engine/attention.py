@@ -9,6 +9,7 @@ building masks: the metadata carries everything.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -19,8 +20,8 @@ from transformers import AttentionInterface
 ATTN_IMPLEMENTATION = "pica_paged"
 VARIED_SHAPE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """SDPA backends for prefill and mixed steps on CUDA, whose shapes change every step: cuDNN's (torch's first
-choice on Hopper) builds an execution plan per new shape, about 2 ms of host time per call and layer (36 ms
-steps for 256 prompt tokens beside 64 decodes, 1.2 s for the first 4096-token prefill on the H200)."""
+choice on Hopper) builds an execution plan per new shape, about 2 ms of host time per call and layer (1.27 s in
+the first wave after start on the H200, bench/results/prefill-steps-h200-cudnn.profile.txt)."""
 
 
 @dataclass
@@ -82,7 +83,7 @@ class MixedMetadata:
 
     kv_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor
-    """[T] flat KV index where each step token's K/V is written."""
+    """[T] flat KV index where each step token's K/V is written (the parts' own slot_mapping is not read)."""
     decode_rows: torch.Tensor
     decode: AttentionMetadata | DecodeMetadata
     prefill_rows: torch.Tensor
@@ -121,18 +122,29 @@ def _attend(meta: AttentionMetadata | DecodeMetadata, q: torch.Tensor, kv: torch
     k = kv[0][meta.kv_index].transpose(1, 2)  # [S, Hkv, Kmax, D]
     v = kv[1][meta.kv_index].transpose(1, 2)
     mask = meta.mask(sliding_window)
-    if softcap is None and q.is_cuda:
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:  # the memory-efficient kernel takes no grouped heads
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        with sdpa_kernel(VARIED_SHAPE_BACKENDS):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-    elif softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+    if softcap is None:
+        out = grouped_sdpa(q, k, v, mask, scaling)
     else:
         out = attention_reference(q, k, v, mask, scaling, softcap)
     num_seqs, num_heads, max_q, head_dim = out.shape
     return out.transpose(1, 2).reshape(num_seqs * max_q, num_heads, head_dim)[meta.token_gather]  # [T, H, D]
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling) -> torch.Tensor:
+    """q [S, H, Qmax, D], k/v [S, Hkv, Kmax, D], mask [S, 1, Qmax, Kmax] -> [S, H, Qmax, D]. The H / Hkv query
+    heads that share a K/V head attend as that many times Qmax queries of one head, so K/V are read as gathered:
+    the memory-efficient kernel takes no grouped heads, and repeating K/V would multiply the largest tensor here
+    (every context position of every sequence) instead of the queries' mask. On CUDA, VARIED_SHAPE_BACKENDS."""
+    num_seqs, num_heads, max_q, head_dim = q.shape
+    num_kv_heads, max_k = k.shape[1], k.shape[2]
+    rep = num_heads // num_kv_heads
+    if rep > 1:  # head h = g * rep + j: query row j * Qmax + i of K/V head g
+        q = q.reshape(num_seqs, num_kv_heads, rep * max_q, head_dim)
+        mask = mask[:, :, None].expand(num_seqs, 1, rep, max_q, max_k).reshape(num_seqs, 1, rep * max_q, max_k)
+    with sdpa_kernel(VARIED_SHAPE_BACKENDS) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.reshape(num_seqs, num_heads, max_q, head_dim)
+
 
 def attention_reference(q, k, v, mask, scaling, softcap=None):
     """Semantics: softmax(mask(softcap(q k^T * scaling))) v per sequence, with GQA head sharing."""

@@ -225,6 +225,7 @@ class ModelRunner:
         part attends on its own: decodes in the paged decode kernel on CUDA (padded to one query elsewhere), so
         their queries are not padded to the longest chunk."""
         starts = np.cumsum([0] + [item.num_tokens for item in scheduled[:-1]]).tolist()
+        # one query a sequence, whether a decode or a prompt's one-token chunk: the decode kernel's case
         decodes = [i for i, item in enumerate(scheduled) if item.num_tokens == 1]
         if not decodes or len(decodes) == len(scheduled):
             return self._padded_metadata(scheduled, starts, slot_mapping, as_long)
