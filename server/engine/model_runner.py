@@ -228,30 +228,26 @@ class ModelRunner:
         # one query a sequence, whether a decode or a prompt's one-token chunk: the decode kernel's case
         decodes = [i for i, item in enumerate(scheduled) if item.num_tokens == 1]
         if not decodes or len(decodes) == len(scheduled):
-            return self._padded_metadata(scheduled, starts, slot_mapping, as_long)
+            return self._padded_metadata(scheduled, slot_mapping, as_long)
         prefills = [i for i in range(len(scheduled)) if scheduled[i].num_tokens != 1]
         decode_rows = [starts[i] for i in decodes]
         prefill_rows = [starts[i] + j for i in prefills for j in range(scheduled[i].num_tokens)]
-        prefill_part = [scheduled[i] for i in prefills]
-        prefill_meta = self._padded_metadata(
-            prefill_part, np.cumsum([0] + [item.num_tokens for item in prefill_part[:-1]]).tolist(), slot_mapping,
-            as_long)
+        prefill_meta = self._padded_metadata([scheduled[i] for i in prefills], slot_mapping, as_long)
         decode_part = [scheduled[i] for i in decodes]
         if self.decode_kernels:
             inputs = self.decode_inputs(decode_part, len(decode_part))
             decode_meta = DecodeMetadata(self.kv_caches, slot_mapping, as_long(inputs.block_tables),
                                          as_long(inputs.context_lens), self.block_size)
         else:
-            decode_meta = self._padded_metadata(decode_part, list(range(len(decode_part))), slot_mapping, as_long)
+            decode_meta = self._padded_metadata(decode_part, slot_mapping, as_long)
         return MixedMetadata(self.kv_caches, slot_mapping, as_long(decode_rows), decode_meta, as_long(prefill_rows),
                              prefill_meta)
 
-    def _padded_metadata(self, scheduled: list[ScheduledSeq], query_starts: list[int], slot_mapping: torch.Tensor,
-                         as_long) -> AttentionMetadata:
-        """Each sequence's queries padded to the longest (query_starts: where each sequence's tokens begin among
-        the tokens this metadata covers)."""
+    def _padded_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long) -> AttentionMetadata:
+        """Each sequence's queries padded to the longest; the tokens it covers are the scheduled ones, packed in order."""
         bs, dev = self.block_size, self.device
         query_lens = [item.num_tokens for item in scheduled]
+        query_starts = np.cumsum([0] + query_lens[:-1]).tolist()
         context_lens = [item.start + item.num_tokens for item in scheduled]
         block_tables = [item.seq.block_table for item in scheduled]
         num_seqs, max_q, max_k = len(scheduled), max(query_lens), max(context_lens)
