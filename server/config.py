@@ -86,7 +86,7 @@ class EngineConfig:
     max_prefill_tokens_with_decodes: int | None = None
     """Prompt tokens a step may carry beside running decodes; None = the whole budget. Every running stream waits
     for such a step, so a lower limit bounds how long one prefill stalls them, but spreads new prompts over more
-    steps. A step with prompts runs eagerly, not as a CUDA graph: on the H200 (8B shape) it costs about 50 ms of host
+    steps. A step with prompts runs eagerly, not as a CUDA graph: on the H200 (8B shape) it costs 40-80 ms of host
     time whatever its size, so more of them cost more than they save (bench/results/README.md); a limit pays off
     where prompts are thousands of tokens long."""
     max_model_len: int | None = None
