@@ -1,14 +1,16 @@
-"""Prefill on the GPU as a server sees it: the first wave after start, a later wave, and prompts arriving while
-64 streams decode, step by step.
+"""Prefill on the GPU as a server sees it: the first wave after start, later waves, and prompts arriving while
+32 streams decode, step by step.
 
     python bench/prefill_steps.py --shape llama3-8b --workdir /tmp/b8 --out $OUT/prefill-steps.json
 
 The engine is built as `pica-serve serve` builds it (warm-up included; budget 4096, 64 sequences, 320-token
 context, 64 r=32 slots), so its first wave is what the first clients after a (re)start wait for. Reports each
-step of two waves of 64 fresh prompts (prompt and decode tokens, wall and GPU ms; the first wave also under
-torch.profiler, its busiest ops written beside the JSON), then the steps of prompts arriving two a step beside 32
-decodes under each prompt budget (`--max-prefill-tokens-with-decodes` values): what a stream's inter-token gap
-becomes when new requests join its batch.
+step (prompt and decode tokens; wall, GPU and CPU ms) of three waves of 64 fresh prompts, the first under
+torch.profiler (its busiest ops in `.profile.txt` beside the JSON); then the steps of prompts arriving two a
+step beside 32 decodes under each prompt budget (`--budgets`, values of `--max-prefill-tokens-with-decodes`):
+what a stream's inter-token gap becomes when new requests join its batch. The first budget's arrivals are run
+again under cProfile (`.cprofile.txt`: where a mixed step's host time goes), with cuDNN's SDPA allowed, and
+with garbage collection off.
 """
 
 from __future__ import annotations
