@@ -116,10 +116,13 @@ def main() -> int:
     start = time.perf_counter()
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=320,
                                                 max_gpu_adapters=64, max_rank=32, gpu_memory_utilization=0.85))
-    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "shape": args.shape,
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+              "torch": torch.__version__, "shape": args.shape,
               "command": " ".join(sys.argv), "engine_start_s": round(time.perf_counter() - start, 2)}
     rng, vocab = random.Random(0), loaded.model.config.vocab_size
-    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * (args.device == "cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         report["first_wave"] = wave(engine, rng, vocab, "first", 64, args.prompt_len)
     table = prof.key_averages()

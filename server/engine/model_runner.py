@@ -244,7 +244,7 @@ class ModelRunner:
                              prefill_meta)
 
     def _padded_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long) -> AttentionMetadata:
-        """Each sequence's queries padded to the longest; the tokens it covers are the scheduled ones, packed in order."""
+        """Each sequence's queries padded to the longest; the tokens it covers: the scheduled ones, packed in order."""
         bs, dev = self.block_size, self.device
         query_lens = [item.num_tokens for item in scheduled]
         query_starts = np.cumsum([0] + query_lens[:-1]).tolist()
@@ -261,4 +261,5 @@ class ModelRunner:
         query_positions = torch.where(qi < q_len[:, None], ctx[:, None] - q_len[:, None] + qi, -1)
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=dev), q_len, output_size=sum(query_lens))
         token_gather = seq_of_token * max_q + torch.arange(sum(query_lens), device=dev) - q_start[seq_of_token]
-        return AttentionMetadata(self.kv_caches, slot_mapping, query_index, kv_index, query_positions, ctx, token_gather)
+        return AttentionMetadata(self.kv_caches, slot_mapping, query_index, kv_index, query_positions, ctx,
+                                 token_gather)

@@ -188,7 +188,8 @@ def test_prompts_beside_decodes_stay_under_the_prefill_budget(world_factory):
     assert len(with_prompts) >= 7 and all(s.num_prefill_tokens <= 8 and s.num_decode_tokens for s in with_prompts)
     assert set(finish) == set(prompts) and set(finish.values()) == {"length"}
     for rid, prompt in prompts.items():
-        assert tokens[rid] == world.greedy("a0" if rid in ("r0", "r1") else None, prompt, 12 if rid in ("r0", "r1") else 3)
+        first = rid in ("r0", "r1")
+        assert tokens[rid] == world.greedy("a0" if first else None, prompt, 12 if first else 3)
 
 
 def test_recompute_chunks_of_one_token_count_as_prompt_tokens(world_factory):
