@@ -15,7 +15,6 @@ tokens may differ where bf16 numerics move with what shares a batch). Exits 1 if
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import random
@@ -28,15 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_bench import (SHAPES, WHOLE_BATCH_PREFILL, DecodeTimer, NullTokenizer, build_model_dir,  # noqa: E402
-                                has_model_dir, random_adapter)
-from cache.basis_cache import BasisCache  # noqa: E402
+from bench.decode_bench import (SHAPES, WHOLE_BATCH_PREFILL, DecodeTimer, load_bench_model,  # noqa: E402
+                                random_adapter)
 from cache.host_cache import HostCache  # noqa: E402
-from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.rms_norm import restore_rms_norms  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.model_loader import load_model  # noqa: E402
 
 
 def workload(batch: int, prompt_len: int, new_tokens: int, vocab: int, early_stops: bool, seed: int):
@@ -86,14 +83,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-async-"))
-    if not has_model_dir(args.shape, workdir / "model"):
-        build_model_dir(args.shape, workdir / "model")
-    cfg = ModelConfig(model=str(workdir / "model"), device="cuda", dtype="bfloat16", rank_max=32,
-                      cache_dir=workdir / "cache")
-    loaded = load_model(cfg)
-    loaded = dataclasses.replace(loaded, tokenizer=NullTokenizer())
-    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, DEFAULT_TARGET_MODULES, 32, progress=False,
-                                                      device="cuda", dtype=torch.bfloat16)
+    loaded, basis = load_bench_model(args.shape, workdir)
     vocab = loaded.model.config.vocab_size
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
               "batch": args.batch, "num_adapters": args.num_adapters, "command": " ".join(sys.argv)}

@@ -109,6 +109,19 @@ def measured_bandwidth() -> float:
     return 2 * (1 << 31) / (us * 1e-6)
 
 
+def load_bench_model(shape: str, workdir: Path, device: str = "cuda", rank: int = 32):
+    """(loaded model, bf16 basis of rank `rank`) of a random model of this shape in workdir, built there first where
+    it is missing; no tokenizer (NullTokenizer), as the engine-level benches feed token ids."""
+    if not has_model_dir(shape, workdir / "model"):
+        build_model_dir(shape, workdir / "model", device)
+    cfg = ModelConfig(model=str(workdir / "model"), device=device, dtype="bfloat16", rank_max=rank,
+                      cache_dir=workdir / "cache")
+    loaded = dataclasses.replace(load_model(cfg), tokenizer=NullTokenizer())
+    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, DEFAULT_TARGET_MODULES, rank, progress=False,
+                                                      device=device, dtype=torch.bfloat16)
+    return loaded, basis
+
+
 def random_adapter(basis, rank: int, seed: int) -> Adapter:
     gen = torch.Generator().manual_seed(seed)
     tensors = {f"M.{g}": (torch.randn(info.out_features, rank, generator=gen) * 0.01).to(torch.bfloat16)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import gc
 import io
 import json
@@ -33,13 +32,11 @@ from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.decode_bench import NullTokenizer, build_model_dir, has_model_dir  # noqa: E402
-from cache.basis_cache import BasisCache  # noqa: E402
-from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
+from bench.decode_bench import load_bench_model  # noqa: E402
+from server.config import EngineConfig  # noqa: E402
 from server.engine import attention  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
-from server.model_loader import load_model  # noqa: E402
 
 
 def step_row(engine: Engine) -> tuple[dict, list]:
@@ -106,13 +103,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-prefill-"))
-    if not has_model_dir(args.shape, workdir / "model"):
-        build_model_dir(args.shape, workdir / "model", args.device)
-    cfg = ModelConfig(model=str(workdir / "model"), device=args.device, dtype="bfloat16", rank_max=32,
-                      cache_dir=workdir / "cache")
-    loaded = dataclasses.replace(load_model(cfg), tokenizer=NullTokenizer())
-    basis = BasisCache(cfg.basis_dir).load_or_compute(loaded.model, DEFAULT_TARGET_MODULES, 32, progress=False,
-                                                      device=args.device, dtype=torch.bfloat16)
+    loaded, basis = load_bench_model(args.shape, workdir, args.device)
     start = time.perf_counter()
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=320,
                                                 max_gpu_adapters=64, max_rank=32, gpu_memory_utilization=0.85))
