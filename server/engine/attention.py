@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -22,6 +23,23 @@ VARIED_SHAPE_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """SDPA backends for prefill and mixed steps on CUDA, whose shapes change every step: cuDNN's (torch's first
 choice on Hopper) builds an execution plan per new shape, about 2 ms of host time per call and layer (1.27 s in
 the first wave after start on the H200, bench/results/prefill-steps-h200-cudnn.profile.txt)."""
+
+
+VARLEN_BLOCK_M = 16
+"""Query tokens per tile of the varlen kernel (server.engine.varlen_attention)."""
+
+
+def plan_tiles(query_starts: list[int], query_lens: list[int], positions: list[int]) -> np.ndarray:
+    """int32 [4, num_tiles]: each tile's sequence, first token row, token count and first query position, for
+    sequences whose query_lens[s] tokens start at step row query_starts[s] and position positions[s]."""
+    lens = np.asarray(query_lens, dtype=np.int64)
+    per_seq = -(-lens // VARLEN_BLOCK_M)
+    seq = np.repeat(np.arange(len(lens)), per_seq)
+    first = np.cumsum(per_seq) - per_seq
+    offset = (np.arange(len(seq)) - first[seq]) * VARLEN_BLOCK_M
+    tiles = np.stack([seq, np.asarray(query_starts, np.int64)[seq] + offset,
+                      np.minimum(lens[seq] - offset, VARLEN_BLOCK_M), np.asarray(positions, np.int64)[seq] + offset])
+    return tiles.astype(np.int32)
 
 
 @dataclass
@@ -76,6 +94,22 @@ class DecodeMetadata:
 
 
 @dataclass
+class VarlenMetadata:
+    """A step with prompts on CUDA: every sequence's queries in tiles (server.engine.varlen_attention.plan_tiles)
+    attending the paged cache in one kernel launch per layer."""
+
+    kv_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    """[T] flat KV index where each step token's K/V is written."""
+    tiles: torch.Tensor
+    """int32 [4, num_tiles]: sequence, first token row, token count, first query position."""
+    num_tiles: int
+    block_tables: torch.Tensor
+    """[S, max_blocks] integer block ids."""
+    block_size: int
+
+
+@dataclass
 class MixedMetadata:
     """A step of decodes and prompt chunks: each part attends on its own, so the decodes' queries are not
     padded to the longest chunk (a [S, H, Qmax, Kmax] attention for one query a sequence) and, on CUDA, run
@@ -95,24 +129,36 @@ def paged_attention_forward(
     pica_attention: AttentionMetadata | DecodeMetadata | MixedMetadata | None = None, **kwargs,
 ):
     """query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
-    meta = pica_attention
-    kv = meta.kv_caches[module.layer_idx]
-    kv[0].index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1).to(kv.dtype))
-    kv[1].index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1).to(kv.dtype))
-    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = paged_attention(module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                          value[0].transpose(0, 1), pica_attention, scaling, sliding_window, softcap)
+    return out[None], None
+
+
+def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    meta: AttentionMetadata | DecodeMetadata | MixedMetadata | VarlenMetadata, scaling=None, sliding_window=None,
+                    softcap=None) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] of the step's tokens: writes k/v into layer's paged cache, then attends each
+    query to its own sequence's cached keys -> [T, H, D]."""
+    kv = meta.kv_caches[layer]
+    kv[0].index_copy_(0, meta.slot_mapping, k.to(kv.dtype))
+    kv[1].index_copy_(0, meta.slot_mapping, v.to(kv.dtype))
     attend = lambda part, q_part: _attend(part, q_part, kv, scaling, sliding_window, softcap)  # noqa: E731
     if isinstance(meta, MixedMetadata):
         out = torch.empty_like(q)
         out[meta.decode_rows] = attend(meta.decode, q[meta.decode_rows])
         out[meta.prefill_rows] = attend(meta.prefill, q[meta.prefill_rows])
-    else:
-        out = attend(meta, q)
-    return out[None], None
+        return out
+    return attend(meta, q)
 
 
-def _attend(meta: AttentionMetadata | DecodeMetadata, q: torch.Tensor, kv: torch.Tensor, scaling, sliding_window,
+def _attend(meta: AttentionMetadata | DecodeMetadata | VarlenMetadata, q: torch.Tensor, kv: torch.Tensor, scaling, sliding_window,
             softcap) -> torch.Tensor:
     """q [T, H, D] of the tokens `meta` describes, their K/V already in the cache -> [T, H, D]."""
+    if isinstance(meta, VarlenMetadata):
+        from server.engine.varlen_attention import paged_varlen_attention  # Triton: CUDA machines only
+
+        return paged_varlen_attention(q, kv[0], kv[1], meta.tiles, meta.num_tiles, meta.block_tables,
+                                      meta.block_size, scaling, sliding_window, softcap)
     if isinstance(meta, DecodeMetadata):
         from server.engine.decode_attention import paged_decode_attention  # Triton: CUDA machines only
 

@@ -1,7 +1,7 @@
 """A step's attention as the model runner builds it (ModelRunner._attention_metadata) vs each sequence's own
 reference attention: steps that mix decodes, one-token prompt chunks (at 0 and mid-prompt), and chunks starting
-at 0 and later, in scrambled order, with grouped heads, sliding windows and softcap; decodes through the paged
-decode kernel (decode_kernels) and padded. Run by test_mixed_attention.py: natively on a GPU (which also takes the
+at 0 and later, in scrambled order, with grouped heads, sliding windows and softcap; through the varlen kernel
+(decode_kernels: the CUDA path) and padded SDPA. Run by test_mixed_attention.py: natively on a GPU (which also takes the
 CUDA padded-SDPA path), else in Triton's interpreter (TRITON_INTERPRET=1 set by the caller).
 """
 
@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from server.engine.attention import MixedMetadata, attention_reference, paged_attention_forward
+from server.engine.attention import (AttentionMetadata, MixedMetadata, VarlenMetadata, attention_reference,
+                                     paged_attention_forward)
 from server.engine.model_runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import ScheduledSeq
@@ -51,7 +52,8 @@ def check(kinds, heads, kv_heads, head_dim, block_size, dtype, device, seed, dec
     as_long = lambda values: torch.tensor(np.asarray(values), dtype=torch.long, device=device)  # noqa: E731
     meta = runner._attention_metadata(scheduled, as_long(slot_mapping), as_long)
     mixed = any(item.num_tokens == 1 for item in scheduled) and any(item.num_tokens > 1 for item in scheduled)
-    assert isinstance(meta, MixedMetadata) == mixed, type(meta)
+    expected = VarlenMetadata if decode_kernels else MixedMetadata if mixed else AttentionMetadata
+    assert type(meta) is expected, type(meta)
     num_tokens = len(slot_mapping)
     query = torch.randn(1, heads, num_tokens, head_dim, generator=gen).to(dtype).to(device)
     key = torch.randn(1, kv_heads, num_tokens, head_dim, generator=gen).to(dtype).to(device)
@@ -86,6 +88,7 @@ STEPS = [
     [(20, 1, True), (5, 1, False), (1, 4, True), (30, 1, True), (0, 9, False)],
     [(0, 6, True), (2, 3, True)],  # prompt chunks only
     [(7, 1, True), (0, 1, True), (3, 1, False)],  # one-token rows only
+    [(3, 40, True), (25, 1, True), (0, 20, False), (16, 17, True)],  # chunks over several 16-token tiles
 ]
 
 
@@ -93,7 +96,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
     shapes = [dict(heads=4, kv_heads=2, head_dim=16, block_size=4),
-              dict(heads=4, kv_heads=4, head_dim=16, block_size=8)]
+              dict(heads=4, kv_heads=4, head_dim=16, block_size=8),
+              dict(heads=8, kv_heads=2, head_dim=32, block_size=16)]  # Llama-3-8B's 4 query heads per kv head
     n = 0
     for i, kinds in enumerate(STEPS):
         for shape in shapes:
