@@ -24,12 +24,15 @@ def build_tiny_model(path: Path, arch: str = "llama", seed: int = 0, num_layers:
 
     init_std 0.02 (transformers' default) gives near-uniform outputs whose logit spread a frozen
     lm_head caps; training tests use a larger one so that confident answers are reachable."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     tokenizer = build_byte_tokenizer()
-    config = tiny_config(tokenizer, {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch], hidden_size=64,
-                         intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=512,
-                         initializer_range=init_std)
+    config_class, extra = {  # Mistral with a window short enough for the tests' prompts; Gemma: transformers' forward
+        "llama": (LlamaConfig, {}), "qwen2": (Qwen2Config, {}), "mistral": (MistralConfig, {"sliding_window": 8}),
+        "gemma": (GemmaConfig, {"head_dim": 16}),
+    }[arch]
+    config = tiny_config(tokenizer, config_class, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+                         max_position_embeddings=512, initializer_range=init_std, **extra)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -18,7 +18,9 @@ import torch
 from adapters.layer import attach_adapters
 from adapters.ops import KERNELS_AVAILABLE
 from server.config import EngineConfig
-from server.engine.attention import ATTN_IMPLEMENTATION, AttentionMetadata, DecodeMetadata, MixedMetadata
+from server.engine.attention import (ATTN_IMPLEMENTATION, AttentionMetadata, DecodeMetadata, MixedMetadata,
+                                     VarlenMetadata, plan_tiles)
+from server.engine.llama_decoder import LlamaDecoder, unsupported_reason
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledSeq
 
@@ -96,6 +98,9 @@ class ModelRunner:
 
             log.info("fused RMSNorm: %d modules swapped", fuse_rms_norms(self.model))
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        reason = unsupported_reason(self.model)
+        self.decoder = LlamaDecoder(self.model) if reason is None else None
+        log.info("forward: %s", "our Llama-family decoder" if reason is None else f"transformers' ({reason})")
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
         self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)
         self.num_kv_blocks = self._kv_capacity(cfg)
@@ -114,6 +119,12 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(self, cfg.max_num_seqs)
             self.graphs.capture()
+        self.prefill_graphs = None
+        if self.graphs is not None and self.decoder is not None:
+            from server.engine.piecewise_graphs import PrefillGraphs
+
+            self.prefill_graphs = PrefillGraphs(self, self.decoder, cfg.max_num_batched_tokens)
+            self.prefill_graphs.capture()
 
     def _kv_capacity(self, cfg: EngineConfig) -> int:
         """Blocks to allocate: the override; else what fits (GPU memory left after weights and a reserve
@@ -149,7 +160,10 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta, logits_rows: torch.Tensor) -> torch.Tensor:
-        """The model's own forward on one packed row of tokens -> logits [1, len(logits_rows), V]."""
+        """The model's forward on one packed row of tokens -> logits [1, len(logits_rows), V]: ours for the Llama
+        family, else transformers' own."""
+        if self.decoder is not None:
+            return self.decoder.forward(token_ids, positions, meta, logits_rows)
         out = self.model(input_ids=token_ids[None], position_ids=positions[None], pica_attention=meta,
                          logits_to_keep=logits_rows, use_cache=False)
         return out.logits
@@ -213,18 +227,30 @@ class ModelRunner:
                 logits_rows.append(len(token_ids) - 1)
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         meta = self._attention_metadata(scheduled, as_long(slot_mapping), as_long)
-        self.adapted.slot_index.set(token_slots)
+        bucket = None if self.prefill_graphs is None else self.prefill_graphs.bucket_for(len(token_ids))
+        # a captured bucket's padded rows carry no adapter
+        self.adapted.slot_index.set(token_slots + [-1] * ((bucket or 0) - len(token_ids)))
         ids = as_long(token_ids)
         if device_tokens is not None:  # one token a sequence: query_starts are 0..S-1
             ids = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
+        graphs = None if bucket is None else self.prefill_graphs.graphs_for(bucket)
+        if graphs is not None:
+            return self.prefill_graphs.run(ids, as_long(positions), meta, as_long(logits_rows), graphs)[0]
+        if bucket is not None:  # not captured for this kind: the index must cover the real tokens only
+            self.adapted.slot_index.set(token_slots)
         return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]
 
     def _attention_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long
-                            ) -> AttentionMetadata | MixedMetadata:
-        """Attention over the step's packed tokens (scheduled order). Where decodes run beside prompt chunks, each
-        part attends on its own: decodes in the paged decode kernel on CUDA (padded to one query elsewhere), so
-        their queries are not padded to the longest chunk."""
+                            ) -> AttentionMetadata | MixedMetadata | VarlenMetadata:
+        """Attention over the step's packed tokens (scheduled order). On CUDA, one varlen kernel over the paged
+        cache. Elsewhere padded SDPA; where decodes run beside prompt chunks, each part attends on its own (decodes
+        padded to one query), so their queries are not padded to the longest chunk."""
         starts = np.cumsum([0] + [item.num_tokens for item in scheduled[:-1]]).tolist()
+        if self.decode_kernels:
+            tiles = plan_tiles(starts, [item.num_tokens for item in scheduled], [item.start for item in scheduled])
+            inputs = self.decode_inputs(scheduled, len(scheduled))  # its block tables: one row a sequence
+            return VarlenMetadata(self.kv_caches, slot_mapping, torch.from_numpy(tiles).to(self.device),
+                                  tiles.shape[1], torch.from_numpy(inputs.block_tables).to(self.device), self.block_size)
         # one query a sequence, whether a decode or a prompt's one-token chunk: the decode kernel's case
         decodes = [i for i, item in enumerate(scheduled) if item.num_tokens == 1]
         if not decodes or len(decodes) == len(scheduled):
@@ -234,12 +260,7 @@ class ModelRunner:
         prefill_rows = [starts[i] + j for i in prefills for j in range(scheduled[i].num_tokens)]
         prefill_meta = self._padded_metadata([scheduled[i] for i in prefills], slot_mapping, as_long)
         decode_part = [scheduled[i] for i in decodes]
-        if self.decode_kernels:
-            inputs = self.decode_inputs(decode_part, len(decode_part))
-            decode_meta = DecodeMetadata(self.kv_caches, slot_mapping, as_long(inputs.block_tables),
-                                         as_long(inputs.context_lens), self.block_size)
-        else:
-            decode_meta = self._padded_metadata(decode_part, slot_mapping, as_long)
+        decode_meta = self._padded_metadata(decode_part, slot_mapping, as_long)
         return MixedMetadata(self.kv_caches, slot_mapping, as_long(decode_rows), decode_meta, as_long(prefill_rows),
                              prefill_meta)
 

@@ -30,6 +30,8 @@ def test_cuda_engine_matches_dense_oracle_fp32(world_factory, cuda_graphs, arch)
                            world.handle(adapter_id))
     tokens, finish, stats = run_to_completion(engine)
     assert sum(s.batch_size for s in stats if s.num_prefill_tokens == 0) > 0, "decode-only steps ran"
+    prefill_graphs = engine.runner.prefill_graphs
+    assert (prefill_graphs is not None and prefill_graphs.steps_run > 0) == cuda_graphs, "steps with prompts replayed"
     for rid, adapter_id, prompt, max_tokens in reqs:
         assert tokens[rid] == world.greedy(adapter_id, prompt, max_tokens), (rid, adapter_id)
 

@@ -8,10 +8,11 @@ from server.engine.sampling import SamplingParams
 from tests.engine.conftest import run_to_completion
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma"])
 def test_concurrent_mixed_adapters_match_dense_oracle(world_factory, arch):
     world = world_factory(num_adapters=10, arch=arch)
     engine = world.engine(max_gpu_adapters=4, max_num_batched_tokens=24, max_num_seqs=12)
+    assert (engine.runner.decoder is None) == (arch == "gemma"), "our decoder runs the Llama family, only it"
     rng = random.Random(0)
     choices = [None] + sorted(world.adapters)
     requests = []

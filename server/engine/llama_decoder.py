@@ -1,0 +1,102 @@
+"""Our own forward for the Llama family (Llama, Mistral, Qwen2): the model's own modules and weights, run as a
+flat loop of layers cut at the attention calls.
+
+transformers' forward nests the attention call inside each layer's module, so nothing between two attention
+calls can be captured on its own. Here a step is `embed -> (attention_inputs -> attend -> after_attention) per
+layer -> final_norm -> logits`; everything but `attend` has static shapes and no host decisions, so steps with
+prompts replay CUDA graphs of those pieces per token count (server.engine.piecewise_graphs) and run only the
+attention, whose shapes change every step, eagerly. The target linears are whatever the model holds (the
+adapted ones share one GEMM for q/k/v and one for gate/up). Any other architecture keeps transformers' forward
+(ModelRunner.forward); both are tested against the dense merged model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from server.engine.attention import paged_attention
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+"""Rotary embeddings whose tables depend on the positions only: `dynamic` and `longrope` resize them on the host
+from the longest position seen, which a captured graph would not repeat."""
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why this model keeps transformers' own forward, or None where this decoder runs it."""
+    cfg = model.config
+    if cfg.model_type not in ARCHITECTURES:
+        return f"architecture {cfg.model_type!r} (this decoder runs {', '.join(ARCHITECTURES)})"
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope not in ROPE_TYPES:
+        return f"rope type {rope!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    return None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D], cos/sin [T, D]: transformers' rotate-half RoPE (`x cos + rotate_half(x) sin`)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class LlamaDecoder:
+    """The step forward of a Llama-family causal LM on one packed row of tokens (ModelRunner.forward's contract)."""
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"LlamaDecoder does not run this model: {reason}")
+        inner, cfg = model.model, model.config
+        self.embed_tokens, self.rotary, self.norm, self.lm_head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
+        self.layers = list(inner.layers[: cfg.num_hidden_layers])
+        self.num_layers = len(self.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        mistral_window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        self.sliding_windows = [getattr(layer.self_attn, "sliding_window", mistral_window) for layer in self.layers]
+
+    def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[T] ids and positions -> hidden [T, hidden], cos and sin [T, D] (shared by every layer)."""
+        hidden = self.embed_tokens(token_ids)
+        cos, sin = self.rotary(hidden[None], positions[None])
+        return hidden, cos[0], sin[0]
+
+    def attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer i's q [T, H, D], k and v [T, Hkv, D] (RoPE applied) from the residual stream."""
+        layer = self.layers[i]
+        attn, x = layer.self_attn, layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
+        """Layer i's paged attention -> [T, H * D]."""
+        attn = self.layers[i].self_attn
+        out = paged_attention(i, q, k, v, meta, attn.scaling, self.sliding_windows[i])
+        return out.reshape(out.shape[0], -1)
+
+    def after_attention(self, i: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual stream after layer i: o_proj, residual add, norm, gated MLP, residual add."""
+        layer = self.layers[i]
+        hidden = hidden + layer.self_attn.o_proj(attended)
+        x = layer.post_attention_layernorm(hidden)
+        mlp = layer.mlp
+        return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    def logits(self, normed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The final-normed rows that sample -> logits [1, len(rows), V] (as transformers' logits_to_keep)."""
+        return self.lm_head(normed[rows])[None]
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta, logits_rows: torch.Tensor) -> torch.Tensor:
+        hidden, cos, sin = self.embed(token_ids, positions)
+        for i in range(self.num_layers):
+            q, k, v = self.attention_inputs(i, hidden, cos, sin)
+            hidden = self.after_attention(i, hidden, self.attend(i, q, k, v, meta))
+        return self.logits(self.norm(hidden), logits_rows)
