@@ -137,8 +137,9 @@ def test_psoft_served_in_the_basis_equals_the_dense_delta(r, width):
         y = shared.output_for(0, x)
     w0 = w0.float()
     expected = {1: x @ (w0 + b @ k @ a).T, BASE_SLOT: x @ w0.T, 0: x @ (w0 + m @ p[:5]).T, 2: x @ w0.T}
-    for t, slot in enumerate(slots):
-        torch.testing.assert_close(y[t], expected[slot][t], atol=1e-5, rtol=1e-5)
+    for t, slot in enumerate(slots):  # fp32 rounding scales with the outputs' size (several products deep)
+        scale = float(expected[slot][t].abs().max())
+        torch.testing.assert_close(y[t], expected[slot][t], atol=1e-5 * max(scale, 1.0), rtol=1e-5)
     assert (expected[1] - expected[BASE_SLOT]).abs().max() > 1e-1
 
 
