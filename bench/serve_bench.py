@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import shlex
 import socket
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,30 +180,62 @@ async def send(client: httpx.AsyncClient, args, record: RequestRecord, prompt: s
     record.end = time.perf_counter()
 
 
-async def drive(url: str, headers: dict, args, adapter_ids: list[str]) -> list[RequestRecord]:
+def plan_requests(args, adapter_ids: list[str]) -> list[tuple[RequestRecord, str]]:
+    """Every request's adapter and prompt, fixed by the seed (the same whatever the number of client processes)."""
     rng = random.Random(args.seed)
     choices = adapter_ids or [None]
     records = [RequestRecord(rng.choice(choices) if args.zipf is None else choices[min(len(choices), int(
         np.random.default_rng(args.seed + i).zipf(args.zipf))) - 1]) for i in range(args.num_requests)]
-    prompts = [" ".join(rng.choice(WORDS) for _ in range(args.prompt_words)) for _ in records]
-    limits = httpx.Limits(max_connections=args.concurrency or args.num_requests, max_keepalive_connections=None)
+    return [(record, " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))) for record in records]
+
+
+async def drive(url: str, headers: dict, args, requests: list[tuple[RequestRecord, str]], concurrency: int,
+                request_rate: float | None, seed: int) -> list[RequestRecord]:
+    limits = httpx.Limits(max_connections=concurrency or len(requests), max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=args.request_timeout, limits=limits) as client:
-        if args.request_rate:  # Poisson arrivals: exponential gaps, every request in flight once sent
-            tasks = []
-            for record, prompt in zip(records, prompts):
+        if request_rate:  # Poisson arrivals: exponential gaps, every request in flight once sent
+            rng, tasks = random.Random(seed), []
+            for record, prompt in requests:
                 tasks.append(asyncio.create_task(send(client, args, record, prompt)))
-                await asyncio.sleep(rng.expovariate(args.request_rate))
+                await asyncio.sleep(rng.expovariate(request_rate))
             await asyncio.gather(*tasks)
         else:  # a fixed number of clients, each sending its next request when the last one ends
-            queue = list(zip(records, prompts))[::-1]
+            queue = requests[::-1]
 
             async def client_loop():
                 while queue:
                     record, prompt = queue.pop()
                     await send(client, args, record, prompt)
 
-            await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
-    return records
+            await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return [record for record, _ in requests]
+
+
+def client_shard(url: str, headers: dict, args, requests, concurrency: int, request_rate: float | None,
+                 seed: int) -> tuple[list[RequestRecord], float]:
+    """One client process's requests, and the share of the run its CPU was busy (near 1: the client, not the
+    server, may be what the measured gaps show)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    records = asyncio.run(drive(url, headers, args, requests, concurrency, request_rate, seed))
+    return records, (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def run_clients(url: str, headers: dict, args, adapter_ids: list[str]) -> tuple[list[RequestRecord], list[float]]:
+    """The requests spread over `--client-processes` processes (each its own event loop and its share of the
+    concurrency or rate), so that parsing 64 streams' events does not bound what is measured. Token times are
+    time.perf_counter(), CLOCK_MONOTONIC on Linux: one clock for every process."""
+    requests = plan_requests(args, adapter_ids)
+    n = max(1, min(args.client_processes, args.concurrency or len(requests), len(requests)))
+    shares = [(args.concurrency // n + (i < args.concurrency % n), args.request_rate and args.request_rate / n)
+              for i in range(n)]
+    if n == 1:
+        records, busy = client_shard(url, headers, args, requests, *shares[0], args.seed)
+        return records, [busy]
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(client_shard, url, headers, args, requests[i::n], *shares[i], args.seed + i)
+                   for i in range(n)]
+        results = [future.result() for future in futures]
+    return [record for records, _ in results for record in records], [busy for _, busy in results]
 
 
 def engine_step_times(delta: dict[str, float]) -> dict[str, float]:
@@ -212,6 +246,24 @@ def engine_step_times(delta: dict[str, float]) -> dict[str, float]:
     return {"num_decode_steps": int(steps),
             "host_ms_per_decode_step": 1000 * delta.get('pica_engine_step_host_seconds_total{kind="decode"}', 0.0) / steps,
             "gpu_ms_per_decode_step": 1000 * delta.get('pica_engine_step_gpu_seconds_total{kind="decode"}', 0.0) / steps}
+
+
+def histogram_percentiles(delta: dict[str, float], name: str) -> dict[str, float]:
+    """p50/p90/p99 of a Prometheus histogram over the run, interpolated within buckets (histogram_quantile)."""
+    buckets = sorted((float(key.split('le="')[1].split('"')[0]), count) for key, count in delta.items()
+                     if key.startswith(name + "_bucket{") and 'le="+Inf"' not in key)
+    total = delta.get(name + "_count", 0.0)
+    if not buckets or not total:
+        return {}
+    result = {}
+    for q in (50, 90, 99):
+        rank, lower, below = total * q / 100, 0.0, 0.0
+        for upper, count in buckets:
+            if count >= rank:
+                result[f"p{q}"] = lower + (upper - lower) * (rank - below) / max(count - below, 1e-12)
+                break
+            lower, below = upper, count
+    return result
 
 
 def percentiles(values) -> dict[str, float]:
@@ -265,6 +317,8 @@ def main():
     parser.add_argument("--request-timeout", type=float, default=600)
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="client processes sharing the concurrency (or rate); one event loop parses ~9k events/s")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-serve-bench-"))
@@ -280,7 +334,7 @@ def main():
         ids = upload_adapters(url, headers, adapter_shapes(args.model, workdir / "cache"), args.num_adapters, args.rank)
         upload_s = time.perf_counter() - start
         before = scrape_metrics(url, headers)
-        records = asyncio.run(drive(url, headers, args, ids))
+        records, client_busy = run_clients(url, headers, args, ids)
         after = scrape_metrics(url, headers)
     finally:
         if proc is not None:
@@ -290,8 +344,12 @@ def main():
     report = {"command": " ".join(sys.argv), "mode": "poisson" if args.request_rate else "fixed-concurrency",
               **{k: getattr(args, k) for k in ("api", "concurrency", "request_rate", "num_adapters", "rank",
                                                 "prompt_words", "max_tokens", "zipf")},
-              "stream": not args.no_stream, "upload_s": upload_s, **summarize(records, args.concurrency),
-              "engine_steps": engine_step_times(delta), "metrics_delta": delta, "metrics_after": after}
+              "stream": not args.no_stream, "upload_s": upload_s, "client_processes": len(client_busy),
+              "client_cpu_busy": [round(b, 3) for b in client_busy], **summarize(records, args.concurrency),
+              "engine_steps": engine_step_times(delta),
+              # the same gaps as the engine core saw them (its outputs, before IPC, SSE and the clients)
+              "engine_itl_s": histogram_percentiles({k: v - before.get(k, 0.0) for k, v in after.items()},
+                                                  "pica_inter_token_latency_seconds"), "metrics_delta": delta, "metrics_after": after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k not in ("metrics_after", "metrics_delta")}, indent=1))

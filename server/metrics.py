@@ -21,6 +21,10 @@ from cache.slot_table import CacheStats
 from server.engine.stats import EngineGauges, StepStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04,
+               0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Inter-token gaps sit near one decode step (milliseconds): buckets fine enough there for a p99 of 2x the p50
+(bench/serve_bench.py reads the engine's percentiles from them)."""
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MAX_LORA_INFO_IDS = 16
 """Adapter ids per list in vllm:lora_requests_info, oldest first (the waiting ones load next), the rest
@@ -116,7 +120,7 @@ class Metrics:
             "pica_method_generation_tokens", "Generated tokens of finished requests by adapter method", ["method"], registry=r)
         self._methods: dict[str, str] = {}  # adapter_id -> method, read once from the store
         self.ttft = Histogram("pica_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("pica_inter_token_latency_seconds", "Time between tokens of a request", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("pica_inter_token_latency_seconds", "Time between tokens of a request", buckets=ITL_BUCKETS, registry=r)
         self.e2e = Histogram("pica_e2e_request_latency_seconds", "Request arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("pica_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("pica_generation_tokens", "Generated tokens of finished requests", registry=r)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("mode", [["--concurrency", "3"], ["--request-rate", "30", "--api", "completions"],
-                                  ["--concurrency", "2", "--no-stream"]])
+                                  ["--concurrency", "2", "--no-stream"], ["--concurrency", "3", "--client-processes", "2"]])
 def test_serve_bench_reports_every_request(tmp_path, mode):
     out = tmp_path / "serve.json"
     cmd = [sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--workdir", str(tmp_path), "--num-requests", "6",
@@ -20,6 +20,10 @@ def test_serve_bench_reports_every_request(tmp_path, mode):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert (report["completed"], report["failed"], report["output_tokens"]) == (6, 0, 30)  # ignore_eos: 5 tokens each
+    processes = 2 if "--client-processes" in mode else 1  # each process's requests come back
+    assert report["client_processes"] == len(report["client_cpu_busy"]) == processes
+    engine_itl = report["engine_itl_s"]  # the engine's own gaps, from its histogram
+    assert 0 < engine_itl["p50"] <= engine_itl["p90"] <= engine_itl["p99"]
     assert report["ttft_s"]["p50"] > 0 and report["request_throughput"] > 0
     assert 0 < report["ttft_first_wave_s"]["p50"] <= report["ttft_s"]["p99"]
     assert report["metrics_after"]['pica_http_requests_total{endpoint="/v1/adapters",status="201"}'] == 2  # uploaded
