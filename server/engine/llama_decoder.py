@@ -6,8 +6,10 @@ calls can be captured on its own. Here a step is `embed -> (attention_inputs -> 
 layer -> final_norm -> logits`; everything but `attend` has static shapes and no host decisions, so steps with
 prompts replay CUDA graphs of those pieces per token count (server.engine.piecewise_graphs) and run only the
 attention, whose shapes change every step, eagerly. The target linears are whatever the model holds (the
-adapted ones share one GEMM for q/k/v and one for gate/up). Any other architecture keeps transformers' forward
-(ModelRunner.forward); both are tested against the dense merged model.
+adapted ones share one GEMM for q/k/v and one for gate/up). With `fused_kernels` (CUDA) the elementwise work
+between the GEMMs runs as one Triton kernel each: RoPE on q and k, the residual add with the norm after it, and
+SiLU(gate) * up (server.engine.fused_pointwise, rms_norm.add_rms_norm). Any other architecture keeps
+transformers' forward (ModelRunner.forward); both are tested against the dense merged model.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LlamaDecoder:
     """The step forward of a Llama-family causal LM on one packed row of tokens (ModelRunner.forward's contract)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fused_kernels: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"LlamaDecoder does not run this model: {reason}")
@@ -60,6 +62,17 @@ class LlamaDecoder:
         self.num_kv_heads = cfg.num_key_value_heads
         mistral_window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.sliding_windows = [getattr(layer.self_attn, "sliding_window", mistral_window) for layer in self.layers]
+        self.rope, self.silu_mul, self.add_rms_norm = rotate, None, None
+        self.fused_norms = [None] * self.num_layers
+        if fused_kernels:  # Triton: imported only where CUDA runs it
+            from server.engine import fused_pointwise
+            from server.engine.rms_norm import FusedRMSNorm, add_rms_norm
+
+            self.rope, self.silu_mul, self.add_rms_norm = fused_pointwise.rope, fused_pointwise.silu_mul, add_rms_norm
+            # the residual add joins a norm only where its formula was checked against the kernel's (fuse_rms_norms)
+            self.fused_norms = [layer.post_attention_layernorm.norm if isinstance(layer.post_attention_layernorm,
+                                                                                   FusedRMSNorm) else None
+                                for layer in self.layers]
 
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T] ids and positions -> hidden [T, hidden], cos and sin [T, D] (shared by every layer)."""
@@ -74,7 +87,7 @@ class LlamaDecoder:
         q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
         """Layer i's paged attention -> [T, H * D]."""
@@ -85,10 +98,17 @@ class LlamaDecoder:
     def after_attention(self, i: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The residual stream after layer i: o_proj, residual add, norm, gated MLP, residual add."""
         layer = self.layers[i]
-        hidden = hidden + layer.self_attn.o_proj(attended)
-        x = layer.post_attention_layernorm(hidden)
+        out = layer.self_attn.o_proj(attended)
+        norm = self.fused_norms[i]
+        if norm is not None:
+            hidden, x = self.add_rms_norm(hidden, out, norm.weight, norm.variance_epsilon)
+        else:
+            hidden = hidden + out
+            x = layer.post_attention_layernorm(hidden)
         mlp = layer.mlp
-        return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        act = self.silu_mul(gate, up) if self.silu_mul is not None else mlp.act_fn(gate) * up
+        return hidden + mlp.down_proj(act)
 
     def logits(self, normed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The final-normed rows that sample -> logits [1, len(rows), V] (as transformers' logits_to_keep)."""

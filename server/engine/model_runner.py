@@ -99,7 +99,7 @@ class ModelRunner:
             log.info("fused RMSNorm: %d modules swapped", fuse_rms_norms(self.model))
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         reason = unsupported_reason(self.model)
-        self.decoder = LlamaDecoder(self.model) if reason is None else None
+        self.decoder = LlamaDecoder(self.model, fused_kernels=self.decode_kernels) if reason is None else None
         log.info("forward: %s", "our Llama-family decoder" if reason is None else f"transformers' ({reason})")
         self.spec = kv_cache_spec(self.model, cfg.block_size, self.dtype)
         self.max_blocks_per_seq = math.ceil(max_model_len / cfg.block_size)

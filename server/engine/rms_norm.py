@@ -1,4 +1,5 @@
-"""One-kernel RMSNorm for the decode path (Triton), swapped in for the model's own where it agrees.
+"""One-kernel RMSNorm for the decode path (Triton), swapped in for the model's own where it agrees; and the
+residual add before it fused into the same kernel (add_rms_norm, for our Llama-family decoder).
 
 Transformers' eager RMSNorm is about eight small kernels (cast, square, mean, rsqrt, two products,
 casts); a Llama-3-8B decode step runs 65 of them, ~500 launches. This kernel does one row per
@@ -52,6 +53,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), eps, N=n,
                                      BLOCK=triton.next_power_of_2(n), num_warps=4 if n <= 4096 else 8)
     return y.view(x.shape)
+
+
+def add_rms_norm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Semantics: the residual stream after a sub-layer and its norm, `(s, rms_norm_reference(s))` with
+    s = x + delta rounded to x's dtype (a decoder layer's `hidden + o_proj(...)` then its next norm)."""
+    s = x + delta
+    return s, rms_norm_reference(s, weight, eps)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, s_ptr, y_ptr, stride_x, stride_d, stride_s, stride_y, eps,
+                         N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (x + d).to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + row * stride_s + offs, s, mask=mask)
+    h = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / N + eps)
+    w = tl.load(w_ptr + offs, mask=mask)
+    y = (h * rstd).to(s_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x, delta [T, N] -> (x + delta, its RMSNorm), both new tensors, in one kernel (one read of each input)."""
+    assert x.shape == delta.shape and x.dim() == 2 and x.stride(-1) == 1 and delta.stride(-1) == 1
+    s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    n = x.shape[1]
+    if x.shape[0]:
+        _add_rms_norm_kernel[(x.shape[0],)](x, delta, weight, s, y, x.stride(0), delta.stride(0), s.stride(0),
+                                            y.stride(0), eps, N=n, BLOCK=triton.next_power_of_2(n),
+                                            num_warps=4 if n <= 4096 else 8)
+    return s, y
 
 
 class FusedRMSNorm(nn.Module):
