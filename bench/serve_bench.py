@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import random
 import shlex
 import socket
@@ -111,11 +112,13 @@ def adapter_shapes(model: str | None, cache_dir: Path) -> dict[str, int]:
     return {g: info.out_features for g, info in groups.items()}
 
 
-def upload_adapters(url: str, headers: dict, shapes: dict[str, int], count: int, rank: int) -> list[str]:
+def upload_adapters(url: str, headers: dict, shapes: dict[str, int], count: int, rank: int) -> tuple[list[str], int]:
+    """The adapters' ids, and how many of them the store held already (409): those the core has not read ahead
+    into host memory, so each first request for one waits for its disk read."""
     import torch
     from safetensors.torch import save
 
-    ids = []
+    ids, kept = [], 0
     for i in range(count):
         gen = torch.Generator().manual_seed(i)
         tensors = {f"M.{g}": torch.randn(out, rank, generator=gen) * 0.01 for g, out in shapes.items()}
@@ -128,7 +131,25 @@ def upload_adapters(url: str, headers: dict, shapes: dict[str, int], count: int,
         if response.status_code not in (201, 409):  # 409: kept from an earlier run against the same store
             raise SystemExit(f"upload of {adapter_id} failed: {response.status_code} {response.text[:500]}")
         ids.append(adapter_id)
-    return ids
+        kept += response.status_code == 409
+    return ids, kept
+
+
+def server_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes (Linux /proc): the HTTP front end and its engine core."""
+    def cpu(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    seconds = {"frontend": cpu(pid)}
+    try:  # children of any of its threads (the core is started from a start-up thread)
+        children = {int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()}
+        for child in children:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():  # not multiprocessing's tracker
+                seconds["core"] = seconds.get("core", 0.0) + cpu(child)
+    except OSError:
+        pass
+    return seconds
 
 
 def scrape_metrics(url: str, headers: dict) -> dict[str, float]:
@@ -331,10 +352,15 @@ def main():
     try:
         args.base_name = args.base_name or httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         start = time.perf_counter()
-        ids = upload_adapters(url, headers, adapter_shapes(args.model, workdir / "cache"), args.num_adapters, args.rank)
+        ids, kept = upload_adapters(url, headers, adapter_shapes(args.model, workdir / "cache"), args.num_adapters, args.rank)
         upload_s = time.perf_counter() - start
         before = scrape_metrics(url, headers)
+        watch = proc is not None and Path("/proc").is_dir()
+        cpu_before, wall = server_cpu_seconds(proc.pid) if watch else {}, time.perf_counter()
         records, client_busy = run_clients(url, headers, args, ids)
+        wall = time.perf_counter() - wall
+        server_busy = {k: round((v - cpu_before.get(k, 0.0)) / wall, 3)
+                       for k, v in (server_cpu_seconds(proc.pid) if watch else {}).items()}
         after = scrape_metrics(url, headers)
     finally:
         if proc is not None:
@@ -344,12 +370,14 @@ def main():
     report = {"command": " ".join(sys.argv), "mode": "poisson" if args.request_rate else "fixed-concurrency",
               **{k: getattr(args, k) for k in ("api", "concurrency", "request_rate", "num_adapters", "rank",
                                                 "prompt_words", "max_tokens", "zipf")},
-              "stream": not args.no_stream, "upload_s": upload_s, "client_processes": len(client_busy),
-              "client_cpu_busy": [round(b, 3) for b in client_busy], **summarize(records, args.concurrency),
+              "stream": not args.no_stream, "upload_s": upload_s, "adapters_already_stored": kept,
+              "client_processes": len(client_busy), "client_cpu_busy": [round(b, 3) for b in client_busy],
+              "server_cpu_busy": server_busy, **summarize(records, args.concurrency),
               "engine_steps": engine_step_times(delta),
               # the same gaps as the engine core saw them (its outputs, before IPC, SSE and the clients)
               "engine_itl_s": histogram_percentiles({k: v - before.get(k, 0.0) for k, v in after.items()},
-                                                  "pica_inter_token_latency_seconds"), "metrics_delta": delta, "metrics_after": after}
+                                                  "pica_inter_token_latency_seconds"),
+              "metrics_delta": delta, "metrics_after": after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k not in ("metrics_after", "metrics_delta")}, indent=1))
