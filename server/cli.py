@@ -170,8 +170,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     for name, help_text in (
         ("max_num_seqs", "sequences in the running batch"),
         ("max_num_batched_tokens", "token budget of one step"),
-        ("max_prefill_tokens_with_decodes", "prompt tokens a step may carry beside running decodes (default: the "
-                                            "whole budget; lower bounds a long prompt's stall of every stream)"),
+        ("max_prefill_tokens_with_decodes", "prompt tokens a step may carry beside running decodes (bounds how "
+                                            "long new prompts stall every stream; --max-num-batched-tokens's value: "
+                                            "no limit)"),
         ("max_model_len", "prompt + output limit (default: the model's, capped at 8192)"),
         ("block_size", "tokens per KV block"),
         ("num_kv_blocks", "KV capacity override"),

@@ -4,7 +4,7 @@ Running sequences go first, oldest first: a decoding sequence computes one token
 a chunk of its prompt, all under one token budget. Waiting sequences are then admitted in arrival
 order while budget, sequence count, KV blocks and a GPU slot for their adapter allow. Where the step
 decodes, its prompt tokens (chunks and admissions) may be held to a smaller budget as well
-(`max_prefill_tokens_with_decodes`, off by default): a long prompt then no longer holds every stream's
+(`max_prefill_tokens_with_decodes`, 192 by default): a long prompt then no longer holds every stream's
 next token for its whole prefill, but is spread over several steps (Sarathi-Serve's stall-free batching). When KV
 blocks run out, the youngest running sequence is preempted (its blocks freed, recomputed later).
 
