@@ -12,6 +12,7 @@ thread, so a disk read never stalls the step loop.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -209,6 +210,13 @@ def build_core(config: AppConfig) -> tuple[Engine, AdapterStore, HostCache, Core
     return engine, store, host_cache, ready
 
 
+def freeze_startup_objects() -> None:
+    """Move everything start-up made (model modules, graphs, tokenizer) out of the collector's reach: a full
+    collection would otherwise walk millions of long-lived objects in the middle of a step (vLLM does the same)."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_engine_core(config: AppConfig, inbox_address: str, outbox_address: str, log_level: int) -> None:
     """The process's entry point: connect, load, report ready (or why not), then loop until told to stop."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
@@ -224,6 +232,7 @@ def run_engine_core(config: AppConfig, inbox_address: str, outbox_address: str, 
         outbox.close(linger=5000)
         context.term()
         sys.exit(1)
+    freeze_startup_objects()
     outbox.send(encoder.encode(ready))
     log.info("engine core ready: %s", ready.model_name)
     core = EngineCore(engine, store, host_cache, inbox, outbox)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -54,6 +55,10 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
                     on_load_failed()
             else:
                 app.state.server_state = future.result()
+                # as the engine core does (core.freeze_startup_objects): start-up's objects (the whole engine,
+                # where it runs in this process) leave the collector's reach, so no full collection stalls streams
+                gc.collect()
+                gc.freeze()
 
         loading.add_done_callback(loaded)
         yield
