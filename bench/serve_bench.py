@@ -25,7 +25,7 @@ Engine alone vs HTTP on the H200 (one call, the same model folder and engine lim
         --max-model-len 320 --max-gpu-adapters 64 --gpu-memory-utilization 0.85"
     for n in 0 64; do python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE" \\
         --num-adapters $n --rank 32 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \\
-        --out $OUT/serve-a$n.json; done   # 35 words: about 128 byte tokens
+        --client-processes 4 --out $OUT/serve-a$n.json; done   # 35 words: about 128 byte tokens
     python bench/serve_bench.py --model /tmp/b8/model --workdir /tmp/sb --server-args="$ENGINE --engine-in-process" \\
         --num-adapters 0 --concurrency 64 --num-requests 256 --prompt-words 35 --max-tokens 128 \\
         --out $OUT/serve-a0-in-process.json

@@ -86,9 +86,10 @@ class EngineConfig:
     max_prefill_tokens_with_decodes: int | None = 192
     """Prompt tokens a step may carry beside running decodes; None (or max_num_batched_tokens) = the whole budget.
     Every running stream waits for such a step, so a limit bounds how long new prompts stall them (inter-token
-    p99), at the cost of spreading prompts over more steps (TTFT, some throughput). On the H200 (8B shape, 64 streams, 133-token prompts) the
-    engine's inter-token p99 was 12.5 ms at 128 and 192 and 14.9 at 256 against 35.9 ms with the whole budget
-    (p50 6.4-6.9 ms); first-wave TTFT 0.25 s at 192 against 0.10 s; output tok/s 4% lower (bench/results)."""
+    p99), at the cost of spreading prompts over more steps (TTFT, some throughput). On the H200 (8B shape, 64
+    streams, 133-token prompts) the engine's inter-token p99 was 12.4-12.5 ms at 128 and 192 and 14.9 at 256
+    against 36-41 ms with the whole budget (p50 6.3-6.9 ms); first-wave TTFT 0.16-0.26 s at 192 against 0.10 s;
+    output tok/s 3% lower (bench/results/README.md)."""
     max_model_len: int | None = None
     """Prompt + output limit; None = the model's max_position_embeddings, capped at 8192."""
     block_size: int = 16
