@@ -19,6 +19,20 @@ from adapters.expand_kernel import dot_precision
 
 
 @triton.jit
+def online_softmax_block(s, v, m, l, acc, PRECISION: tl.constexpr):
+    """Fold one block of keys into a running softmax (flash attention's update): scores s [R, N] (-inf where a
+    key is masked), values v [N, D]; running max m [R], denominator l [R], output acc [R, D]. A row that has
+    seen no key yet keeps l = acc = 0. Shared by the decode and varlen kernels."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, scale, softcap,
     stride_q_t, stride_q_h, stride_kv_slot, stride_kv_h, stride_o_t, stride_o_h, stride_bt,
@@ -54,13 +68,8 @@ def _paged_decode_kernel(
         if USE_SOFTCAP:
             s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)  # softcap * tanh(s / softcap)
         s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_offsets, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_block(s, v, m, l, acc, PRECISION)
         n0 += BLOCK_N
     out = acc / l[:, None]
     tl.store(out_ptr + seq * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :],

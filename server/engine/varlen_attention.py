@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from adapters.expand_kernel import dot_precision
+from server.engine.decode_attention import online_softmax_block
 from server.engine.attention import VARLEN_BLOCK_M as BLOCK_M
 
 @triton.jit(do_not_specialize=["num_tiles", "stride_bt", "stride_tiles"])  # they change every step: no recompiles
@@ -69,14 +70,8 @@ def _paged_varlen_kernel(
             if WINDOW > 0:
                 allowed = allowed & (qpos[:, None] - offs_n[None, :] < WINDOW)
             s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: nothing to rescale
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            l = l * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + kv_offsets, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, l, acc = online_softmax_block(s, v, m, l, acc, PRECISION)  # a row with no key yet stays 0
             n0 += BLOCK_N
         out = acc / l[:, None]
         tl.store(out_ptr + rows[:, None] * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :],
