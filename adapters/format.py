@@ -233,6 +233,17 @@ def _parse_config(config_bytes: bytes, expect: AdapterExpectation, problems: lis
     return AdapterConfig(method, r, tuple(targets), base_model if isinstance(base_model, str) else None, checksum, kind)
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN or inf: their max-abs norms in one foreach call (as clip_grad_norm_
+    does), then per tensor only where that finds one. Not two torch calls per tensor: in the engine core each
+    call hands the GIL to the busy step loop and may wait a switch interval (5 ms) to get it back (cold adapter
+    reads averaged ~270 ms under load on the H200, ~15 ms idle)."""
+    sized = [t for t in tensors.values() if t.numel()]
+    if not sized or bool(torch.isfinite(torch.stack(torch._foreach_norm(sized, float("inf")))).all()):
+        return []
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
 def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpectation) -> Adapter:
     """Validate an adapter given its two files' bytes; raise AdapterValidationError listing all problems."""
     problems: list[str] = []
@@ -266,8 +277,8 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
                 problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
             if t.dtype not in ALLOWED_DTYPES:
                 problems.append(f"tensor {name} has dtype {t.dtype}, expected float32, bfloat16 or float16")
-            elif not torch.isfinite(t).all():
-                problems.append(f"tensor {name} has non-finite values (NaN or inf)")
+        floats = {n: tensors[n] for n in sorted(set(expected) & set(tensors)) if tensors[n].dtype in ALLOWED_DTYPES}
+        problems += [f"tensor {name} has non-finite values (NaN or inf)" for name in non_finite(floats)]
         problems += method.check_values({n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n)})
         if method.separate_model:
             sound = {n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n) and t.dtype in ALLOWED_DTYPES

@@ -131,3 +131,15 @@ def test_an_adapter_of_the_old_transposed_format_gets_a_clear_message():
     text = problems(w=old)
     assert "transposed PiCa of adapter format 1" in text and "M.<group> [out_features, r]" in text
     assert "missing tensors" not in text and "shape" not in text.replace("[out_features, r]", "")
+
+
+def test_non_finite_names_exactly_the_tensors_with_nan_or_inf():
+    from adapters.format import non_finite
+
+    clean = {"a": torch.randn(4, 3), "b": torch.randn(5).bfloat16(), "empty": torch.zeros(0, 2)}
+    assert non_finite(clean) == [] and non_finite({}) == []
+    one_bad = torch.randn(6).half()
+    one_bad[3] = float("-inf")
+    nan_bf16 = torch.randn(2, 2).bfloat16()
+    nan_bf16[1, 0] = float("nan")
+    assert non_finite({**clean, "c": one_bad, "d": nan_bf16}) == ["c", "d"]
