@@ -7,7 +7,8 @@ encoded and sent while the next step's forward runs on the GPU: with async sched
 step returns (the lookahead step is already queued), otherwise once the next step has launched (its
 tokens reach clients that much later, one forward later on CPU). The adapter store on
 disk stays the source of truth: the core reads adapters from it into its own host cache, in a loader
-thread, so a disk read never stalls the step loop.
+thread, so a disk read never stalls the step loop. While idle it reads the store's newest adapters ahead,
+as many as the host cache holds, so after a restart their first requests find them in host memory.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class EngineCore:
         self._rejected: list[Rejected] = []
         self._disk_loads: deque[float] = deque()  # appended by the loader thread
         self._parent = os.getppid()
+        self._warm_ids = deque(newest_stored(store, host_cache.max_adapters))
+        """Stored adapters still to read ahead while idle, newest first (a restart's host cache starts empty)."""
+        self._warm_read: Future | None = None
         self._pending: tuple[list[RequestOutput], object] | None = None
         """The last step's outputs and stats, sent while the next step's forward runs (or at once when no
         step follows)."""
@@ -101,6 +105,19 @@ class EngineCore:
             self._load(adapter_id, version)
         except Exception as exc:  # noqa: BLE001 - a request for it will report the problem
             log.warning("prefetch of adapter %r failed: %s", adapter_id, exc)
+
+    def _warm_next(self) -> None:
+        """Read the next stored adapter ahead, one at a time: a request's own read waits behind one at most."""
+        if self._warm_read is not None and not self._warm_read.done():
+            return
+        if len(self.host_cache) >= self.host_cache.max_adapters:  # never evict what requests brought in
+            self._warm_ids.clear()
+            return
+        while self._warm_ids:
+            adapter_id = self._warm_ids.popleft()
+            if adapter_id not in self.host_cache:
+                self._warm_read = self.loader.submit(self._prefetch, adapter_id, None)
+                return
 
     def _add(self, message: AddRequest, adapter) -> None:
         try:
@@ -153,7 +170,7 @@ class EngineCore:
         while True:
             if self.engine.has_work:
                 timeout = 0
-            elif self._loading:
+            elif self._loading or self._warm_ids:
                 timeout = LOAD_POLL_MS
             else:
                 timeout = int(PARENT_CHECK_SECONDS * 1000)
@@ -167,6 +184,8 @@ class EngineCore:
                     return
             if self._loading:
                 self._admit_loaded()
+            elif self._warm_ids and not self.engine.has_work:
+                self._warm_next()
             # a step after messages even with nothing to run: it reports what an abort just finished
             if self.engine.has_work or handled:
                 outputs, stats = self._step()
@@ -193,6 +212,17 @@ class EngineCore:
         rejected, self._rejected = self._rejected, []
         update = CoreUpdate(outputs, stats, self.engine.gauges(self.host_cache), rejected, disk_loads)
         self.outbox.send(encoder.encode(update), copy=False)
+
+
+def newest_stored(store: AdapterStore, limit: int) -> list[str]:
+    """Up to `limit` stored adapter ids, the most recently stored first (damaged or vanished ones left out)."""
+    created = {}
+    for adapter_id in store.ids():
+        try:
+            created[adapter_id] = store.info(adapter_id).created
+        except (KeyError, DamagedAdapterError):
+            continue
+    return sorted(created, key=lambda a: (-created[a], a))[:limit]
 
 
 def build_core(config: AppConfig) -> tuple[Engine, AdapterStore, HostCache, CoreReady]:
