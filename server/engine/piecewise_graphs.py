@@ -33,6 +33,8 @@ def prefill_buckets(max_tokens: int) -> list[int]:
 
 
 class PrefillGraphs:
+    """The piece graphs of every bucket and kind, their static buffers, and the replay of one step."""
+
     def __init__(self, runner, decoder: LlamaDecoder, max_tokens: int):
         self.runner, self.decoder = runner, decoder
         self.buckets = prefill_buckets(max_tokens)
