@@ -271,18 +271,19 @@ def parse_adapter(config_bytes: bytes, weights_bytes: bytes, expect: AdapterExpe
             problems.append(f"missing tensors {missing}")
         if extra:
             problems.append(f"unexpected tensors {extra} (target_modules is {list(config.target_modules)})")
-        for name in sorted(set(expected) & set(tensors)):
+        present = sorted(set(expected) & set(tensors))
+        for name in present:
             t = tensors[name]
             if tuple(t.shape) != expected[name]:
                 problems.append(f"tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
             if t.dtype not in ALLOWED_DTYPES:
                 problems.append(f"tensor {name} has dtype {t.dtype}, expected float32, bfloat16 or float16")
-        floats = {n: tensors[n] for n in sorted(set(expected) & set(tensors)) if tensors[n].dtype in ALLOWED_DTYPES}
-        problems += [f"tensor {name} has non-finite values (NaN or inf)" for name in non_finite(floats)]
+        floats = {n: tensors[n] for n in present if tensors[n].dtype in ALLOWED_DTYPES}
+        bad = non_finite(floats)
+        problems += [f"tensor {name} has non-finite values (NaN or inf)" for name in bad]
         problems += method.check_values({n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n)})
         if method.separate_model:
-            sound = {n: t for n, t in tensors.items() if tuple(t.shape) == expected.get(n) and t.dtype in ALLOWED_DTYPES
-                     and bool(torch.isfinite(t).all())}
+            sound = {n: t for n, t in floats.items() if tuple(t.shape) == expected[n] and n not in bad}
             problems += method.check_against_base(config, sound, expect)
     if problems:
         raise AdapterValidationError(problems)

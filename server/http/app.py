@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -13,6 +12,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from server.config import AppConfig
+from server.engine.core import freeze_startup_objects
 from server.http.errors import install_error_handlers
 from server.http.guard import RequestGuard
 from server.http.middleware import RequestAccounting
@@ -55,10 +55,7 @@ def build_app(config: AppConfig, on_load_failed: Callable[[], None] | None = Non
                     on_load_failed()
             else:
                 app.state.server_state = future.result()
-                # as the engine core does (core.freeze_startup_objects): start-up's objects (the whole engine,
-                # where it runs in this process) leave the collector's reach, so no full collection stalls streams
-                gc.collect()
-                gc.freeze()
+                freeze_startup_objects()  # this process's too (the whole engine, where it runs in-process)
 
         loading.add_done_callback(loaded)
         yield
