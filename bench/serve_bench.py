@@ -366,7 +366,8 @@ def main():
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    change = {k: v - before.get(k, 0.0) for k, v in after.items()}  # every series (histogram buckets need all)
+    delta = {k: v for k, v in change.items() if v}
     report = {"command": " ".join(sys.argv), "mode": "poisson" if args.request_rate else "fixed-concurrency",
               **{k: getattr(args, k) for k in ("api", "concurrency", "request_rate", "num_adapters", "rank",
                                                 "prompt_words", "max_tokens", "zipf")},
@@ -375,8 +376,7 @@ def main():
               "server_cpu_busy": server_busy, **summarize(records, args.concurrency),
               "engine_steps": engine_step_times(delta),
               # the same gaps as the engine core saw them (its outputs, before IPC, SSE and the clients)
-              "engine_itl_s": histogram_percentiles({k: v - before.get(k, 0.0) for k, v in after.items()},
-                                                  "pica_inter_token_latency_seconds"),
+              "engine_itl_s": histogram_percentiles(change, "pica_inter_token_latency_seconds"),
               "metrics_delta": delta, "metrics_after": after}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
