@@ -10,8 +10,10 @@ kernels add each token's M[slot] z into its y0 columns. Two kernels, and SlotInd
 - per token (`_expand_token_kernel`): a program per token and column block, a matrix-vector product on
   the CUDA cores, two rounds of dependent loads instead of three. Best where a decode step spreads over
   many adapters (64 tokens on 64 adapters: 1.6x faster than tiles at r=32 and r=256 on the H200).
-Base-model tokens (slot -1) exit at once and columns past a slot's rank load nothing: y0 is already
-their answer. Grids depend only on the number of tokens and ranks come from tensors, so a CUDA graph
+Both read M through the slot's row of the page table (adapters.rank_pages): a K block of BLOCK_K columns is
+BLOCK_K / PAGE pages, loaded as [.., pages, PAGE] so each page's columns stay one vector load (a flat gather
+of columns loads element by element: 64 x r=256 1199 tok/s that way, 2682 this way). Base-model tokens
+(slot -1) exit at once and columns past a slot's rank load nothing: y0 is already their answer. Grids depend only on the number of tokens and ranks come from tensors, so a CUDA graph
 captured for a kind of step replays for any slot mapping of that kind. Block shapes come from
 `expand_configs.json`, measured per device by `bench/kernels_bench.py --tune`.
 """
@@ -29,18 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
+from adapters.rank_pages import PagedStack
+
 
 @triton.jit
-def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, signs_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr,
-                   tile_slot_ptr, num_tiles_ptr, last_tile, layer, stride_out, stride_stack_s, stride_stack_n,
-                   stride_ranks_m, stride_signs_s, stride_signs_l,
-                   NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _expand_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr,
+                   tile_slot_ptr, num_tiles_ptr, last_tile, layer, stride_out, stride_pool_p, stride_pool_n,
+                   stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
+                   NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
+                   BOUND2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
-    # the tile's count, slot and bounds in one round of loads, then its rank and rows in one: at decode
+    # the tile's count, slot and bounds in one round of loads, then its rank, rows and pages in one: at decode
     # sizes a program's time is mostly this chain (6 dependent loads before: 4.7 vs 4.4 us, kernels-sweep-h200.json)
     index = tl.minimum(tile, last_tile)
     num_tiles = tl.load(num_tiles_ptr)
@@ -54,8 +58,13 @@ def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, signs_ptr, token_order_ptr, ti
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NUM_OUT
     z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
-    sign_ptrs = signs_ptr + slot.to(tl.int64) * stride_signs_s + layer * stride_signs_l + member * RANK
-    m_ptrs = stack_ptr + slot.to(tl.int64) * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
+    # a K block is BLOCK_K // PAGE pages of PAGE columns: loaded as [.., pages, PAGE], the last axis contiguous in
+    # memory, so the compiler keeps vector loads (a flat gather of columns loads element by element)
+    offs_j = tl.arange(0, BLOCK_K // PAGE)
+    offs_i = tl.arange(0, PAGE)
+    pages_ptr = table_ptr + slot.to(tl.int64) * stride_table
+    m_ptrs = pool_ptr + offs_n[:, None, None].to(tl.int64) * stride_pool_n + offs_i[None, None, :]
+    sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i[None, :]
     y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
     mask = mask_t[:, None] & mask_n[None, :]
     y = tl.load(y_ptrs, mask=mask)  # issued with the first M and z loads, not after the dots: one round trip less
@@ -63,21 +72,26 @@ def _expand_kernel(out_ptr, stack_ptr, ranks_ptr, signs_ptr, token_order_ptr, ti
     for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < rank
+        block_pages = k0 // PAGE + offs_j
+        page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < RANK, other=0).to(tl.int64)  # needs no rank
+        mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < rank  # mask_k as [pages, PAGE]
         z = tl.load(z_ptrs + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-        z = z * tl.load(sign_ptrs + offs_k, mask=mask_k, other=0.0)[None, :]  # the layer's diagonal core (+-1)
-        m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc += tl.dot(z, tl.trans(m), input_precision=PRECISION)
+        signs = tl.load(sign_ptrs + page[:, None] * stride_signs_p, mask=mask_paged, other=0.0)
+        z = z * tl.reshape(signs, (BLOCK_K,))[None, :]  # the layer's diagonal core (+-1)
+        m = tl.load(m_ptrs + (page * stride_pool_p)[None, :, None], mask=mask_n[:, None, None] & mask_paged[None, :, :],
+                    other=0.0)
+        acc += tl.dot(z, tl.trans(tl.reshape(m, (BLOCK_N, BLOCK_K))), input_precision=PRECISION)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
 @triton.jit
-def _expand_token_kernel(out_ptr, stack_ptr, signs_ptr, token_slots_ptr, token_ranks_ptr, layer, stride_out,
-                         stride_stack_s, stride_stack_n, stride_signs_s, stride_signs_l,
-                         NUM_OUT: tl.constexpr, RANK: tl.constexpr, BOUND1: tl.constexpr, BOUND2: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_ptr, token_ranks_ptr, layer, stride_out,
+                         stride_pool_p, stride_pool_n, stride_signs_p, stride_signs_l, stride_table,
+                         NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
+                         BOUND2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A program per token and block of output columns: a matrix-vector product on the CUDA cores. Its slot,
-    rank, y and z need only the token's index, so they load in one round and M in the next (the tile kernel
-    needs three); tokens of one slot read the same M block, the second time from L2."""
+    rank, y and z need only the token's index, so they load in one round, its pages in the next and M in the
+    last (the tile kernel needs as many); tokens of one slot read the same M block, the second time from L2."""
     token = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
@@ -90,16 +104,24 @@ def _expand_token_kernel(out_ptr, stack_ptr, signs_ptr, token_slots_ptr, token_r
     if slot < 0:
         return
     z_ptr = out_ptr + token * stride_out + NUM_OUT + member * RANK
-    sign_ptr = signs_ptr + slot * stride_signs_s + layer * stride_signs_l + member * RANK
-    m_ptrs = stack_ptr + slot * stride_stack_s + offs_n[:, None].to(tl.int64) * stride_stack_n
+    offs_j = tl.arange(0, BLOCK_K // PAGE)  # K blocks as [pages, PAGE], as in the tile kernel
+    offs_i = tl.arange(0, PAGE)
+    pages_ptr = table_ptr + slot * stride_table
+    sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i[None, :]
+    m_ptrs = pool_ptr + offs_n[:, None, None].to(tl.int64) * stride_pool_n + offs_i[None, None, :]
+    # a fixed, unrolled bound: every block's loads issue at once (a loop to the token's own rank serializes them:
+    # 64 x r=256 2105 vs 2682 tok/s, though r=8 tokens on that server then ran 5339 vs 3693, decode-*-paged-*.json)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    own_rank = tl.minimum(rank, RANK)
     for k0 in tl.static_range(0, RANK, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < tl.minimum(rank, RANK)
-        z = tl.load(z_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        z = z * tl.load(sign_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        m = tl.load(m_ptrs + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc += tl.sum(m.to(tl.float32) * z[None, :], axis=1)
+        block_pages = k0 // PAGE + offs_j
+        mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < own_rank
+        page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < own_rank, other=0).to(tl.int64)
+        z = tl.load(z_ptr + k0 + offs_j[:, None] * PAGE + offs_i[None, :], mask=mask_paged, other=0.0).to(tl.float32)
+        z = z * tl.load(sign_ptrs + page[:, None] * stride_signs_p, mask=mask_paged, other=0.0).to(tl.float32)
+        m = tl.load(m_ptrs + (page * stride_pool_p)[None, :, None], mask=mask_n[:, None, None] & mask_paged[None, :, :],
+                    other=0.0)
+        acc += tl.sum(tl.sum(m.to(tl.float32) * z[None, :, :], axis=2), axis=1)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask_n)
 
 
@@ -163,37 +185,40 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def expand_grouped(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
-                   bounds: list[int], groups, config: ExpandConfig | None = None) -> torch.Tensor:
-    """y0z [T, num_out + M*R] (row-major), stack [S, num_out, R] (rows contiguous), ranks [M, S] int32,
-    signs [S, L, M*R] (rows contiguous), layer: the row of signs to use, bounds: the M members' column
-    bounds, groups: the step's SlotIndex -> y0z[:, :num_out], updated."""
+def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int], groups,
+                   config: ExpandConfig | None = None) -> torch.Tensor:
+    """y0z [T, num_out + M*R] (row-major), paged: the members' pooled M's (pool rows contiguous), layer: the row
+    of signs to use, bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out],
+    updated."""
     num_tokens = y0z.shape[0]
-    num_members, num_out, rank = len(bounds) - 1, bounds[-1], stack.shape[2]
+    pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
+    num_members, num_out, rank, page = len(bounds) - 1, bounds[-1], paged.rank, paged.page
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
-    assert stack.shape[1] == num_out and stack.stride(2) == 1 and ranks.shape[0] == num_members
-    assert signs.shape[2] == num_members * rank and signs.stride(2) == 1 and 0 <= layer < signs.shape[1]
+    assert pool.shape[1] == num_out and pool.stride(2) == 1 and ranks.shape[0] == num_members
+    assert signs.shape[2] == num_members * page and signs.stride(2) == 1 and 0 <= layer < signs.shape[1]
+    assert table.shape[1] * page >= rank and table.stride(1) == 1
     cfg = config or pick_config(device_name(y0z.device), rank, tuple(bounds), groups.tile_tokens, groups.per_token)
     assert all(b % cfg.block_n == 0 for b in bounds[1:-1])
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
     if cfg.per_token:
         _expand_token_kernel[(num_tokens, triton.cdiv(num_out, cfg.block_n))](
-            y0z, stack, signs, groups.token_slots, groups.token_ranks, layer, y0z.stride(0), stack.stride(0),
-            stack.stride(1), signs.stride(0), signs.stride(1), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
-            BOUND2=bound2, BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, triton.next_power_of_2(rank)),
+            y0z, pool, signs, table, groups.token_slots, groups.token_ranks, layer, y0z.stride(0), pool.stride(0),
+            pool.stride(1), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=rank, PAGE=page,
+            BOUND1=bound1, BOUND2=bound2, BLOCK_N=cfg.block_n,
+            BLOCK_K=max(page, min(cfg.block_k, triton.next_power_of_2(rank))),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return y0z[:, :num_out]
     # a graph being captured replays for any slot mapping: its grid covers the most tiles; else the step's own
     capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()
-    num_tiles = groups.max_tiles(num_tokens, stack.shape[0]) if capturing else groups.num_tiles_host
+    num_tiles = groups.max_tiles(num_tokens, ranks.shape[1]) if capturing else groups.num_tiles_host
     grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
     _expand_kernel[grid](
-        y0z, stack, ranks, signs, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
-        groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), stack.stride(0), stack.stride(1),
-        ranks.stride(0), signs.stride(0), signs.stride(1), NUM_OUT=num_out, RANK=rank, BOUND1=bound1,
-        BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
+        groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
+        ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=rank, PAGE=page,
+        BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=max(page, cfg.block_k),
         PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y0z[:, :num_out]

@@ -5,9 +5,9 @@ z = P x is the same for every adapter (P is the layer's frozen basis), so it rid
 as extra output rows: `[W0; P] @ x` gives y0 and z at once. The per-adapter part is the expand
 `y += M[slot] z` (adapters.ops.expand). Layers that read one input (q/k/v, gate/up of a block)
 share one GEMM `[W_q; W_k; W_v; P_q; P_k; P_v] @ x` and one expand launch. The M's of every resident
-adapter live in preallocated per-group slot stacks [num_slots, out, r_max], so activating an
-adapter is a copy_ and nothing is re-registered at request time. The per-token slot index is set
-once per step (-1 = base model) and shared by every layer.
+adapter live in preallocated per-group pools of rank pages (adapters.rank_pages: a slot holds as many
+pages as its own rank needs), so activating an adapter is a copy and nothing is re-registered at request
+time. The per-token slot index is set once per step (-1 = base model) and shared by every layer.
 
 Methods with per-layer factors (LoRA: W0 + B_l A_l) have their own preallocated stacks per layer,
 A [num_slots, R, in] and B [num_slots, out, R] with R = `max_layer_rank` (`--max-lora-rank`; 0 holds
@@ -33,6 +33,7 @@ from torch import nn
 
 from adapters.core_ops import core
 from adapters.ops import expand, lora
+from adapters.rank_pages import PagedStack, page_size_for, pages_for_rank
 from adapters.staging import HostStaging
 from adapters.targets import find_target_linears, group_of, replace_module, unwrap_modules
 from cache.slot_table import BASE_SLOT
@@ -153,18 +154,20 @@ class SlotIndex:
 
 
 class SlotStacks:
-    """Per-group preallocated adapter M's: group -> [num_slots, out_g, r_max_g], zero-padded, with each
-    slot's rank per group (0 where the adapter leaves the group alone) and its per-layer signs
-    [num_slots, num_layers_g, r_max_g] (the diagonal core; ones unless the adapter has its own); the
+    """Per-group adapter M's in rank-paged pools (adapters.rank_pages): group -> [num_pages + 1, out_g, page], with
+    one page table for every group, each slot's rank per group (0 where the adapter leaves the group alone) and
+    its per-layer signs paged the same way (the diagonal core; ones unless the adapter has its own); the
     per-layer LoRA stacks; and the full cores between frozen factors (PSOFT), group -> [num_slots + 1,
     num_layers_g, R_g, R_g] with R_g = min(max_core_rank, r_max_g) (the last row zero, for slot -1)."""
 
     def __init__(self, group_shapes: dict[str, tuple[int, int, int]], num_slots: int, dtype, device,
                  layer_shapes: dict[str, tuple[int, int]] | None = None, max_layer_rank: int = 0,
-                 max_core_rank: int = 0):
+                 max_core_rank: int = 0, pool_ranks: int | None = None):
         """group_shapes: group -> (out_features, r_max, num_layers); layer_shapes: full module name ->
         (out_features, in_features), for the per-layer stacks of rank max_layer_rank (none if 0);
-        max_core_rank: the core stacks' rank (none if 0; a group's is capped at its r_max, the z it reads)."""
+        max_core_rank: the core stacks' rank (none if 0; a group's is capped at its r_max, the z it reads);
+        pool_ranks: the rank columns each group's pool holds in all, in whole pages (default: every slot at the
+        widest r_max)."""
         self.num_slots = num_slots
         # one row past the slots, never written: slot -1 (base) indexes it, so the gathered op needs no mask
         self.cores = {g: torch.zeros(num_slots + 1, num_layers, min(max_core_rank, r), min(max_core_rank, r),
@@ -183,33 +186,65 @@ class SlotStacks:
         self.layer_ranks_device = dict(zip(layer_shapes, self._layer_rank_table))
         """The same ranks on the device, int32 [num_slots] per layer (rows of one table, written by one copy in
         `write`): the kernels stop each slot's loads at its own rank without reading host data."""
-        self.stacks = {
-            g: torch.zeros(num_slots, out_features, r, dtype=dtype, device=device)
-            for g, (out_features, r, _) in group_shapes.items()
-        }
-        self.signs = {
-            g: torch.ones(num_slots, num_layers, r, dtype=dtype, device=device)
-            for g, (_, r, num_layers) in group_shapes.items()
-        }
+        self.group_rank = {g: r for g, (_, r, _) in group_shapes.items()}
+        widest = max(self.group_rank.values(), default=1)
+        self.page = page_size_for(widest)
+        self.max_pages = pages_for_rank(widest, self.page)
+        self.num_pages = num_slots * self.max_pages if pool_ranks is None else pages_for_rank(pool_ranks, self.page)
+        if self.num_pages < self.max_pages:
+            raise ValueError(f"{self.num_pages} rank pages of {self.page} hold no adapter of the widest rank {widest}")
+        self.zero_page = self.num_pages
+        """The page past the pool's own, never written: table entries past a slot's pages name it."""
+        self.host_table = np.full((num_slots, self.max_pages), self.zero_page, dtype=np.int32)
+        self.page_table = torch.from_numpy(self.host_table).to(device)
+        self.stacks = {g: torch.zeros(self.num_pages + 1, out_features, self.page, dtype=dtype, device=device)
+                       for g, (out_features, _, _) in group_shapes.items()}
+        self.signs = {g: torch.ones(self.num_pages + 1, num_layers, self.page, dtype=dtype, device=device)
+                      for g, (_, _, num_layers) in group_shapes.items()}
         self.ranks = {g: torch.zeros(num_slots, dtype=torch.int32, device=device) for g in group_shapes}
         self.slot_ranks = np.zeros(num_slots, dtype=np.int32)
         """Per slot, the widest rank it holds in any group, on the host (SlotIndex.token_ranks): a kernel that
-        reads this many columns of every group's stack gets the right answer, the stacks being zero past each
+        reads this many columns of every group's pages gets the right answer, the pages being zero past each
         group's own rank."""
 
-    def write(self, slot: int, tensors: dict[str, torch.Tensor], non_blocking: bool = False) -> None:
-        """Copy an adapter's slot tensors into `slot`: `<group>` -> M [out, r] (groups it does not adapt get
-        rank 0 and zeros), `signs.<group>` -> [num_layers, r] where it has them, `lora_A.<layer>` and
-        `lora_B.<layer>`, `core.<group>` -> K [num_layers, r, r]; every stack it leaves out is zeroed."""
-        for g, stack in self.stacks.items():
+    def pages_for(self, tensors: dict[str, torch.Tensor]) -> int:
+        """Rank pages an adapter's slot tensors take (its widest M's; 0 for methods that hold none)."""
+        return pages_for_rank(max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0), self.page)
+
+    def own_pages(self, slot: int, num_pages: int) -> list[int]:
+        """A fixed page run per slot, for callers that keep no page allocator (tests, kernel benchmarks): valid
+        while every slot can hold the widest rank (the default pool)."""
+        if self.num_pages < self.num_slots * self.max_pages:
+            raise ValueError("a pool smaller than every slot at the widest rank needs its pages given (SlotTable)")
+        return list(range(slot * self.max_pages, slot * self.max_pages + num_pages))
+
+    def write(self, slot: int, tensors: dict[str, torch.Tensor], pages: list[int] | None = None,
+              non_blocking: bool = False) -> None:
+        """Copy an adapter's slot tensors into `slot`, its M's into `pages` (pages_for(tensors) of them; default
+        own_pages): `<group>` -> M [out, r] (groups it does not adapt get rank 0 and zeros), `signs.<group>` ->
+        [num_layers, r] where it has them, `lora_A.<layer>` and `lora_B.<layer>`, `core.<group>` -> K
+        [num_layers, r, r]; every stack it leaves out is zeroed."""
+        needed = self.pages_for(tensors)
+        pages = self.own_pages(slot, needed) if pages is None else list(pages)
+        if len(pages) != needed:
+            raise ValueError(f"an adapter of {needed} rank pages given {len(pages)}")
+        self.host_table[slot] = self.zero_page
+        self.host_table[slot, :needed] = pages
+        self.page_table[slot].copy_(torch.from_numpy(self.host_table[slot]))
+        index = torch.tensor(pages, dtype=torch.long).to(self.page_table.device)
+        width = needed * self.page
+        for g, pool in self.stacks.items():
             m, signs = tensors.get(g), tensors.get(f"signs.{g}")
             rank = 0 if m is None else m.shape[1]
-            stack[slot, :, rank:].zero_()
-            self.signs[g][slot].fill_(1)
-            if m is not None:
-                stack[slot, :, :rank].copy_(m, non_blocking=non_blocking)
-            if signs is not None:
-                self.signs[g][slot, :, :rank].copy_(signs, non_blocking=non_blocking)
+            if needed:  # the slot's pages whole: zeros past this group's rank, ones for the signs it lacks
+                dense = torch.zeros(pool.shape[1], width, dtype=pool.dtype, device=pool.device)
+                dense_signs = torch.ones(self.signs[g].shape[1], width, dtype=pool.dtype, device=pool.device)
+                if m is not None:
+                    dense[:, :rank].copy_(m, non_blocking=non_blocking)
+                if signs is not None:
+                    dense_signs[:, :rank].copy_(signs, non_blocking=non_blocking)
+                pool.index_copy_(0, index, dense.unflatten(1, (needed, self.page)).transpose(0, 1))
+                self.signs[g].index_copy_(0, index, dense_signs.unflatten(1, (needed, self.page)).transpose(0, 1))
             self.ranks[g][slot] = rank
         self.slot_ranks[slot] = max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0)
         for name, a_stack in self.layer_a.items():
@@ -242,33 +277,38 @@ class SlotStacks:
         """(core stack [S + 1, L, R, R], host ranks) of one group, or None where no core stacks are held."""
         return (self.cores[group], self.core_ranks[group]) if group in self.cores else None
 
-    def fuse(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stack the M's of groups whose layers share a GEMM row-wise, so one expand launch serves them all:
-        returns (stack [S, sum(out), R], ranks [M, S], signs [S, L, M*R]); each group's tensors become
-        views of these."""
+    def fuse(self, groups: tuple[str, ...]) -> PagedStack:
+        """Stack the pools of groups whose layers share a GEMM row-wise, so one expand launch serves them all
+        (pool [P + 1, sum(out), page], ranks [M, S], signs [P + 1, L, M*page]); each group's tensors become views
+        of these."""
         first = self.stacks[groups[0]]
-        num_slots, rank = first.shape[0], first.shape[2]
         num_layers = self.signs[groups[0]].shape[1]
         outs = [self.stacks[g].shape[1] for g in groups]
-        stack = torch.zeros(num_slots, sum(outs), rank, dtype=first.dtype, device=first.device)
-        ranks = torch.zeros(len(groups), num_slots, dtype=torch.int32, device=first.device)
-        signs = torch.ones(num_slots, num_layers, len(groups) * rank, dtype=first.dtype, device=first.device)
+        pool = torch.zeros(first.shape[0], sum(outs), self.page, dtype=first.dtype, device=first.device)
+        ranks = torch.zeros(len(groups), self.num_slots, dtype=torch.int32, device=first.device)
+        signs = torch.ones(first.shape[0], num_layers, len(groups) * self.page, dtype=first.dtype, device=first.device)
         offset = 0
         for m, (g, out_features) in enumerate(zip(groups, outs)):
-            stack[:, offset : offset + out_features].copy_(self.stacks[g])
+            pool[:, offset : offset + out_features].copy_(self.stacks[g])
             ranks[m].copy_(self.ranks[g])
-            signs[:, :, m * rank : (m + 1) * rank].copy_(self.signs[g])
-            self.stacks[g], self.ranks[g] = stack[:, offset : offset + out_features], ranks[m]
-            self.signs[g] = signs[:, :, m * rank : (m + 1) * rank]
+            signs[:, :, m * self.page : (m + 1) * self.page].copy_(self.signs[g])
+            self.stacks[g], self.ranks[g] = pool[:, offset : offset + out_features], ranks[m]
+            self.signs[g] = signs[:, :, m * self.page : (m + 1) * self.page]
             offset += out_features
-        return stack, ranks, signs
+        return PagedStack(pool, signs, ranks, self.page_table, self.host_table, self.group_rank[groups[0]])
 
-    def served(self, groups: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(stack, ranks [M, S], signs) for one GEMM's groups: fused where there are several."""
+    def served(self, groups: tuple[str, ...]) -> PagedStack:
+        """The pooled operands of one GEMM's groups: fused where there are several."""
         if len(groups) > 1:
             return self.fuse(groups)
         g = groups[0]
-        return self.stacks[g], self.ranks[g][None], self.signs[g]
+        return PagedStack(self.stacks[g], self.signs[g], self.ranks[g][None], self.page_table, self.host_table,
+                          self.group_rank[g])
+
+    @property
+    def bytes_per_page(self) -> int:
+        """GPU memory one rank page takes over every group (M and signs): an adapter's is this times its pages."""
+        return sum(t[0].numel() * t.element_size() for t in (*self.stacks.values(), *self.signs.values()))
 
 
 class SharedGemm:
@@ -278,15 +318,14 @@ class SharedGemm:
     linear keeps a view of its W rows, so nothing is stored twice. A layer that reads its own input is a
     group of one."""
 
-    def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], served: tuple, layer: int,
+    def __init__(self, linears: list[nn.Linear], bases: list[torch.Tensor], served: PagedStack, layer: int,
                  slot_index: SlotIndex, per_layer: list | None = None, cores: list | None = None):
-        """served: (stack, ranks, signs) of the members' groups (SlotStacks.served); layer: the members'
+        """served: the pooled M's of the members' groups (SlotStacks.served); layer: the members'
         index in their groups (the row of the signs they read); per_layer: each member's
         SlotStacks.per_layer (None: no per-layer factors); cores: each member's (core stack, host ranks,
         E [out, R]) (None: no core stacks)."""
-        stack, ranks, signs = served
         first = linears[0].weight
-        in_features, rank = first.shape[1], stack.shape[2]
+        in_features, rank = first.shape[1], served.rank
         outs = [lin.out_features for lin in linears]
         self.num_out = sum(outs)
         self.bounds = [sum(outs[:m]) for m in range(len(outs) + 1)]  # member m: columns bounds[m]:bounds[m+1]
@@ -301,7 +340,7 @@ class SharedGemm:
             if lin.bias is not None:
                 self.bias[lo:hi].copy_(lin.bias.detach())
                 lin.bias = nn.Parameter(self.bias[lo:hi], requires_grad=lin.bias.requires_grad)
-        self.stack, self.ranks, self.signs, self.layer, self.slot_index = stack, ranks, signs, layer, slot_index
+        self.paged, self.layer, self.slot_index = served, layer, slot_index
         self.per_layer = [] if per_layer is None or all(p is None for p in per_layer) else per_layer
         self.cores = [] if cores is None or all(c is None for c in cores) else cores
         self._x: torch.Tensor | None = None
@@ -315,10 +354,10 @@ class SharedGemm:
             x2 = x.reshape(-1, x.shape[-1])
             if self.slot_index.any_adapter:
                 y0z = F.linear(x2, self.weight, self.bias)  # [T, num_out + M*R] = [y0 | z]
-                out = expand(y0z, self.stack, self.ranks, self.signs, self.layer, self.bounds, self.slot_index)
+                out = expand(y0z, self.paged, self.layer, self.bounds, self.slot_index)
                 for m, factors in enumerate(self.per_layer):  # per-layer methods (LoRA): y += B[slot] A[slot] x
                     lora(x2, out[:, self.bounds[m] : self.bounds[m + 1]], *factors, self.slot_index)
-                rank = self.stack.shape[2]
+                rank = self.paged.rank
                 for m, (core_stack, core_ranks, e) in enumerate(self.cores):  # PSOFT: y += E K[slot, layer] z
                     z = y0z[:, self.num_out + m * rank : self.num_out + m * rank + core_stack.shape[-1]]
                     core(z, out[:, self.bounds[m] : self.bounds[m + 1]], core_stack, self.layer, e, core_ranks,
@@ -396,10 +435,9 @@ def find_shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[l
 def can_share(stacks: SlotStacks, groups: tuple[str, ...]) -> bool:
     """Whether these groups' layers can share one GEMM and expand launch: distinct groups, one rank, as many
     layers each, and output widths the kernel's 16-column blocks never straddle."""
-    shapes = [stacks.stacks[g].shape for g in groups]
     return (1 < len(groups) <= MAX_SHARED_MEMBERS and len(set(groups)) == len(groups)
-            and len({s[2] for s in shapes}) == 1 and len({stacks.signs[g].shape[1] for g in groups}) == 1
-            and math.gcd(*(s[1] for s in shapes)) % 16 == 0)
+            and len({stacks.group_rank[g] for g in groups}) == 1 and len({stacks.signs[g].shape[1] for g in groups}) == 1
+            and math.gcd(*(stacks.stacks[g].shape[1] for g in groups)) % 16 == 0)
 
 
 def plan_shared(stacks: SlotStacks, shared: list[list[str]]) -> dict[tuple[str, ...], list[list[str]]]:
@@ -431,16 +469,17 @@ def frozen_expand(linear: nn.Linear, p: torch.Tensor, rank: int) -> torch.Tensor
 
 @torch.no_grad()
 def attach_adapters(model: nn.Module, basis, num_slots: int, max_rank: int, max_tokens: int = 4096,
-                    max_layer_rank: int = 0, max_core_rank: int = 0) -> AdaptedModel:
+                    max_layer_rank: int = 0, max_core_rank: int = 0, pool_ranks: int | None = None) -> AdaptedModel:
     """Wrap every target linear of `model` in an AdaptedLinear reading shared slot stacks (and per-layer
-    stacks of rank max_layer_rank for LoRA, core stacks of rank max_core_rank for PSOFT, where > 0)."""
+    stacks of rank max_layer_rank for LoRA, core stacks of rank max_core_rank for PSOFT, where > 0); pool_ranks:
+    the rank columns the M pools hold in all (default: every slot at max_rank)."""
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
     group_rank = {g: min(max_rank, basis.group_rank(g)) for g in basis.groups}
     layer_shapes = {layer: (info.out_features, in_features) for info in basis.groups.values()
                     for layer, in_features in zip(info.layers, info.in_features)}
     stacks = SlotStacks({g: (info.out_features, group_rank[g], len(info.layers)) for g, info in basis.groups.items()},
-                        num_slots, dtype, device, layer_shapes, max_layer_rank, max_core_rank)
+                        num_slots, dtype, device, layer_shapes, max_layer_rank, max_core_rank, pool_ranks)
     slot_index = SlotIndex(max_tokens, device, stacks.slot_ranks)
     linears = find_target_linears(model, tuple(basis.groups))
     layers = {}

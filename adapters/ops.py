@@ -10,56 +10,65 @@ from __future__ import annotations
 
 import torch
 
+from adapters.rank_pages import PagedStack, pages_for_rank
 
-def expand_reference(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
-                     bounds: list[int], token_slots: torch.Tensor) -> torch.Tensor:
+
+def expand_reference(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int],
+                     token_slots: torch.Tensor) -> torch.Tensor:
     """Semantics:
-        num_out = bounds[-1]; R = stack.shape[2]
+        num_out = bounds[-1]; R = paged.rank
         y = y0z[:, :num_out] (copied)
         for t in range(T):
             s = token_slots[t]
             if s == -1: continue                    # base model
+            M, signs = paged.dense(s)               # the slot's pages side by side: [num_out, R], [L, members*R]
             for m in members:                       # layers sharing the GEMM, columns bounds[m]:bounds[m+1]
-                z = y0z[t, num_out + m*R : num_out + (m+1)*R] * signs[s, layer, m*R : (m+1)*R]
-                r = ranks[m, s]
-                y[t, bounds[m]:bounds[m+1]] += stack[s, bounds[m]:bounds[m+1], :r] @ z[:r]
-    y0z [T, num_out + M*R] = [y0 | z_1 .. z_M], stack [S, num_out, R] (the members' M's row-wise),
-    ranks [M, S], signs [S, L, M*R] (the per-layer diagonal cores) -> y [T, num_out] (accumulated in
-    float32, rounded once).
+                z = y0z[t, num_out + m*R : num_out + (m+1)*R] * signs[layer, m*R : (m+1)*R]
+                r = paged.ranks[m, s]
+                y[t, bounds[m]:bounds[m+1]] += M[bounds[m]:bounds[m+1], :r] @ z[:r]
+    y0z [T, num_out + M*R] = [y0 | z_1 .. z_M] -> y [T, num_out] (accumulated in float32, rounded once).
     """
-    num_out, rank = bounds[-1], stack.shape[2]
+    num_out, rank = bounds[-1], paged.rank
     y = y0z[:, :num_out].float().clone()
+    dense = {}
     for t, s in enumerate(token_slots.tolist()):
         if s < 0:
             continue
+        if s not in dense:
+            dense[s] = paged.dense(s)
+        m_s, signs = dense[s]
         for m in range(len(bounds) - 1):
-            lo, hi, r = bounds[m], bounds[m + 1], int(ranks[m, s])
-            z = y0z[t, num_out + m * rank : num_out + m * rank + r].float() * signs[s, layer, m * rank : m * rank + r]
-            y[t, lo:hi] += stack[s, lo:hi, :r].float() @ z
+            lo, hi, r = bounds[m], bounds[m + 1], int(paged.ranks[m, s])
+            z = y0z[t, num_out + m * rank : num_out + m * rank + r].float() * signs[layer, m * rank : m * rank + r].float()
+            y[t, lo:hi] += m_s[lo:hi, :r].float() @ z
     return y.to(y0z.dtype)
 
 
-def expand_torch(y0z: torch.Tensor, stack: torch.Tensor, signs: torch.Tensor, layer: int, bounds: list[int],
-                 slot_index) -> torch.Tensor:
+def expand_torch(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int], slot_index) -> torch.Tensor:
     """Same function as expand_reference (up to rounding), in place on y0z's y0 columns: one matmul per
-    adapter in the step and member, with the grouping SlotIndex already made on the host (CPU path)."""
-    num_out, rank = bounds[-1], stack.shape[2]
+    adapter in the step and member over the pages the slot holds (its widest rank's, where the index knows the
+    slots' ranks), with the grouping SlotIndex already made on the host (CPU path)."""
+    num_out, rank = bounds[-1], paged.rank
     y = y0z[:, :num_out]
     for s, rows in slot_index.segments():
+        num_pages = None if slot_index.slot_ranks is None else pages_for_rank(int(slot_index.slot_ranks[s]), paged.page)
+        if num_pages == 0:
+            continue
+        m_s, signs = paged.dense(s, num_pages)
+        width = m_s.shape[1]
         for m in range(len(bounds) - 1):
             lo, hi = bounds[m], bounds[m + 1]
-            z = y0z[rows, num_out + m * rank : num_out + (m + 1) * rank].float() * signs[s, layer, m * rank : (m + 1) * rank]
-            y[rows, lo:hi] = (y[rows, lo:hi].float() + z @ stack[s, lo:hi].float().T).to(y.dtype)
+            z = y0z[rows, num_out + m * rank : num_out + m * rank + width].float() * signs[layer, m * width : (m + 1) * width]
+            y[rows, lo:hi] = (y[rows, lo:hi].float() + z @ m_s[lo:hi].float().T).to(y.dtype)
     return y
 
 
-def expand(y0z: torch.Tensor, stack: torch.Tensor, ranks: torch.Tensor, signs: torch.Tensor, layer: int,
-           bounds: list[int], slot_index) -> torch.Tensor:
+def expand(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int], slot_index) -> torch.Tensor:
     """y [T, num_out] = y0 + M[slot] diag(signs[slot, layer]) z for the step's tokens, written into y0z's
     first columns (a view is returned): the Triton kernel on CUDA, one torch matmul per adapter elsewhere."""
     if y0z.is_cuda and KERNELS_AVAILABLE:
-        return expand_grouped(y0z, stack, ranks, signs, layer, bounds, slot_index)
-    return expand_torch(y0z, stack, signs, layer, bounds, slot_index)
+        return expand_grouped(y0z, paged, layer, bounds, slot_index)
+    return expand_torch(y0z, paged, layer, bounds, slot_index)
 
 
 try:  # Triton is only needed (and usually only installed) where CUDA is

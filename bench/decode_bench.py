@@ -180,6 +180,42 @@ def mixed_methods_rows(loaded, basis, args, emit, batch=64) -> None:
     torch.cuda.empty_cache()
 
 
+def mixed_ranks_rows(loaded, basis, args, emit, bandwidth, batch: int = 64) -> None:
+    """--mixed-ranks 8,32,256: `batch` distinct PiCa adapters with those ranks in turn, one batch, on an engine whose
+    GPU pool holds just their rank pages (memory in proportion to each rank); beside it the same engine on each rank
+    alone (`batch` distinct of it, as many as the pool holds). Floors count each distinct adapter's M at its own rank
+    and P at the widest (z comes out of every adapted GEMM at max_rank)."""
+    ranks = [int(r) for r in args.mixed_ranks.split(",")]
+    mixed = [ranks[i % len(ranks)] for i in range(batch)]
+    pool_ranks = sum(-(-r // 16) * 16 for r in mixed)
+    engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, **WHOLE_BATCH_PREFILL,
+                                                max_model_len=args.prompt_len + args.new_tokens + 64,
+                                                max_gpu_adapters=batch, max_rank=max(ranks), adapter_pool_ranks=pool_ranks,
+                                                gpu_memory_utilization=0.85, async_scheduling=args.async_scheduling))
+    host = HostCache(lambda _id: None, 4 * batch, torch.bfloat16, pin_memory=True)
+    handles = [host.handle_for(f"mr{i}", random_adapter(basis, r, seed=8000 + i)) for i, r in enumerate(mixed)]
+    stacks = engine.runner.adapted.slot_stacks
+    context = args.prompt_len + args.new_tokens // 2
+    run_batch(engine, handles[:4], 4, args.prompt_len, 4, seed=-4)  # warm-up
+    emit({"system": "pica_engine_mixed_ranks", "adapters": batch, "distinct_in_batch": batch, "rank": args.mixed_ranks,
+          "pool_bytes": stacks.bytes_per_page * stacks.num_pages,
+          "padded_pool_bytes": stacks.bytes_per_page * stacks.max_pages * batch,
+          **run_batch(engine, handles, batch, args.prompt_len, args.new_tokens, seed=41),
+          "floor_tok_s": floor_tokens_per_s(loaded.model, basis, batch, context, max(ranks), batch, bandwidth, mixed),
+          "profile": profile_steps(engine, handles, batch, args.prompt_len)})
+    for r in ranks:
+        alone = [host.handle_for(f"mr{r}-{i}", random_adapter(basis, r, seed=8500 + r + i))
+                 for i in range(min(batch, pool_ranks // (-(-r // 16) * 16)))]
+        emit({"system": "pica_engine_one_rank_same_pool", "adapters": len(alone), "distinct_in_batch": len(alone),
+              "rank": r, **run_batch(engine, alone, batch, args.prompt_len, args.new_tokens, seed=42 + r),
+              "floor_tok_s": floor_tokens_per_s(loaded.model, basis, batch, context, max(ranks), len(alone), bandwidth,
+                                                [r] * len(alone))})
+    release(engine, loaded.model)
+    del engine, host, handles
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def resident_rows(loaded, basis, args, emit, rank: int, batch: int) -> None:
     """--resident N: an engine with N GPU adapter slots, every one of them loaded, decoding a batch over `batch`
     distinct adapters spread across the slots; beside it the same engine with only those `batch` loaded, and the
@@ -193,7 +229,7 @@ def resident_rows(loaded, basis, args, emit, rank: int, batch: int) -> None:
     handles = [host.handle_for(f"res{i}", random_adapter(basis, rank, seed=9000 + i)) for i in range(n)]
     spread = handles[:: max(1, n // batch)][:batch]
     stacks = engine.runner.adapted.slot_stacks
-    slot_bytes = sum(t[0].numel() * t.element_size() for t in (*stacks.stacks.values(), *stacks.signs.values()))
+    slot_bytes = stacks.bytes_per_page * stacks.pages_for(handles[0].tensors)
     run_batch(engine, spread[:4], 4, args.prompt_len, 4, seed=-3)  # warm-up
     row = {"system": "pica_engine", "adapters": batch, "distinct_in_batch": batch, "rank": rank, "gpu_slots": n,
            "slot_bytes_per_adapter": slot_bytes}
@@ -216,14 +252,17 @@ def release(engine, model) -> None:
     model.set_attn_implementation("sdpa")
 
 
-def floor_tokens_per_s(model, basis, batch, context, rank, num_distinct, bandwidth) -> float:
+def floor_tokens_per_s(model, basis, batch, context, rank, num_distinct, bandwidth, distinct_ranks=None) -> float:
+    """Tokens a second if a step read only: the base weights, the KV, P at `rank` (where any adapter runs) and the M's
+    of num_distinct adapters once per layer, at `rank` or each at its own (distinct_ranks)."""
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     weights += batch * cfg.hidden_size * 2  # the embedding rows read
     kv = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
     p = sum(rank * p.shape[1] * 2 for p in basis.p.values()) if num_distinct else 0  # [W0; P] rows per layer
-    m = num_distinct * sum(info.out_features * rank * 2 * len(info.layers) for info in basis.groups.values())
+    m_rank = sum(distinct_ranks) if distinct_ranks is not None else num_distinct * rank
+    m = m_rank * sum(info.out_features * 2 * len(info.layers) for info in basis.groups.values())
     return batch / ((weights + kv + p + m) / bandwidth)
 
 
@@ -341,6 +380,9 @@ def main():
     parser.add_argument("--mixed-methods-only", action="store_true", help="only that row (after start-up)")
     parser.add_argument("--resident", type=int, default=0,
                         help="also an engine with this many GPU adapter slots, all loaded, decoding over a spread of them")
+    parser.add_argument("--mixed-ranks", default="",
+                        help="also a batch of distinct adapters of these ranks in turn (e.g. 8,32,256) on an engine whose "
+                             "pool holds just their pages, and each rank alone there")
     parser.add_argument("--startup-only", action="store_true", help="model load and basis timings, then stop")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="the engine's async scheduling (default: on, as on any CUDA server)")
@@ -350,6 +392,7 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     counts = [int(n) for n in args.num_adapters.split(",")]
+    basis_rank = max(ranks + [int(r) for r in args.mixed_ranks.split(",") if r])  # the basis serves every rank asked
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-bench-"))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "command": " ".join(sys.argv)}
@@ -370,7 +413,7 @@ def main():
     if not has_model_dir(args.shape, workdir / "model"):  # the same seed builds the same weights: reuse a folder
         build_model_dir(args.shape, workdir / "model")
         report["model_build_and_save_s"] = time.perf_counter() - start
-    cfg = ModelConfig(model=str(workdir / "model"), device="cuda", dtype="bfloat16", rank_max=max(ranks),
+    cfg = ModelConfig(model=str(workdir / "model"), device="cuda", dtype="bfloat16", rank_max=basis_rank,
                       cache_dir=workdir / "cache")
     report["cold_model_load"] = drop_page_cache()
     loaded = load_model(cfg)
@@ -378,15 +421,15 @@ def main():
     report["model_load_s"] = loaded.load_seconds
     model = loaded.model
     cache = BasisCache(cfg.basis_dir)
-    report["basis_compute_s"] = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, max(ranks), progress=False,
+    report["basis_compute_s"] = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, basis_rank, progress=False,
                                                       device="cuda").seconds  # dropped before the timed load
     torch.cuda.empty_cache()
     # what a server does at start: its model's dtype; the first time writes the bf16 serving copy
-    report["basis_first_bf16_load_s"] = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, max(ranks), progress=False,
+    report["basis_first_bf16_load_s"] = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, basis_rank, progress=False,
                                                               device="cuda", dtype=torch.bfloat16).seconds
     torch.cuda.empty_cache()
     report["cold_basis_load"] = drop_page_cache()
-    loaded_basis = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, max(ranks), progress=False, device="cuda",
+    loaded_basis = cache.load_or_compute(model, DEFAULT_TARGET_MODULES, basis_rank, progress=False, device="cuda",
                                          dtype=torch.bfloat16)
     report["basis_cache_load_s"] = loaded_basis.seconds
     report["basis_load_over_model_load"] = loaded_basis.seconds / loaded.load_seconds
@@ -417,12 +460,12 @@ def main():
         handles = [host.handle_for(f"a{i}", random_adapter(basis, rank, seed=1000 * rank + i)) for i in range(max(counts))]
         run_batch(engine, handles[:2], 4, args.prompt_len, 4, seed=-1)  # warm-up, untimed: compiles, allocates
         # activation latency: host (pinned) -> GPU slot, and disk -> host -> GPU slot
-        swaps = [engine.runner.load_adapter(0, handles[0].tensors) for _ in range(20)]
+        swaps = [engine.runner.load_adapter(0, handles[0].tensors, engine.slots.pages_of(0)) for _ in range(20)]
         adapter_dir = workdir / f"adapter-r{rank}"
         save_adapter_dir(adapter_dir, random_adapter(basis, rank, 7).config, random_adapter(basis, rank, 7).tensors)
         disk_start = time.perf_counter()
         from_disk = host.handle_for("disk", load_adapter_dir(adapter_dir, AdapterExpectation.from_basis(basis)))
-        engine.runner.load_adapter(1, from_disk.tensors)
+        engine.runner.load_adapter(1, from_disk.tensors, engine.slots.pages_of(1))
         adapter_bytes = sum(c.numel() * c.element_size() for c in handles[0].tensors.values())
         report[f"swap_r{rank}"] = {"adapter_MB": adapter_bytes / 1e6, "host_to_gpu_ms": sorted(swaps)[10] * 1e3,
                                    "disk_to_gpu_ms": (time.perf_counter() - disk_start) * 1e3}
@@ -453,6 +496,8 @@ def main():
 
     if args.mixed_methods or args.mixed_methods_only:
         mixed_methods_rows(loaded, basis, args, emit)
+    if args.mixed_ranks:
+        mixed_ranks_rows(loaded, basis, args, emit, bandwidth, batch=max(batches or [64]))
     if args.resident:
         resident_rows(loaded, basis, args, emit, rank=min(ranks or [32]), batch=max(batches or [64]))
 

@@ -64,9 +64,8 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     shared, contiguous, x, slots, index = block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots)
     bounds = shared.bounds
     y0z = F.linear(x, shared.weight)
-    ref = expand_reference(y0z.float(), shared.stack.float(), shared.ranks, shared.signs.float(), 0, bounds,
-                           torch.tensor(slots, device="cuda"))
-    got = expand_grouped(y0z.clone(), shared.stack, shared.ranks, shared.signs, 0, bounds, index).float()
+    ref = expand_reference(y0z.float(), shared.paged, 0, bounds, torch.tensor(slots, device="cuda"))
+    got = expand_grouped(y0z.clone(), shared.paged, 0, bounds, index).float()
     rel_err = float((got - ref).norm() / ref.norm())
     distinct = min(num_adapters, tokens)
     m_bytes = distinct * sum(outs) * rank * 2
@@ -74,7 +73,7 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
            "base_separate_us": bench(lambda: [F.linear(x, w) for w in contiguous]),
            "base_shared_us": bench(lambda: F.linear(x, shared.weight[: shared.num_out])),
            "gemm_with_p_us": bench(lambda: F.linear(x, shared.weight)),
-           "expand_us": bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.signs, 0, bounds, index)),
+           "expand_us": bench(lambda: expand_grouped(y0z, shared.paged, 0, bounds, index)),
            "rel_err_vs_fp32_reference": rel_err}
     index.set(slots)
     row["adapter_path_us"] = bench(lambda: shared.output_for(0, x) if len(outs) == 1 else
@@ -120,8 +119,7 @@ def tune_expand(ranks=(32, 256), tokens=64):
             for cfg in candidate_configs(rank):
                 if any(b % cfg.block_n for b in shared.bounds[1:-1]) or count == (64 if not cfg.per_token else 8):
                     continue
-                us = bench(lambda: expand_grouped(y0z, shared.stack, shared.ranks, shared.signs, 0, shared.bounds,
-                                                  index, cfg), rep=30)
+                us = bench(lambda: expand_grouped(y0z, shared.paged, 0, shared.bounds, index, cfg), rep=30)
                 rows.append({"shape": name, "rank": rank, "num_adapters": count, **asdict(cfg), "us": us})
                 times[(count, cfg)] = us
         for per_token, count in ((False, 8), (True, 64)):

@@ -179,6 +179,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         ("max_gpu_adapters", "GPU slots for adapters"),
         ("max_host_adapters", "adapters kept in host RAM"),
         ("max_rank", "largest adapter r served (default: --rank-max)"),
+        ("adapter_pool_ranks", "rank columns the GPU slots hold in all, in pages of 16: an adapter of rank r takes "
+                               "ceil(r/16) (default: every slot at --max-rank; lower it to give many small "
+                               "adapters more slots in the same memory)"),
         ("max_lora_rank", "largest LoRA rank served from PEFT folders (0: no LoRA; costs GPU slot memory)"),
         ("max_psoft_rank", "largest PSOFT rank served from PEFT folders (0: no PSOFT; costs r*r per layer and slot)"),
         ("max_queue", "waiting requests before 429"),

@@ -105,7 +105,12 @@ class EngineConfig:
     max_host_adapters: int = 256
     """Adapters kept in host RAM (the LRU between the store and the GPU slots)."""
     max_rank: int | None = None
-    """Largest adapter r served (stack padding); None = the basis rank_max."""
+    """Largest adapter r served (the z columns every adapted GEMM computes); None = the basis rank_max."""
+    adapter_pool_ranks: int | None = None
+    """Rank columns the GPU adapter slots hold in all (adapters.rank_pages): an adapter of rank r takes ceil(r / 16)
+    pages of 16 columns, so slot memory follows each adapter's own rank. None = max_gpu_adapters * max_rank (any
+    slot can hold a max-rank adapter); e.g. --max-gpu-adapters 512 --adapter-pool-ranks 16384 holds 512 r=32
+    adapters (or 64 r=256) in the memory that 64 padded r=256 slots take."""
     max_lora_rank: int = 0
     """Largest LoRA rank served: every GPU slot holds per-layer A and B stacks of this rank (memory
     num_slots * max_lora_rank * sum over target layers of (in + out)); 0 serves no LoRA (like vLLM
@@ -138,7 +143,10 @@ class EngineConfig:
         if self.max_rank is not None and self.max_psoft_rank > self.max_rank:
             problems.append(f"max_psoft_rank {self.max_psoft_rank} exceeds max_rank {self.max_rank}: PSOFT reads the "
                             "basis columns the base GEMM serves, max_rank of them")
-        for name in ("max_model_len", "num_kv_blocks", "max_rank", "max_prefill_tokens_with_decodes"):
+        if self.adapter_pool_ranks is not None and self.max_rank is not None and self.adapter_pool_ranks < self.max_rank:
+            problems.append(f"adapter_pool_ranks {self.adapter_pool_ranks} is less than max_rank {self.max_rank}: no "
+                            "adapter of that rank would ever fit")
+        for name in ("max_model_len", "num_kv_blocks", "max_rank", "adapter_pool_ranks", "max_prefill_tokens_with_decodes"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1, got {value}")

@@ -63,6 +63,9 @@ class _StateCollector:
         yield GaugeMetricFamily("pica_requests_waiting", "Requests waiting for a batch slot, KV memory or an adapter slot",
                                 value=gauges.num_waiting)
         yield GaugeMetricFamily("pica_kv_cache_usage_ratio", "Share of KV cache blocks in use", value=kv_usage)
+        yield GaugeMetricFamily("pica_adapter_pool_usage_ratio",
+                                "Share of the GPU adapter pool's rank pages held by resident adapters (--adapter-pool-ranks)",
+                                value=gauges.adapter_pages_used / max(1, gauges.adapter_pages_total))
         yield GaugeMetricFamily("pica_store_damaged_adapters",
                                 "Store entries that cannot be read back (logged, left out of listings)",
                                 value=len(state.store.damaged))

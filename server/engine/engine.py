@@ -116,10 +116,11 @@ class Engine:
         self.runner = ModelRunner(loaded, basis, cfg, self.limits.max_model_len)
         if self.runner.device.type == "cuda":  # compiles what graph capture did not, before the server is ready
             log.info("warm-up prefill: %.2f s", warm_up(self.runner, cfg.max_num_batched_tokens, cfg.max_num_seqs))
-        self.slots = SlotTable(cfg.max_gpu_adapters)
+        stacks = self.runner.adapted.slot_stacks
+        self.slots = SlotTable(cfg.max_gpu_adapters, stacks.num_pages)
         self.blocks = BlockManager(self.runner.num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg.max_num_seqs, cfg.max_num_batched_tokens, self.blocks, self.slots,
-                                   cfg.max_prefill_tokens_with_decodes)
+                                   cfg.max_prefill_tokens_with_decodes, lambda handle: stacks.pages_for(handle.tensors))
         self._seqs: dict[str, Sequence] = {}
         self._aborted: list[FinishedRequest] = []  # reported with the next step's stats
         self._last_step_end: float | None = None  # set while work was left at the end of the last step
@@ -206,7 +207,8 @@ class Engine:
         return EngineGauges(
             num_running=self.num_running, num_waiting=self.num_waiting, kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_total=self.blocks.num_blocks, num_gpu_adapters=self.slots.num_resident,
-            max_gpu_adapters=self.cfg.max_gpu_adapters, running_adapter_ids=tuple(running),
+            max_gpu_adapters=self.cfg.max_gpu_adapters, adapter_pages_total=self.slots.num_pages,
+            adapter_pages_used=self.slots.num_pages - self.slots.num_free_pages, running_adapter_ids=tuple(running),
             waiting_adapter_ids=tuple(waiting), num_host_adapters=len(host_cache) if host_cache is not None else 0,
             host_hits=host.hits if host else 0, host_misses=host.misses if host else 0,
             host_evictions=host.evictions if host else 0,
@@ -278,7 +280,8 @@ class Engine:
         stats = self.slots.stats
         hits, misses, evictions = stats.hits, stats.misses, stats.evictions
         sched = self.scheduler.schedule()
-        swap_seconds = tuple(self.runner.load_adapter(slot, handle.tensors) for slot, handle in sched.slot_loads)
+        swap_seconds = tuple(self.runner.load_adapter(slot, handle.tensors, self.slots.pages_of(slot))
+                              for slot, handle in sched.slot_loads)
         return sched, swap_seconds, (stats.hits - hits, stats.misses - misses, stats.evictions - evictions)
 
     def _launch(self, scheduled, after: "_Launched | None", call_start: float) -> "_Launched":

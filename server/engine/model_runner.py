@@ -90,7 +90,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.adapted = attach_adapters(
             loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens,
-            cfg.max_lora_rank, cfg.max_psoft_rank,
+            cfg.max_lora_rank, cfg.max_psoft_rank, cfg.adapter_pool_ranks,
         )
         self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
         if self.decode_kernels:
@@ -151,10 +151,11 @@ class ModelRunner:
             )
         return num_blocks
 
-    def load_adapter(self, slot: int, tensors: dict) -> float:
-        """Copy an adapter's slot tensors (group -> M) into a slot; returns the seconds the copy took."""
+    def load_adapter(self, slot: int, tensors: dict, pages: list[int] | None = None) -> float:
+        """Copy an adapter's slot tensors (group -> M) into a slot and its rank pages (SlotTable.pages_of; None:
+        the slot's own run, SlotStacks.own_pages); returns the seconds the copy took."""
         start = time.perf_counter()
-        self.adapted.slot_stacks.write(slot, tensors, non_blocking=True)
+        self.adapted.slot_stacks.write(slot, tensors, pages, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # adapter activation is rare; time it honestly
         return time.perf_counter() - start

@@ -53,12 +53,14 @@ def _decodes(seq: Sequence) -> bool:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager, slots: SlotTable,
-                 max_prefill_tokens_with_decodes: int | None = None):
+                 max_prefill_tokens_with_decodes: int | None = None, pages_for: Callable[[object], int] | None = None):
+        """pages_for(adapter handle): the rank pages its slot takes (SlotStacks.pages_for; None: pages untracked)."""
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_tokens_with_decodes = max_prefill_tokens_with_decodes or max_num_batched_tokens
         self.blocks = blocks
         self.slots = slots
+        self.pages_for = pages_for or (lambda handle: 0)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -135,14 +137,15 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             key = seq.adapter_key
-            if key is not None and (slot_blocked or not self.slots.can_admit(key)):
+            pages = 0 if key is None else self.pages_for(seq.adapter)
+            if key is not None and (slot_blocked or not self.slots.can_admit(key, pages)):
                 slot_blocked = True
                 continue
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num_tokens):
                 break  # memory is granted in arrival order
             if key is not None:
-                seq.slot, needs_load = self.slots.admit(key)
+                seq.slot, needs_load = self.slots.admit(key, pages)
                 if needs_load:
                     out.slot_loads.append((seq.slot, seq.adapter))
             self.blocks.allocate(seq, num_tokens)

@@ -62,6 +62,9 @@ class EngineGauges:
     num_gpu_adapters: int = 0
     """Adapters resident in GPU slots."""
     max_gpu_adapters: int = 0
+    adapter_pages_used: int = 0
+    adapter_pages_total: int = 0
+    """Rank pages of the GPU adapter pool (adapters.rank_pages) held by resident adapters, and in all."""
     running_adapter_ids: tuple[str, ...] = ()
     """Distinct adapters of running requests, oldest first."""
     waiting_adapter_ids: tuple[str, ...] = ()

@@ -13,6 +13,7 @@ PER_TOKEN = [ExpandConfig(16, 16, per_token=True), ExpandConfig(16, 256, num_war
 """The program-per-token kernel: several K blocks, and the whole rank in one."""
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
+from adapters.rank_pages import page_size_for, pages_for_rank
 
 
 def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config=None):
@@ -20,15 +21,20 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     gen = torch.Generator().manual_seed(seed)
     groups = tuple(f"g{m}" for m in range(len(outs)))
     num_layers = 3
-    stacks = SlotStacks({g: (o, rank_max, num_layers) for g, o in zip(groups, outs)}, num_slots, dtype, device)
-    stack, member_ranks, signs = stacks.served(groups)
+    # a pool of just the pages these slots take (plus one), handed out shuffled: no slot holds a contiguous run
+    page = page_size_for(rank_max)
+    num_pages = sum(pages_for_rank(r, page) for r in ranks) + 1
+    stacks = SlotStacks({g: (o, rank_max, num_layers) for g, o in zip(groups, outs)}, num_slots, dtype, device,
+                        pool_ranks=num_pages * page)
+    free = torch.randperm(num_pages, generator=gen).tolist()
+    paged = stacks.served(groups)
     for slot, r in enumerate(ranks):
         tensors = {g: torch.randn(o, r, generator=gen).to(dtype) for m, (g, o) in enumerate(zip(groups, outs))
                    if r and not (m and slot == 0)}
         if slot % 2:  # odd slots bring per-layer signs (an imported adapter), even ones the identity
             tensors.update({f"signs.{g}": (torch.randint(0, 2, (num_layers, r), generator=gen) * 2 - 1).to(dtype)
                             for g in list(tensors)})
-        stacks.write(slot, tensors)
+        stacks.write(slot, tensors, [free.pop() for _ in range(stacks.pages_for(tensors))])
     layer = seed % num_layers
     slots = torch.randint(-1, num_slots, (num_tokens,), generator=gen).tolist()
     slots[0] = -1
@@ -39,9 +45,8 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     index = SlotIndex(max(num_tokens, 8), device, stacks.slot_ranks if seed % 2 else None)
     index.set(slots)
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
-    ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), signs.cpu().float(), layer, bounds,
-                           torch.tensor(slots))
-    got = expand_grouped(y0z.clone(), stack, member_ranks, signs, layer, bounds, index, config).cpu().float()
+    ref = expand_reference(y0z.float(), paged, layer, bounds, torch.tensor(slots)).cpu()
+    got = expand_grouped(y0z.clone(), paged, layer, bounds, index, config).cpu().float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, config)
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")
@@ -56,7 +61,7 @@ def check_captured(device):
     outs, rank, num_slots, num_tokens = (256, 64, 64), 32, 64, 64
     groups = tuple(f"g{m}" for m in range(len(outs)))
     stacks = SlotStacks({g: (o, rank, 1) for g, o in zip(groups, outs)}, num_slots, torch.bfloat16, device)
-    stack, member_ranks, signs = stacks.served(groups)
+    paged = stacks.served(groups)
     for slot in range(num_slots):
         stacks.write(slot, {g: torch.randn(o, 8 + slot % 25, generator=gen).to(torch.bfloat16) for g, o in zip(groups, outs)})
     bounds = [0, 256, 320, 384]
@@ -70,18 +75,17 @@ def check_captured(device):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            expand_grouped(work, stack, member_ranks, signs, 0, bounds, index)
+            expand_grouped(work, paged, 0, bounds, index)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            expand_grouped(work, stack, member_ranks, signs, 0, bounds, index)
+            expand_grouped(work, paged, 0, bounds, index)
         for slots in mappings:
             index.set(slots)
             assert index.per_token == per_token, (per_token, slots)
             work.copy_(y0z)
             graph.replay()
-            ref = expand_reference(y0z.cpu().float(), stack.cpu().float(), member_ranks.cpu(), signs.cpu().float(), 0,
-                                   bounds, torch.tensor(slots))
+            ref = expand_reference(y0z.float(), paged, 0, bounds, torch.tensor(slots)).cpu()
             torch.testing.assert_close(work[:, : bounds[-1]].cpu().float(), ref, rtol=3e-2, atol=3e-2 * rank**0.5)
     return sum(len(m) for m in cases.values())
 

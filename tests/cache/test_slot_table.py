@@ -37,3 +37,27 @@ def test_new_version_is_a_new_key_and_drop_frees_unpinned():
     assert t.slot_of(old) == 0 and t.slot_of(new) is None
     assert t.admit(B) == (1, True)  # the freed slot is reused without an eviction
     assert t.stats.evictions == 0
+
+
+def test_rank_pages_bound_residency_and_are_freed_with_their_slot():
+    """Four slots but eight pages: an adapter of six pages evicts the least recently used until its pages are free,
+    never a pinned one, and each slot's pages are its own."""
+    t = SlotTable(4, num_pages=8)
+    D = ("d", "v1")
+    assert t.admit(A, 2) == (0, True) and t.admit(B, 1) == (1, True) and t.admit(C, 4) == (2, True)
+    held = [t.pages_of(s) for s in range(3)]
+    assert sorted(p for pages in held for p in pages) == list(range(7)) and t.num_free_pages == 1
+    assert not t.can_admit(D, 6), "only one page is free and every slot is pinned"
+    t.release(1)
+    t.release(0)  # B is now the least recently used, then A; C stays pinned
+    assert not t.can_admit(D, 5), "B's and A's pages and the free one make four"
+    assert t.can_admit(D, 4)
+    slot, needs_load = t.admit(D, 4)
+    assert needs_load and t.stats.evictions == 2 and t.slot_of(A) is None and t.slot_of(B) is None
+    assert t.slot_of(C) == 2 and slot != 2
+    assert len(t.pages_of(slot)) == 4 and not set(t.pages_of(slot)) & set(t.pages_of(2)) and t.num_free_pages == 0
+    assert t.admit(C, 4) == (2, False)  # a hit takes no pages
+    t.release(2)
+    t.release(2)
+    t.drop("c")
+    assert t.num_free_pages == 4 and t.pages_of(2) == []

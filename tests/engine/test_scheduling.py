@@ -23,6 +23,21 @@ def test_fewer_slots_than_adapters_in_flight_all_complete(world_factory):
         assert tokens[f"r{i}"] == world.greedy(f"a{i % 6}", [5 + i, 6, 7], 4)
 
 
+def test_rank_pages_bound_residency_and_outputs_stay_exact(world_factory):
+    """Four slots but a pool of two rank pages (the tiny model's pages are 8 columns, every adapter here takes one):
+    adapters wait for pages and are evicted by them, and every output still matches its dense merged model."""
+    world = world_factory(num_adapters=6)
+    engine = world.engine(max_gpu_adapters=4, adapter_pool_ranks=16, max_num_seqs=8)
+    assert (engine.slots.num_pages, engine.runner.adapted.slot_stacks.page) == (2, 8)
+    for i in range(12):
+        engine.add_request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=4, **GREEDY), world.handle(f"a{i % 6}"))
+    resident = []
+    tokens, finish, _ = run_to_completion(engine, before_step=lambda _: resident.append(engine.slots.num_resident))
+    assert len(finish) == 12 and max(resident) == 2 and engine.slots.stats.evictions >= 4
+    for i in range(12):
+        assert tokens[f"r{i}"] == world.greedy(f"a{i % 6}", [5 + i, 6, 7], 4)
+
+
 def test_slot_blocked_head_is_not_starved(world_factory):
     world = world_factory(num_adapters=2)
     engine = world.engine(max_gpu_adapters=1, max_num_seqs=8)

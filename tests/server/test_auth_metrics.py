@@ -114,6 +114,7 @@ def test_metrics_parse_and_move(live, tmp_path):
     assert value(after, "pica_ready") == 1 and value(after, "pica_model_load_seconds") > 0
     assert value(after, "pica_basis_seconds", source="computed") + value(after, "pica_basis_seconds", source="loaded") > 0
     assert value(after, "pica_kv_cache_usage_ratio") >= 0 and ("pica_batch_size_count", ()) in after
+    assert 0 < value(after, "pica_adapter_pool_usage_ratio") <= 1  # the metered adapter stays resident
 
 
 def test_openapi_docs(live):
