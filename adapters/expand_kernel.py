@@ -9,7 +9,8 @@ kernels add each token's M[slot] z into its y0 columns. Two kernels, and SlotInd
   (prefill, or a decode step over a few adapters).
 - per token (`_expand_token_kernel`): a program per token and column block, a matrix-vector product on
   the CUDA cores, two rounds of dependent loads instead of three. Best where a decode step spreads over
-  many adapters (64 tokens on 64 adapters: 1.6x faster than tiles at r=32 and r=256 on the H200).
+  many adapters (64 tokens on 64 adapters: 1.6x faster than tiles at r=32 and r=256 on the H200). On servers
+  of rank >= SPLIT_FROM_RANK it runs as two launches by token rank (`rank_buckets`).
 Both read M through the slot's row of the page table (adapters.rank_pages): a K block of BLOCK_K columns is
 BLOCK_K / PAGE pages, loaded as [.., pages, PAGE] so each page's columns stay one vector load (a flat gather
 of columns loads element by element: 64 x r=256 1199 tok/s that way, 2682 this way). Base-model tokens
@@ -88,10 +89,13 @@ def _expand_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_ord
 def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_ptr, token_ranks_ptr, layer, stride_out,
                          stride_pool_p, stride_pool_n, stride_signs_p, stride_signs_l, stride_table,
                          NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
-                         BOUND2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BOUND2: tl.constexpr, RANK_LO: tl.constexpr, RANK_HI: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     """A program per token and block of output columns: a matrix-vector product on the CUDA cores. Its slot,
     rank, y and z need only the token's index, so they load in one round, its pages in the next and M in the
-    last (the tile kernel needs as many); tokens of one slot read the same M block, the second time from L2."""
+    last (the tile kernel needs as many); tokens of one slot read the same M block, the second time from L2.
+    A launch serves the tokens of rank in (RANK_LO, RANK_HI] (the last launch, RANK_HI = RANK, every rank above
+    RANK_LO) and runs RANK_HI columns; the others exit after their first loads."""
     token = tl.program_id(0).to(tl.int64)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
@@ -101,7 +105,7 @@ def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_pt
     mask_n = offs_n < NUM_OUT
     y_ptrs = out_ptr + token * stride_out + offs_n
     y = tl.load(y_ptrs, mask=mask_n)
-    if slot < 0:
+    if (slot < 0) | (rank <= RANK_LO) | ((rank > RANK_HI) & (RANK_HI < RANK)):
         return
     z_ptr = out_ptr + token * stride_out + NUM_OUT + member * RANK
     offs_j = tl.arange(0, BLOCK_K // PAGE)  # K blocks as [pages, PAGE], as in the tile kernel
@@ -112,8 +116,8 @@ def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_pt
     # a fixed, unrolled bound: every block's loads issue at once (a loop to the token's own rank serializes them:
     # 64 x r=256 2105 vs 2682 tok/s, though r=8 tokens on that server then ran 5339 vs 3693, decode-*-paged-*.json)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    own_rank = tl.minimum(rank, RANK)
-    for k0 in tl.static_range(0, RANK, BLOCK_K):
+    own_rank = tl.minimum(rank, RANK_HI)
+    for k0 in tl.static_range(0, RANK_HI, BLOCK_K):
         block_pages = k0 // PAGE + offs_j
         mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < own_rank
         page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < own_rank, other=0).to(tl.int64)
@@ -123,6 +127,22 @@ def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_pt
                     other=0.0)
         acc += tl.sum(tl.sum(m.to(tl.float32) * z[None, :, :], axis=2), axis=1)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask_n)
+
+
+RANK_SPLIT = 32
+SPLIT_FROM_RANK = 128
+"""On servers of rank >= SPLIT_FROM_RANK the per-token expand runs as two launches, tokens of rank <= RANK_SPLIT
+and the rest, so an r=8 or r=32 token pays for 32 columns' instructions, not the widest rank's (the kernel is
+bound by issue there: a masked block costs nearly what a loaded one does). A token exits the other launch after
+its first loads. H200, 64 tokens of ranks 8/32/256 on a rank-256 server: gate/up 157 vs 295 us; all r=256: 379
+vs 374 us (kernels-rank-split-h200.json)."""
+
+
+def rank_buckets(rank: int, split: int | None = None) -> list[tuple[int, int]]:
+    """(lo, hi] rank ranges of the per-token launches for z columns of width `rank` (split: RANK_SPLIT's
+    override, 0 for one launch)."""
+    split = (RANK_SPLIT if rank >= SPLIT_FROM_RANK else 0) if split is None else split
+    return [(0, split), (split, rank)] if 0 < split < rank else [(0, rank)]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -186,10 +206,10 @@ def device_name(device: torch.device) -> str:
 
 
 def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int], groups,
-                   config: ExpandConfig | None = None) -> torch.Tensor:
+                   config: ExpandConfig | None = None, split: int | None = None) -> torch.Tensor:
     """y0z [T, num_out + M*R] (row-major), paged: the members' pooled M's (pool rows contiguous), layer: the row
     of signs to use, bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out],
-    updated."""
+    updated. split: the per-token path's rank split (rank_buckets; None: the rule, 0: one launch)."""
     num_tokens = y0z.shape[0]
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     num_members, num_out, rank, page = len(bounds) - 1, bounds[-1], paged.rank, paged.page
@@ -202,13 +222,16 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
     if cfg.per_token:
-        _expand_token_kernel[(num_tokens, triton.cdiv(num_out, cfg.block_n))](
-            y0z, pool, signs, table, groups.token_slots, groups.token_ranks, layer, y0z.stride(0), pool.stride(0),
-            pool.stride(1), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=rank, PAGE=page,
-            BOUND1=bound1, BOUND2=bound2, BLOCK_N=cfg.block_n,
-            BLOCK_K=max(page, min(cfg.block_k, triton.next_power_of_2(rank))),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        for lo, hi in rank_buckets(rank, split):
+            part = cfg if hi == rank or config is not None else pick_config(device_name(y0z.device), hi, tuple(bounds),
+                                                                             groups.tile_tokens, True)
+            _expand_token_kernel[(num_tokens, triton.cdiv(num_out, part.block_n))](
+                y0z, pool, signs, table, groups.token_slots, groups.token_ranks, layer, y0z.stride(0), pool.stride(0),
+                pool.stride(1), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=rank,
+                PAGE=page, BOUND1=bound1, BOUND2=bound2, RANK_LO=lo, RANK_HI=hi, BLOCK_N=part.block_n,
+                BLOCK_K=max(page, min(part.block_k, triton.next_power_of_2(hi))),
+                num_warps=part.num_warps, num_stages=part.num_stages,
+            )
         return y0z[:, :num_out]
     # a graph being captured replays for any slot mapping: its grid covers the most tiles; else the step's own
     capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -38,16 +38,18 @@ def bench(fn, rep=200, graph=True) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1000
 
 
-def block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots, dtype=torch.bfloat16):
+def block_inputs(tokens, in_features, outs, rank, num_adapters, num_slots, dtype=torch.bfloat16, adapter_ranks=None):
     """One input's adapted layers as the engine builds them (e.g. q/k/v: outs=(4096, 1024, 1024)), with
-    num_adapters distinct adapters spread round-robin over the tokens."""
+    num_adapters distinct adapters spread round-robin over the tokens; each of rank `rank`, or adapter_ranks
+    in turn (on a server of rank `rank`)."""
     dev = "cuda"
     gen = torch.Generator().manual_seed(0)
     groups = tuple(f"g{m}" for m in range(len(outs)))
     stacks = SlotStacks({g: (o, rank, 1) for g, o in zip(groups, outs)}, num_slots, dtype, dev)
     served = stacks.served(groups)
     for slot in range(num_adapters):
-        stacks.write(slot, {g: (torch.randn(o, rank, generator=gen) * 0.02).to(dtype) for g, o in zip(groups, outs)})
+        r = rank if adapter_ranks is None else adapter_ranks[slot % len(adapter_ranks)]
+        stacks.write(slot, {g: (torch.randn(o, r, generator=gen) * 0.02).to(dtype) for g, o in zip(groups, outs)})
     index = SlotIndex(max(tokens, 16), dev, stacks.slot_ranks)
     slots = [i % num_adapters for i in range(tokens)]
     index.set(slots)
@@ -82,6 +84,33 @@ def adapted_block(tokens, in_features, outs, rank, num_adapters, num_slots):
     row["expand_GBps_on_M"] = m_bytes / (row["expand_us"] * 1e-6) / 1e9
     print("block", json.dumps(row), flush=True)
     return row
+
+
+def rank_split_rows(tokens=64) -> list[dict]:
+    """The per-token expand over `tokens` distinct adapters: on a server of rank 256, ranks 8, 32 and 256 in turn and
+    all 256, each with the rank split (the rule) and as one launch; beside them all r=32 on a server of rank 32."""
+    rows = []
+    shapes = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+              "down": (14336, (4096,))}
+    for (name, (in_features, outs)), (server_rank, ranks) in itertools.product(
+            shapes.items(), ((256, (8, 32, 256)), (256, (256,)), (32, (32,)))):
+        shared, _, x, slots, index = block_inputs(tokens, in_features, outs, server_rank, tokens, tokens,
+                                                  adapter_ranks=ranks)
+        assert index.per_token
+        y0z = F.linear(x, shared.weight)
+        ref = expand_reference(y0z.float(), shared.paged, 0, shared.bounds, torch.tensor(slots, device="cuda"))
+        m_bytes = sum(ranks[s % len(ranks)] for s in range(tokens)) * sum(outs) * 2
+        row = {"shape": name, "server_rank": server_rank, "adapter_ranks": list(ranks), "tokens": tokens}
+        for label, split in (("split", None), ("one_launch", 0)):
+            got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, split=split).float()
+            work = y0z.clone()  # the timing loop adds into its input again and again: never the one checked next
+            us = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, split=split))
+            row[f"{label}_us"] = us
+            row[f"{label}_GBps_on_M"] = m_bytes / us / 1e3
+            row[f"{label}_rel_err"] = float((got - ref).norm() / ref.norm())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def candidate_configs(rank: int) -> list[ExpandConfig]:
@@ -226,17 +255,22 @@ def main():
     parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the block and LoRA timings")
     parser.add_argument("--tune-ranks", default="32,256", help="with --tune: the ranks to time (others keep their entries)")
     parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
+    parser.add_argument("--rank-split-only", action="store_true",
+                        help="only the per-token expand over mixed ranks, rank split on and off (and the ceilings)")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "ceilings": device_ceilings()}
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
+    if args.rank_split_only:
+        report["rank_split"] = rank_split_rows()
+        args.tune_only, args.skip_basis, args.tune = True, True, None
     for rank, adapters in (() if args.tune_only or args.lora_only else ((32, 8), (256, 64))):
         for in_features, outs in ((4096, qkv), (4096, (4096,)), (4096, gate_up), (14336, (4096,))):
             report["blocks"].append(adapted_block(64, in_features, outs, rank, adapters, 64))
     if not (args.tune_only or args.lora_only):
         report["blocks"].append(adapted_block(2048, 4096, qkv, 256, 16, 16))  # a prefill chunk
-    if not args.tune_only:
+    if not args.tune_only and not args.rank_split_only:
         report["lora"] = lora_rows()
     if args.tune:
         report["tune"], table = tune_expand(tuple(int(r) for r in args.tune_ranks.split(",")))

@@ -99,6 +99,7 @@ def main():
         (37, (96, 96), 4, 32, [32, 17, 1, 32]),  # gate/up-like, odd token count, prefill-sized tiles below
         (300, (64,), 5, 16, [3, 16, 16, 8, 12]),  # > 256 tokens: 64-token tiles
         (9, (24,), 2, 20, [20, 7]),  # width not a multiple of 16: masked column blocks
+        (11, (32, 16), 5, 128, [128, 8, 33, 32, 0]),  # rank 128: the per-token path splits at 32 (both sides of it)
     ]
     if device == "cuda":
         cases += [(64, (4096, 1024, 1024), 16, 64, [64, 32, 16, 48] * 4), (64, (14336,), 64, 256, [256, 32] * 32),
