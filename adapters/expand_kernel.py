@@ -8,14 +8,15 @@ kernels add each token's M[slot] z into its y0 columns. Two kernels, and SlotInd
   once and multiplies it with the tile's z's on the tensor cores. Best where slots have several tokens
   (prefill, or a decode step over a few adapters).
 - per token (`_expand_token_kernel`): a program per token and column block, a matrix-vector product on
-  the CUDA cores, two rounds of dependent loads instead of three. Best where a decode step spreads over
+  the CUDA cores, needing no grouping of tokens by slot. Best where a decode step spreads over
   many adapters (64 tokens on 64 adapters: 1.6x faster than tiles at r=32 and r=256 on the H200). On servers
   of rank >= SPLIT_FROM_RANK it runs as two launches by token rank (`rank_buckets`).
 Both read M through the slot's row of the page table (adapters.rank_pages): a K block of BLOCK_K columns is
 BLOCK_K / PAGE pages, loaded as [.., pages, PAGE] so each page's columns stay one vector load (a flat gather
 of columns loads element by element: 64 x r=256 1199 tok/s that way, 2682 this way). Base-model tokens
-(slot -1) exit at once and columns past a slot's rank load nothing: y0 is already their answer. Grids depend only on the number of tokens and ranks come from tensors, so a CUDA graph
-captured for a kind of step replays for any slot mapping of that kind. Block shapes come from
+(slot -1) exit at once and columns past a slot's rank load nothing: y0 is already their answer. Grids depend
+only on the number of tokens, and ranks and pages come from tensors, so a CUDA graph captured for a kind of
+step replays for any slot mapping of that kind. Block shapes come from
 `expand_configs.json`, measured per device by `bench/kernels_bench.py --tune`.
 """
 

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters.format import Adapter, AdapterConfig, AdapterExpectation, load_adapter_dir, save_adapter_dir  # noqa: E402
+from adapters.rank_pages import RANK_PAGE, pages_for_rank  # noqa: E402
 from cache.basis_cache import BasisCache  # noqa: E402
 from cache.host_cache import HostCache  # noqa: E402
 from server.config import DEFAULT_TARGET_MODULES, EngineConfig, ModelConfig  # noqa: E402
@@ -187,7 +188,8 @@ def mixed_ranks_rows(loaded, basis, args, emit, bandwidth, batch: int = 64) -> N
     and P at the widest (z comes out of every adapted GEMM at max_rank)."""
     ranks = [int(r) for r in args.mixed_ranks.split(",")]
     mixed = [ranks[i % len(ranks)] for i in range(batch)]
-    pool_ranks = sum(-(-r // 16) * 16 for r in mixed)
+    paged_width = lambda r: pages_for_rank(r, RANK_PAGE) * RANK_PAGE  # noqa: E731 - the columns r's pages hold
+    pool_ranks = sum(paged_width(r) for r in mixed)
     engine = Engine(loaded, basis, EngineConfig(max_num_seqs=batch, **WHOLE_BATCH_PREFILL,
                                                 max_model_len=args.prompt_len + args.new_tokens + 64,
                                                 max_gpu_adapters=batch, max_rank=max(ranks), adapter_pool_ranks=pool_ranks,
@@ -205,7 +207,7 @@ def mixed_ranks_rows(loaded, basis, args, emit, bandwidth, batch: int = 64) -> N
           "profile": profile_steps(engine, handles, batch, args.prompt_len)})
     for r in ranks:
         alone = [host.handle_for(f"mr{r}-{i}", random_adapter(basis, r, seed=8500 + r + i))
-                 for i in range(min(batch, pool_ranks // (-(-r // 16) * 16)))]
+                 for i in range(min(batch, pool_ranks // paged_width(r)))]
         emit({"system": "pica_engine_one_rank_same_pool", "adapters": len(alone), "distinct_in_batch": len(alone),
               "rank": r, **run_batch(engine, alone, batch, args.prompt_len, args.new_tokens, seed=42 + r),
               "floor_tok_s": floor_tokens_per_s(loaded.model, basis, batch, context, max(ranks), len(alone), bandwidth,
