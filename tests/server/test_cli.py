@@ -64,6 +64,8 @@ def test_merge_refuses_invalid_adapter(tmp_path, capsys):
 
 
 def test_options_default_from_pica_env(monkeypatch):
+    import pytest
+
     from server.cli import app_config, apply_env_defaults, build_parser
 
     monkeypatch.setenv("PICA_MAX_GPU_ADAPTERS", "7")
@@ -74,6 +76,13 @@ def test_options_default_from_pica_env(monkeypatch):
     cfg = app_config(parser.parse_args(["serve"]))
     assert (cfg.engine.max_gpu_adapters, cfg.model.model, cfg.server.port) == (7, "/models/x", 9001)
     assert app_config(parser.parse_args(["serve", "--port", "9002"])).server.port == 9002
+    assert app_config(parser.parse_args(["serve"])).engine.adapter_pool_ranks is None  # every slot at --max-rank
+    monkeypatch.setenv("PICA_ADAPTER_POOL_RANKS", "4096")
+    parser = build_parser()
+    apply_env_defaults(parser)
+    assert app_config(parser.parse_args(["serve"])).engine.adapter_pool_ranks == 4096
+    with pytest.raises(ValueError, match="less than max_rank"):
+        app_config(parser.parse_args(["serve", "--max-rank", "256", "--adapter-pool-ranks", "128"]))
 
 
 def test_async_scheduling_flag_and_env(monkeypatch, capsys):
