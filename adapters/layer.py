@@ -207,9 +207,13 @@ class SlotStacks:
         reads this many columns of every group's pages gets the right answer, the pages being zero past each
         group's own rank."""
 
+    def widest_rank(self, tensors: dict[str, torch.Tensor]) -> int:
+        """The widest rank of an adapter's M's among its slot tensors (0 for methods that hold none)."""
+        return max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0)
+
     def pages_for(self, tensors: dict[str, torch.Tensor]) -> int:
-        """Rank pages an adapter's slot tensors take (its widest M's; 0 for methods that hold none)."""
-        return pages_for_rank(max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0), self.page)
+        """Rank pages an adapter's slot tensors take (those of its widest M)."""
+        return pages_for_rank(self.widest_rank(tensors), self.page)
 
     def own_pages(self, slot: int, num_pages: int) -> list[int]:
         """A fixed page run per slot, for callers that keep no page allocator (tests, kernel benchmarks): valid
@@ -246,7 +250,7 @@ class SlotStacks:
                 pool.index_copy_(0, index, dense.unflatten(1, (needed, self.page)).transpose(0, 1))
                 self.signs[g].index_copy_(0, index, dense_signs.unflatten(1, (needed, self.page)).transpose(0, 1))
             self.ranks[g][slot] = rank
-        self.slot_ranks[slot] = max((m.shape[1] for g, m in tensors.items() if g in self.stacks), default=0)
+        self.slot_ranks[slot] = self.widest_rank(tensors)
         for name, a_stack in self.layer_a.items():
             a, b = tensors.get(f"lora_A.{name}"), tensors.get(f"lora_B.{name}")
             rank = 0 if a is None else a.shape[0]
