@@ -89,7 +89,9 @@ class EngineConfig:
     p99), at the cost of spreading prompts over more steps (TTFT, some throughput). On the H200 (8B shape, 64
     streams, 133-token prompts) the engine's inter-token p99 was 12.4-12.5 ms at 128 and 192 and 14.9 at 256
     against 36-41 ms with the whole budget (p50 6.3-6.9 ms); first-wave TTFT 0.16-0.26 s at 192 against 0.10 s;
-    output tok/s 3% lower (bench/results/README.md)."""
+    output tok/s 3% lower (bench/results/README.md). With the 5.3 ms decode step a limit of 64 brought the
+    client-side p99 to 1.4x p50, by making most steps carry prompts: p50 8.4 against 5.5 ms, output tok/s 25%
+    lower, first-wave TTFT 0.48 against 0.13 s; so the default stays."""
     max_model_len: int | None = None
     """Prompt + output limit; None = the model's max_position_embeddings, capped at 8192."""
     block_size: int = 16

@@ -137,11 +137,13 @@ def paged_attention_forward(
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata | DecodeMetadata | MixedMetadata | VarlenMetadata, scaling=None, sliding_window=None,
                     softcap=None) -> torch.Tensor:
-    """q [T, H, D], k/v [T, Hkv, D] of the step's tokens: writes k/v into layer's paged cache, then attends each
-    query to its own sequence's cached keys -> [T, H, D]."""
+    """q [T, H, D], k/v [T, Hkv, D] of the step's tokens: writes k/v into layer's paged cache (k, v None: the
+    caller wrote them, fused_pointwise.rope_store), then attends each query to its own sequence's cached keys
+    -> [T, H, D]."""
     kv = meta.kv_caches[layer]
-    kv[0].index_copy_(0, meta.slot_mapping, k.to(kv.dtype))
-    kv[1].index_copy_(0, meta.slot_mapping, v.to(kv.dtype))
+    if k is not None:
+        kv[0].index_copy_(0, meta.slot_mapping, k.to(kv.dtype))
+        kv[1].index_copy_(0, meta.slot_mapping, v.to(kv.dtype))
     attend = lambda part, q_part: _attend(part, q_part, kv, scaling, sliding_window, softcap)  # noqa: E731
     if isinstance(meta, MixedMetadata):
         out = torch.empty_like(q)

@@ -8,7 +8,8 @@ prompts replay CUDA graphs of those pieces per token count (server.engine.piecew
 attention, whose shapes change every step, eagerly. The target linears are whatever the model holds (the
 adapted ones share one GEMM for q/k/v and one for gate/up). With `fused_kernels` (CUDA) the elementwise work
 between the GEMMs runs as one Triton kernel each: RoPE on q and k, the residual add with the norm after it, and
-SiLU(gate) * up (server.engine.fused_pointwise, rms_norm.add_rms_norm). Any other architecture keeps
+SiLU(gate) * up (server.engine.fused_pointwise, rms_norm.add_rms_norm); a whole-step forward also writes
+the KV cache in the RoPE kernel. Any other architecture keeps
 transformers' forward (ModelRunner.forward); both are tested against the dense merged model.
 """
 
@@ -62,13 +63,14 @@ class LlamaDecoder:
         self.num_kv_heads = cfg.num_key_value_heads
         mistral_window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.sliding_windows = [getattr(layer.self_attn, "sliding_window", mistral_window) for layer in self.layers]
-        self.rope, self.silu_mul, self.add_rms_norm = rotate, None, None
+        self.rope, self.silu_mul, self.add_rms_norm, self.rope_store = rotate, None, None, None
         self.fused_norms = [None] * self.num_layers
         if fused_kernels:  # Triton: imported only where CUDA runs it
             from server.engine import fused_pointwise
             from server.engine.rms_norm import FusedRMSNorm, add_rms_norm
 
             self.rope, self.silu_mul, self.add_rms_norm = fused_pointwise.rope, fused_pointwise.silu_mul, add_rms_norm
+            self.rope_store = fused_pointwise.rope_store
             # the residual add joins a norm only where its formula was checked against the kernel's (fuse_rms_norms)
             self.fused_norms = [layer.post_attention_layernorm.norm if isinstance(layer.post_attention_layernorm,
                                                                                    FusedRMSNorm) else None
@@ -80,17 +82,28 @@ class LlamaDecoder:
         cos, sin = self.rotary(hidden[None], positions[None])
         return hidden, cos[0], sin[0]
 
-    def attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Layer i's q [T, H, D], k and v [T, Hkv, D] (RoPE applied) from the residual stream."""
-        layer = self.layers[i]
-        attn, x = layer.self_attn, layer.input_layernorm(hidden)
+    def projections(self, i: int, hidden: torch.Tensor):
+        """Layer i's q [T, H, D], k and v [T, Hkv, D] before RoPE, from the residual stream."""
+        attn, x = self.layers[i].self_attn, self.layers[i].input_layernorm(hidden)
         q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer i's q [T, H, D], k and v [T, Hkv, D] (RoPE applied) from the residual stream."""
+        q, k, v = self.projections(i, hidden)
         return self.rope(q, cos, sin), self.rope(k, cos, sin), v
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta) -> torch.Tensor:
-        """Layer i's paged attention -> [T, H * D]."""
+    def stored_attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                                meta) -> torch.Tensor:
+        """Layer i's q (RoPE applied), its k and v already written into the layer's paged cache (one kernel)."""
+        q, k, v = self.projections(i, hidden)
+        kv = meta.kv_caches[i]
+        return self.rope_store(q, k, v, cos, sin, kv[0], kv[1], meta.slot_mapping)
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, meta) -> torch.Tensor:
+        """Layer i's paged attention -> [T, H * D] (k, v None: already in the cache)."""
         attn = self.layers[i].self_attn
         out = paged_attention(i, q, k, v, meta, attn.scaling, self.sliding_windows[i])
         return out.reshape(out.shape[0], -1)
@@ -117,6 +130,9 @@ class LlamaDecoder:
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta, logits_rows: torch.Tensor) -> torch.Tensor:
         hidden, cos, sin = self.embed(token_ids, positions)
         for i in range(self.num_layers):
-            q, k, v = self.attention_inputs(i, hidden, cos, sin)
+            if self.rope_store is not None:
+                q, k, v = self.stored_attention_inputs(i, hidden, cos, sin, meta), None, None
+            else:
+                q, k, v = self.attention_inputs(i, hidden, cos, sin)
             hidden = self.after_attention(i, hidden, self.attend(i, q, k, v, meta))
         return self.logits(self.norm(hidden), logits_rows)

@@ -9,10 +9,11 @@ import sys
 import torch
 
 from server.engine.attention import attention_reference
-from server.engine.decode_attention import paged_decode_attention
+from server.engine.decode_attention import DecodeConfig, paged_decode_attention
 
 
-def check(num_seqs, heads, kv_heads, head_dim, block_size, max_len, dtype, device, seed, window=None, softcap=None):
+def check(num_seqs, heads, kv_heads, head_dim, block_size, max_len, dtype, device, seed, window=None, softcap=None,
+          config=None):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     num_blocks = num_seqs * (max_len // block_size + 1) + 3
@@ -27,7 +28,7 @@ def check(num_seqs, heads, kv_heads, head_dim, block_size, max_len, dtype, devic
     q = torch.randn(num_seqs, heads, head_dim, generator=gen).to(dtype).to(device)
     scale = head_dim**-0.5
     got = paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens, dtype=torch.int32, device=device),
-                                 block_size, scale, window, softcap).float().cpu()
+                                 block_size, scale, window, softcap, config).float().cpu()
     for s, n in enumerate(lens):
         slots = torch.tensor([tables[s][p // block_size] * block_size + p % block_size for p in range(n)])
         k = k_cache.float().cpu()[slots].transpose(0, 1)[None]  # [1, Hkv, n, D]
@@ -38,7 +39,7 @@ def check(num_seqs, heads, kv_heads, head_dim, block_size, max_len, dtype, devic
         ref = attention_reference(q.float().cpu()[s][None, :, None], k, v, mask, scale, softcap)[0, :, 0]
         err = (got[s] - ref).norm() / ref.norm()
         tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 2e-2
-        assert torch.isfinite(got[s]).all() and err < tol, (s, n, float(err), dtype, window, softcap)
+        assert torch.isfinite(got[s]).all() and err < tol, (s, n, float(err), dtype, window, softcap, config)
 
 
 def main():
@@ -51,10 +52,14 @@ def main():
     if device == "cuda":
         cases += [dict(num_seqs=64, heads=32, kv_heads=8, head_dim=128, block_size=16, max_len=600),
                   dict(num_seqs=7, heads=16, kv_heads=4, head_dim=80, block_size=16, max_len=300)]
+    # the step's own (split at these sizes), one pipelined program, then flash-decoding splits (some of them empty at short contexts) and other pipeline depths
+    configs = [None, DecodeConfig(), DecodeConfig(block_n=16, splits=3, num_stages=2), DecodeConfig(block_n=32, splits=2,
+                                                                                               num_stages=1)]
     for i, case in enumerate(cases):
         for dtype in dtypes:
-            check(dtype=dtype, device=device, seed=i, **case)
-    print(f"decode attention ok on {device}: {len(cases) * len(dtypes)} cases")
+            for config in configs:
+                check(dtype=dtype, device=device, seed=i, config=config, **case)
+    print(f"decode attention ok on {device}: {len(cases) * len(dtypes) * len(configs)} cases")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ Runs on CUDA when there is a GPU, else in Triton's interpreter (TRITON_INTERPRET
 """
 
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from server.engine.fused_pointwise import rope, silu_mul
+from server.engine.fused_pointwise import rope, rope_store, silu_mul
 from server.engine.llama_decoder import LlamaDecoder, rotate
 from server.engine.rms_norm import add_rms_norm, add_rms_norm_reference, fuse_rms_norms
 
@@ -30,6 +31,21 @@ def check_kernels(device, dtype, gen) -> int:
         got = rope(x, cos, sin)
         assert got.shape == x.shape and got.is_contiguous()
         torch.testing.assert_close(got, rotate(x, cos, sin), **tol)
+        cases += 1
+    for tokens, heads, kv_heads, dim in ((1, 1, 1, 2), (5, 4, 2, 8), (6, 12, 4, 80), (3, 32, 8, 128), (0, 4, 2, 16)):
+        fused = strided(tokens, (heads + 2 * kv_heads) * dim, 0, (heads + 2 * kv_heads + 1) * dim, device, dtype, gen)
+        q, k, v = (part.view(tokens, h, dim) for part, h in zip(fused.split([heads * dim, kv_heads * dim, kv_heads * dim], 1),
+                                                                 (heads, kv_heads, kv_heads)))
+        angles = torch.randn(tokens, dim // 2, generator=gen).repeat(1, 2)
+        cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+        cache = torch.randn(2, 3 * tokens + 5, kv_heads, dim, generator=gen).to(device, dtype)
+        slots = torch.randperm(3 * tokens + 5, generator=gen)[:tokens].to(device)
+        expected = cache.clone()
+        expected[0].index_copy_(0, slots, rope(k, cos, sin))
+        expected[1].index_copy_(0, slots, v)
+        got = rope_store(q, k, v, cos, sin, cache[0], cache[1], slots)
+        torch.testing.assert_close(got, rope(q, cos, sin), rtol=0, atol=0)
+        torch.testing.assert_close(cache, expected, rtol=0, atol=0)  # the rest of the cache untouched
         cases += 1
     for tokens, n in ((1, 1), (4, 33), (6, 1000), (2, 2500), (0, 8)):
         gate = strided(tokens, n, 0, 2 * n + 5, device, dtype, gen)
@@ -65,8 +81,15 @@ def check_decoder_pieces(device, gen) -> int:
             hidden, cos, sin = plain.embed(ids, positions)
             attended = torch.randn(6, 64, generator=gen).to(device)
             for i in range(2):
-                for a, b in zip(plain.attention_inputs(i, hidden, cos, sin), fused.attention_inputs(i, hidden, cos, sin)):
+                q, k, v = plain.attention_inputs(i, hidden, cos, sin)
+                for a, b in zip((q, k, v), fused.attention_inputs(i, hidden, cos, sin)):
                     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                slots = torch.tensor([9, 2, 4, 0, 7, 1], device=device)
+                meta = SimpleNamespace(kv_caches=[torch.zeros(2, 10, 2, 16, device=device)] * 2, slot_mapping=slots)
+                torch.testing.assert_close(fused.stored_attention_inputs(i, hidden, cos, sin, meta), q, rtol=1e-5,
+                                           atol=1e-5)
+                torch.testing.assert_close(meta.kv_caches[i][0][slots], k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(meta.kv_caches[i][1][slots], v, rtol=0, atol=0)
                 torch.testing.assert_close(fused.after_attention(i, hidden, attended),
                                            plain.after_attention(i, hidden, attended), rtol=1e-5, atol=1e-5)
                 cases += 1
