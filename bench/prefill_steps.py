@@ -10,13 +10,15 @@ torch.profiler (its busiest ops in `.profile.txt` beside the JSON); then the ste
 step beside 32 decodes under each prompt budget (`--budgets`, values of `--max-prefill-tokens-with-decodes`):
 what a stream's inter-token gap becomes when new requests join its batch. The first budget's arrivals are run
 again under cProfile (`.cprofile.txt`: where a mixed step's host time goes), with cuDNN's SDPA allowed, and
-with garbage collection off.
+with garbage collection off; and as the serving benchmark's steady state runs (63 streams, one fresh prompt
+a step) under torch.profiler (`.mixed-profile.txt`: the kernels of steps with prompts beside decodes).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import gc
 import io
 import json
@@ -67,8 +69,9 @@ def wave(engine: Engine, rng: random.Random, vocab: int, name: str, batch: int, 
 
 
 def arrivals(engine: Engine, rng: random.Random, vocab: int, batch: int, prompt_len: int, per_step: int,
-             num_steps: int) -> dict:
-    """`batch` streams decoding, `per_step` new prompts added before each of num_steps steps; the steps' times."""
+             num_steps: int, profiler=None) -> dict:
+    """`batch` streams decoding, `per_step` new prompts added before each of num_steps steps; the steps' times
+    (those steps alone run inside `profiler` where given)."""
     for i in range(batch):
         engine.add_request(f"stream-{i}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
                            SamplingParams(max_tokens=num_steps + 64, temperature=0, ignore_eos=True), None)
@@ -78,11 +81,12 @@ def arrivals(engine: Engine, rng: random.Random, vocab: int, batch: int, prompt_
         engine.step()
     decode_only = [step_row(engine)[0] for _ in range(8)]
     mixed = []
-    for n in range(num_steps):
-        for j in range(per_step):
-            engine.add_request(f"new-{n}-{j}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
-                               SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), None)
-        mixed.append(step_row(engine)[0])
+    with profiler or contextlib.nullcontext():
+        for n in range(num_steps):
+            for j in range(per_step):
+                engine.add_request(f"new-{n}-{j}", [rng.randrange(2, vocab) for _ in range(prompt_len)],
+                                   SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), None)
+            mixed.append(step_row(engine)[0])
     for rid in list(engine.request_ids):
         engine.abort_request(rid)
     while engine.has_work:
@@ -98,7 +102,7 @@ def main() -> int:
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--prompt-len", type=int, default=133, help="the serving benchmark's 35-word prompts")
-    parser.add_argument("--budgets", default="256,4096", help="--max-prefill-tokens-with-decodes values to compare")
+    parser.add_argument("--budgets", default="192,4096", help="--max-prefill-tokens-with-decodes values to compare")
     parser.add_argument("--device", default="cuda", help="cpu: a check of the script itself (--shape small)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -129,6 +133,14 @@ def main() -> int:
         report["arrivals"][budget] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2, num_steps=16)
     budget = int(args.budgets.split(",")[0])
     engine.scheduler.max_prefill_tokens_with_decodes = budget
+    # the serving benchmark's steady state: 63 streams decoding, a fresh prompt joining each step; kernels profiled
+    prof = torch.profiler.profile(activities=activities)
+    report["arrivals"][f"{budget}-63-streams-profiled"] = arrivals(engine, rng, vocab, 63, args.prompt_len,
+                                                                   per_step=1, num_steps=8, profiler=prof)
+    table = prof.key_averages()
+    args.out.with_suffix(".mixed-profile.txt").write_text(
+        table.table(sort_by="self_device_time_total" if args.device == "cuda" else "self_cpu_time_total",
+                    row_limit=40) + "\n\n" + table.table(sort_by="self_cpu_time_total", row_limit=25))
     with cProfile.Profile() as host_profile:  # where a mixed step's host time goes, by Python function
         report["arrivals"][f"{budget}-cprofile"] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2,
                                                             num_steps=8)
