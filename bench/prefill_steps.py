@@ -97,6 +97,13 @@ def arrivals(engine: Engine, rng: random.Random, vocab: int, batch: int, prompt_
             "with_prompts_wall_ms_max": max(r["wall_ms"] for r in mixed), "steps": mixed}
 
 
+def busiest_ops(prof, cuda: bool) -> str:
+    """A torch.profiler run's busiest ops by host time, then (CUDA) by device time."""
+    table = prof.key_averages()
+    return (table.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n"
+            + table.table(sort_by="self_device_time_total", row_limit=25) * cuda)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama3-8b")
@@ -120,11 +127,8 @@ def main() -> int:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         report["first_wave"] = wave(engine, rng, vocab, "first", 64, args.prompt_len)
-    table = prof.key_averages()
-    text = (table.table(sort_by="self_cpu_time_total", row_limit=25) + "\n\n"
-            + table.table(sort_by="self_device_time_total", row_limit=25) * (args.device == "cuda"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".profile.txt").write_text(text)
+    args.out.with_suffix(".profile.txt").write_text(busiest_ops(prof, args.device == "cuda"))
     report["second_wave"] = wave(engine, rng, vocab, "second", 64, args.prompt_len)
     report["third_wave"] = wave(engine, rng, vocab, "third", 64, args.prompt_len)
     report["arrivals"] = {}
@@ -137,10 +141,7 @@ def main() -> int:
     prof = torch.profiler.profile(activities=activities)
     report["arrivals"][f"{budget}-63-streams-profiled"] = arrivals(engine, rng, vocab, 63, args.prompt_len,
                                                                    per_step=1, num_steps=8, profiler=prof)
-    table = prof.key_averages()
-    args.out.with_suffix(".mixed-profile.txt").write_text(
-        table.table(sort_by="self_device_time_total" if args.device == "cuda" else "self_cpu_time_total",
-                    row_limit=40) + "\n\n" + table.table(sort_by="self_cpu_time_total", row_limit=25))
+    args.out.with_suffix(".mixed-profile.txt").write_text(busiest_ops(prof, args.device == "cuda"))
     with cProfile.Profile() as host_profile:  # where a mixed step's host time goes, by Python function
         report["arrivals"][f"{budget}-cprofile"] = arrivals(engine, rng, vocab, 32, args.prompt_len, per_step=2,
                                                             num_steps=8)
