@@ -76,7 +76,7 @@ class DecodeGraphs:
 
     def _fill(self, inputs, device_tokens=None) -> None:
         """Copy a step's inputs into the static buffers (one host-to-device copy). With device_tokens the token
-        column holds rows of device_tokens.tokens, gathered into input_ids on the device after the copy."""
+        column's first entries are rows of device_tokens.tokens, gathered into input_ids on the device after the copy."""
         n, b = len(inputs.token_ids), self.max_batch
         staging = self._staging.next()
         columns = staging[: 4 * b].reshape(4, b)

@@ -67,6 +67,8 @@ class _Launched:
     """CUDA: the end of the step launched before this one, when the engine was busy in between."""
     host_seconds_before: float = 0.0
     """Wall time from the start of the launching step() call to this launch (host time of a step after idle)."""
+    num_waiting: int = 0
+    """Requests left waiting once this step was scheduled."""
 
 
 @dataclass(frozen=True)
@@ -223,8 +225,9 @@ class Engine:
         """Postprocess one step's tokens and return its outputs.
 
         Synchronous: schedule, launch, read the tokens, postprocess. With async scheduling, the step after the
-        one being postprocessed is scheduled and launched first when the lookahead is exact (decodes only:
-        Scheduler.schedule_lookahead), its input tokens read on the device from this step's samples; reading
+        one being postprocessed is scheduled and launched first when the lookahead is exact (decodes and
+        admissions that do not depend on this step's tokens: Scheduler.schedule_lookahead), its decodes' input
+        tokens read on the device from this step's samples; reading
         this step's tokens then waits for this step alone, and the host work overlaps the next forward.
         `on_launched` runs once the device has work queued and before the step waits for it (the engine core
         sends the previous step's outputs there)."""
@@ -234,10 +237,11 @@ class Engine:
         if done is None:
             done = self._launch(self._schedule(), None, call_start)
         if self.async_scheduling and done.sampled is not None:
+            hits = self.slots.stats.hits
             sched = self.scheduler.schedule_lookahead(lambda seq: id(seq) in done.rows, self._will_finish,
                                                       self._may_finish)
-            if sched is not None:
-                self._inflight = self._launch(sched, done, call_start)
+            if sched is not None:  # its admissions pin resident slots only
+                self._inflight = self._launch((sched, (), (self.slots.stats.hits - hits, 0, 0)), done, call_start)
                 self.num_lookahead_steps += 1
         if on_launched is not None and done.sampled is not None:
             on_launched()
@@ -259,7 +263,7 @@ class Engine:
             num_prefill_tokens=done.num_prefill_tokens,
             num_decode_tokens=done.num_decode_tokens,
             num_running=self.num_running,
-            num_waiting=self.num_waiting,
+            num_waiting=done.num_waiting,
             num_preempted=done.sched.num_preempted,
             kv_blocks_used=self.blocks.num_used_blocks,
             kv_blocks_total=self.blocks.num_blocks,
@@ -286,24 +290,23 @@ class Engine:
 
     def _launch(self, scheduled, after: "_Launched | None", call_start: float) -> "_Launched":
         """Queue a step's forward and sampling on the device (no host sync). `after`: the step in flight whose
-        sampled tokens are this lookahead step's inputs."""
-        if after is None:
-            sched, swap_seconds, (hits, misses, evictions) = scheduled
-        else:
-            sched, swap_seconds, (hits, misses, evictions) = scheduled, (), (0, 0, 0)
+        sampled tokens are the inputs of this lookahead step's decodes (the first of its sequences)."""
+        sched, swap_seconds, (hits, misses, evictions) = scheduled
         done = _Launched(sched, [item.seq for item in sched.scheduled if item.samples], swap_seconds, hits, misses,
-                         evictions)
+                         evictions, num_waiting=self.num_waiting)
         if not sched.scheduled:
             return done
-        for item in sched.scheduled:  # a decode computes the newest output token (Scheduler's _decodes), not
-            # a one-token chunk of a preempted sequence's recompute
-            if after is not None or (item.num_tokens == 1 and item.samples and item.seq.num_output_tokens > 0):
+        device_tokens = None
+        if after is not None:
+            device_tokens = DeviceTokens(after.sampled.tokens, [after.rows[id(item.seq)] for item in sched.scheduled
+                                                                if id(item.seq) in after.rows])
+        for i, item in enumerate(sched.scheduled):  # a decode computes the newest output token (Scheduler's
+            # _decodes), not a one-token chunk of a preempted sequence's recompute
+            if (device_tokens is not None and i < len(device_tokens.rows)) or (
+                    item.num_tokens == 1 and item.samples and item.seq.num_output_tokens > 0):
                 done.num_decode_tokens += 1
             else:
                 done.num_prefill_tokens += item.num_tokens
-        device_tokens = None
-        if after is not None:
-            device_tokens = DeviceTokens(after.sampled.tokens, [after.rows[id(item.seq)] for item in sched.scheduled])
         done.prev_end_event = self._last_end_event
         done.host_seconds_before = time.perf_counter() - call_start
         done.start_event = self.runner.timing_event()

@@ -34,8 +34,9 @@ def kv_slot(block_table: list[int], position: int, block_size: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceTokens:
-    """A lookahead step's input tokens, still on the device: scheduled[i]'s one token is tokens[rows[i]] (the
-    previous step's sampled tokens, which the host has not read yet)."""
+    """A lookahead step's decode inputs, still on the device: for i < len(rows), scheduled[i]'s one token is
+    tokens[rows[i]] (the previous step's sampled tokens, which the host has not read yet); the sequences after
+    those (admitted prompts) have their tokens on the host."""
 
     tokens: torch.Tensor  # [num_rows_prev] int64
     rows: list[int]
@@ -44,7 +45,7 @@ class DeviceTokens:
 @dataclass
 class DecodeInputs:
     """One decode step's inputs as host arrays (int64), rows past the real sequences padded. With device
-    tokens, token_ids holds each row's index into them instead (DeviceTokens.rows)."""
+    tokens, token_ids holds the device-fed rows' indices into them instead (DeviceTokens.rows)."""
 
     token_ids: np.ndarray
     positions: np.ndarray
@@ -180,7 +181,8 @@ class ModelRunner:
         inputs = DecodeInputs.padding(pad_to, self.max_blocks_per_seq, self.scratch_block, bs)
         for i, item in enumerate(scheduled):
             seq, pos = item.seq, item.start
-            inputs.token_ids[i] = seq.token_ids[pos] if device_tokens is None else device_tokens.rows[i]
+            fed = device_tokens is not None and i < len(device_tokens.rows)
+            inputs.token_ids[i] = device_tokens.rows[i] if fed else seq.token_ids[pos]
             inputs.positions[i] = pos
             inputs.slot_mapping[i] = kv_slot(seq.block_table, pos, bs)
             inputs.context_lens[i] = pos + 1
@@ -199,7 +201,8 @@ class ModelRunner:
         rows = torch.arange(len(scheduled), device=self.device)
         token_ids = to_dev(inputs.token_ids)
         if device_tokens is not None:
-            token_ids = device_tokens.tokens.index_select(0, token_ids)
+            fed = token_ids[: len(device_tokens.rows)]
+            fed.copy_(device_tokens.tokens.index_select(0, fed))
         return self.forward(token_ids, to_dev(inputs.positions), meta, rows)[0]
 
     def timing_event(self) -> "torch.cuda.Event | None":
@@ -213,18 +216,19 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, scheduled: list[ScheduledSeq], device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         """Forward the step's tokens; returns logits [num_sampling_seqs, V] in scheduled order. With
-        device_tokens (a lookahead step: decodes only) each sequence's input token is read on the device."""
+        device_tokens (a lookahead step) the leading decodes' input tokens are read on the device."""
         if self.decode_kernels and all(item.num_tokens == 1 and item.samples for item in scheduled):
             if self.graphs is not None and self.graphs.bucket_for(len(scheduled)) is not None:
                 return self.graphs.run(scheduled, device_tokens)
             return self._run_decode_eager(scheduled, device_tokens)
-        if device_tokens is not None and any(item.num_tokens != 1 for item in scheduled):
-            raise ValueError("device tokens feed decode steps only")
+        num_fed = 0 if device_tokens is None else len(device_tokens.rows)
+        if any(item.num_tokens != 1 for item in scheduled[:num_fed]):
+            raise ValueError("device tokens feed decodes only")
         bs = self.block_size
         token_ids, positions, token_slots, slot_mapping, logits_rows = [], [], [], [], []
-        for item in scheduled:
+        for i, item in enumerate(scheduled):
             seq, start, n = item.seq, item.start, item.num_tokens
-            token_ids += seq.token_ids[start : start + n] if device_tokens is None else [0]  # filled below
+            token_ids += [0] if i < num_fed else seq.token_ids[start : start + n]  # fed ones: filled below
             positions += range(start, start + n)
             token_slots += [seq.slot] * n
             slot_mapping += [kv_slot(seq.block_table, p, bs) for p in range(start, start + n)]
@@ -236,8 +240,8 @@ class ModelRunner:
         # a captured bucket's padded rows carry no adapter
         self.adapted.slot_index.set(token_slots + [-1] * ((bucket or 0) - len(token_ids)))
         ids = as_long(token_ids)
-        if device_tokens is not None:  # one token a sequence: query_starts are 0..S-1
-            ids = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
+        if num_fed:  # one token each, first: they are packed rows 0..num_fed-1
+            ids[:num_fed] = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
         graphs = None if bucket is None else self.prefill_graphs.graphs_for(bucket)
         if graphs is not None:
             return self.prefill_graphs.run(ids, as_long(positions), meta, as_long(logits_rows), graphs)[0]

@@ -14,7 +14,8 @@ requests for other adapters wait behind it, so it cannot starve.
 
 Lookahead (`schedule_lookahead`): while step N runs, step N+1 is scheduled as `schedule()` would schedule it
 once N's tokens are known, and only where that is certain; otherwise the engine waits for N and calls
-`schedule()`.
+`schedule()`. That covers new requests too: a prompt admitted beside the decodes is known on the host, so the
+step that first computes it need not wait for the one before.
 """
 
 from __future__ import annotations
@@ -107,29 +108,65 @@ class Scheduler:
     def schedule_lookahead(self, has_pending_token: Callable[[Sequence], bool], will_finish: Callable[[Sequence], bool],
                            may_finish: Callable[[Sequence], bool]) -> SchedulerOutput | None:
         """Step N+1 while step N runs: one decode for each running sequence but those that `will_finish` at N
-        (their N+1 token could only be wasted), or None where `schedule()` after N might do otherwise.
+        (their N+1 token could only be wasted), then the waiting requests schedule() would admit after N; or None
+        where schedule() after N might do otherwise.
 
         Every running sequence must have its next token pending in N (`has_pending_token`: a chunk that did not
         reach the end of a prompt, or a sequence N left out, computes more than one token next). The decodes must
         fit the token budget and the free KV blocks as they are now (N's finishes only free more, so schedule()
-        would not preempt), and no waiting request may be admitted after N: none waits, or the batch or budget
-        stays full whatever N samples (no sequence `may_finish` at N beyond those that will)."""
+        would not preempt). The decodes come first in the output: their input tokens are N's samples."""
         if not all(has_pending_token(seq) for seq in self.running):
             return None
         decodes = [seq for seq in self.running if not will_finish(seq)]
         if not decodes or len(decodes) > self.max_num_batched_tokens:
             return None
-        if sum(self.blocks.num_blocks_needed(seq, 1) for seq in decodes) > self.blocks.num_free_blocks:
+        decode_blocks = sum(self.blocks.num_blocks_needed(seq, 1) for seq in decodes)
+        if decode_blocks > self.blocks.num_free_blocks:
             return None
-        if self.waiting:
-            known = all(will_finish(seq) or not may_finish(seq) for seq in self.running)
-            if not known or (len(decodes) < self.max_num_seqs and len(decodes) < self.max_num_batched_tokens):
-                return None
+        admissions = self._certain_admissions(decodes, self.blocks.num_free_blocks - decode_blocks, may_finish)
+        if admissions is None:
+            return None
         out = SchedulerOutput()
         for seq in decodes:
             self.blocks.allocate(seq, 1)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, 1, samples=True))
+        for seq, num_tokens in admissions:
+            self._admit(out, seq, num_tokens, pages=0)
         return out
+
+    def _certain_admissions(self, decodes: list[Sequence], free_blocks: int, may_finish: Callable[[Sequence], bool]
+                            ) -> list[tuple[Sequence, int]] | None:
+        """(request, prompt tokens) that schedule() after step N would admit beside `decodes`, N's survivors, whatever
+        N samples; None where that is not certain, or where an admission would load an adapter slot (a load
+        waits for the device).
+
+        N's finishes can only add sequence places, KV blocks, slots and token budget, and end the decodes that
+        hold prompts to the smaller budget. So what is admitted now is what schedule() would admit where no running
+        sequence may finish at N, or where admission stopped for want of neither a place nor blocks and no chunk
+        was cut by a budget that N's finishes could raise."""
+        changeable = any(may_finish(seq) for seq in self.running)
+        budget = self.max_num_batched_tokens - len(decodes)
+        limit = min(budget, self.max_prefill_tokens_with_decodes)
+        limit_fixed = not changeable or (self.max_prefill_tokens_with_decodes <= budget
+                                         and not all(may_finish(seq) for seq in decodes))
+        admitted: list[tuple[Sequence, int]] = []
+        for seq in self.waiting:
+            if limit == 0:
+                return admitted if limit_fixed else None
+            if len(decodes) + len(admitted) >= self.max_num_seqs:
+                return None if changeable else admitted
+            if seq.adapter_key is not None and self.slots.slot_of(seq.adapter_key) is None:
+                return None
+            num_tokens = min(seq.num_uncomputed_tokens, limit)
+            needed = self.blocks.num_blocks_needed(seq, num_tokens)
+            if needed > free_blocks:
+                return None if changeable else admitted
+            if num_tokens < seq.num_uncomputed_tokens and not limit_fixed:
+                return None
+            admitted.append((seq, num_tokens))
+            free_blocks -= needed
+            limit -= num_tokens
+        return admitted
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         slot_blocked = False
@@ -144,16 +181,21 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.can_allocate(seq, num_tokens):
                 break  # memory is granted in arrival order
-            if key is not None:
-                seq.slot, needs_load = self.slots.admit(key, pages)
-                if needs_load:
-                    out.slot_loads.append((seq.slot, seq.adapter))
-            self.blocks.allocate(seq, num_tokens)
-            self.waiting.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(self._chunk(seq, num_tokens))
+            self._admit(out, seq, num_tokens, pages)
             budget -= num_tokens
+
+    def _admit(self, out: SchedulerOutput, seq: Sequence, num_tokens: int, pages: int) -> None:
+        """A waiting request starts running: its adapter's slot pinned (loaded first where not resident), KV blocks
+        for its first chunk."""
+        if seq.adapter_key is not None:
+            seq.slot, needs_load = self.slots.admit(seq.adapter_key, pages)
+            if needs_load:
+                out.slot_loads.append((seq.slot, seq.adapter))
+        self.blocks.allocate(seq, num_tokens)
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        out.scheduled.append(self._chunk(seq, num_tokens))
 
     @staticmethod
     def _chunk(seq: Sequence, num_tokens: int) -> ScheduledSeq:

@@ -4,11 +4,16 @@ engine's outputs: tokens, text, finish reasons and logprobs, on mixed workloads 
 
 import dataclasses
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from cache.slot_table import SlotTable
+from server.engine.block_manager import BlockManager
 from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import Sequence
 
 STOP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 "
 
@@ -221,6 +226,75 @@ def test_lookahead_runs_while_requests_wait_behind_a_full_batch(world_factory):
 
     assert steps(sync_stats) == steps(fast_stats)
     assert engine.num_lookahead_steps > len(fast_stats) // 2
+
+
+def lookahead_after_two_prompts(waiting: list[tuple[int, str | None]], may_finish: bool, prefill_limit: int = 64):
+    """A scheduler whose two running requests ("a0" and the base model) each have a token pending in step N,
+    `waiting` ((prompt length, adapter id) each) queued behind them, room for three; its lookahead for N+1."""
+    adapter = lambda name: None if name is None else SimpleNamespace(key=(name, 0), adapter_id=name)  # noqa: E731
+    scheduler = Scheduler(3, 64, BlockManager(32, 4), SlotTable(4), prefill_limit)
+    for i, name in enumerate(["a0", None]):
+        scheduler.add(Sequence(f"run{i}", [3] * 5, SamplingParams(max_tokens=9), adapter(name), None))
+    for item in scheduler.schedule().scheduled:  # step N computes both prompts and samples for both
+        item.seq.num_computed_tokens += item.num_tokens
+    for i, (length, name) in enumerate(waiting):
+        scheduler.add(Sequence(f"new{i}", [4] * length, SamplingParams(max_tokens=9), adapter(name), None))
+    out = scheduler.schedule_lookahead(lambda seq: True, lambda seq: False, lambda seq: may_finish)
+    return None if out is None else [(item.seq.request_id, item.num_tokens) for item in out.scheduled]
+
+
+def test_lookahead_admits_only_what_any_outcome_of_the_step_would_admit():
+    decodes = [("run0", 1), ("run1", 1)]
+    # nothing can finish at N: the one free place is taken, the second request waits either way
+    assert lookahead_after_two_prompts([(6, None), (3, None)], may_finish=False) == decodes + [("new0", 6)]
+    # EOS could end a decode at N and free a place for the second: only schedule() after N knows
+    assert lookahead_after_two_prompts([(6, None), (3, None)], may_finish=True) is None
+    # every waiting request fits whatever N samples
+    assert lookahead_after_two_prompts([(6, None)], may_finish=True) == decodes + [("new0", 6)]
+    # a resident adapter is pinned again; one that would load waits for schedule()
+    assert lookahead_after_two_prompts([(6, "a0")], may_finish=True) == decodes + [("new0", 6)]
+    assert lookahead_after_two_prompts([(6, "a1")], may_finish=False) is None
+    # a prompt cut by the budget for prompts beside decodes: that budget stays unless every decode could end
+    assert lookahead_after_two_prompts([(9, None)], may_finish=False, prefill_limit=4) == decodes + [("new0", 4)]
+    assert lookahead_after_two_prompts([(9, None)], may_finish=True, prefill_limit=4) is None
+
+
+@pytest.mark.parametrize("eos_possible", [False, True])
+def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_possible):
+    """The serving steady state: streams decode while fresh requests arrive (base model and resident adapters).
+    Each new prompt is admitted by the lookahead beside the decodes, so the steps that carry one do not wait for
+    the step before; with EOS possible as well, since every waiting request fits, so N's finishes cannot change
+    what is admitted. Tokens are the synchronous engine's."""
+    world = world_factory(num_adapters=2)
+    rng = random.Random(7)
+    handles = [None, "a0", "a1"]
+    params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=not eos_possible)  # noqa: E731
+    script = {0: [("add", f"s{i}", [rng.randrange(3, 250) for _ in range(5)], params(40), world.handle(handles[i % 3]))
+                  for i in range(3)]}
+    for call in range(4, 34, 3):  # after the first steps have loaded both adapters
+        script[call] = [("add", f"n{call}", [rng.randrange(3, 250) for _ in range(rng.randint(2, 9))], params(4),
+                         world.handle(handles[call % 3]))]
+    launched = []  # (launched ahead, prompt tokens) per step
+    engine = world.engine(async_scheduling=True, max_num_seqs=8, max_num_batched_tokens=64)
+    launch = engine._launch
+
+    def recording_launch(scheduled, after, call_start):
+        prompt = sum(min(item.num_tokens, item.seq.num_prompt_tokens - item.start) for item in scheduled[0].scheduled
+                     if item.start < item.seq.num_prompt_tokens)
+        launched.append((after is not None, prompt))
+        return launch(scheduled, after, call_start)
+
+    engine._launch = recording_launch
+    reference = world.engine(async_scheduling=False, max_num_seqs=8, max_num_batched_tokens=64)
+    if eos_possible:
+        for e in (engine, reference):
+            e.limits = dataclasses.replace(e.limits, eos_token_ids=frozenset({1}))
+    (fast, _), (sync, _) = drive(engine, script), drive(reference, script)
+    assert_same(sync, fast)
+    ahead = [n for is_ahead, n in launched if is_ahead]
+    waited = [n for is_ahead, n in launched if not is_ahead]
+    assert sum(1 for n in ahead if n) == 10, (ahead, waited)  # each arrival's prompt
+    assert waited[0] > 0 and not any(waited[1:]), waited  # only the first wave waited
 
 
 def test_a_finished_requests_wasted_lookahead_token_is_dropped(world_factory):
