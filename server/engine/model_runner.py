@@ -32,6 +32,12 @@ def kv_slot(block_table: list[int], position: int, block_size: int) -> int:
     return block_table[position // block_size] * block_size + position % block_size
 
 
+def uses_decode_kernels(device: torch.device) -> bool:
+    """Whether steps run our Triton kernels (fused decoder, paged and varlen attention): on CUDA. A check may
+    patch this to run that path in Triton's interpreter on the CPU."""
+    return device.type == "cuda" and KERNELS_AVAILABLE
+
+
 @dataclass(frozen=True)
 class DeviceTokens:
     """A lookahead step's decode inputs, still on the device: for i < len(rows), scheduled[i]'s one token is
@@ -93,7 +99,7 @@ class ModelRunner:
             loaded.model, basis, cfg.max_gpu_adapters, cfg.max_rank or basis.rank_max, cfg.max_num_batched_tokens,
             cfg.max_lora_rank, cfg.max_psoft_rank, cfg.adapter_pool_ranks,
         )
-        self.decode_kernels = self.device.type == "cuda" and KERNELS_AVAILABLE
+        self.decode_kernels = uses_decode_kernels(self.device)
         if self.device.type == "cuda":
             # process-wide: cuBLASLt picks a faster kernel for the decode step's down_proj (M = 64, K = 14336:
             # 31.4 against 36.6 us a layer on the H200) and the same for the other GEMMs (step-kernels-h200.json)
@@ -235,7 +241,7 @@ class ModelRunner:
             if item.samples:
                 logits_rows.append(len(token_ids) - 1)
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        meta = self._attention_metadata(scheduled, as_long(slot_mapping), as_long)
+        meta = self._attention_metadata(scheduled, as_long(slot_mapping), as_long, device_tokens)
         bucket = None if self.prefill_graphs is None else self.prefill_graphs.bucket_for(len(token_ids))
         # a captured bucket's padded rows carry no adapter
         self.adapted.slot_index.set(token_slots + [-1] * ((bucket or 0) - len(token_ids)))
@@ -249,15 +255,16 @@ class ModelRunner:
             self.adapted.slot_index.set(token_slots)
         return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]
 
-    def _attention_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long
-                            ) -> AttentionMetadata | MixedMetadata | VarlenMetadata:
+    def _attention_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long,
+                            device_tokens: DeviceTokens | None = None) -> AttentionMetadata | MixedMetadata | VarlenMetadata:
         """Attention over the step's packed tokens (scheduled order). On CUDA, one varlen kernel over the paged
         cache. Elsewhere padded SDPA; where decodes run beside prompt chunks, each part attends on its own (decodes
         padded to one query), so their queries are not padded to the longest chunk."""
         starts = np.cumsum([0] + [item.num_tokens for item in scheduled[:-1]]).tolist()
         if self.decode_kernels:
             tiles = plan_tiles(starts, [item.num_tokens for item in scheduled], [item.start for item in scheduled])
-            inputs = self.decode_inputs(scheduled, len(scheduled))  # its block tables: one row a sequence
+            # its block tables: one row a sequence (a fed decode's token is not on the host yet)
+            inputs = self.decode_inputs(scheduled, len(scheduled), device_tokens)
             return VarlenMetadata(self.kv_caches, slot_mapping, torch.from_numpy(tiles).to(self.device),
                                   tiles.shape[1], torch.from_numpy(inputs.block_tables).to(self.device), self.block_size)
         # one query a sequence, whether a decode or a prompt's one-token chunk: the decode kernel's case

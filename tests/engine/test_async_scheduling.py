@@ -259,6 +259,20 @@ def test_lookahead_admits_only_what_any_outcome_of_the_step_would_admit():
     assert lookahead_after_two_prompts([(9, None)], may_finish=True, prefill_limit=4) is None
 
 
+def arrivals_script(world, eos_possible: bool) -> dict:
+    """Three streams (base model, "a0", "a1") decode 40 tokens while ten short requests arrive, one every third
+    step() call from the fourth (both adapters are resident by then)."""
+    rng = random.Random(7)
+    handles = [None, "a0", "a1"]
+    params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=not eos_possible)  # noqa: E731
+    script = {0: [("add", f"s{i}", [rng.randrange(3, 250) for _ in range(5)], params(40), world.handle(handles[i % 3]))
+                  for i in range(3)]}
+    for call in range(4, 34, 3):
+        script[call] = [("add", f"n{call}", [rng.randrange(3, 250) for _ in range(rng.randint(2, 9))], params(4),
+                         world.handle(handles[call % 3]))]
+    return script
+
+
 @pytest.mark.parametrize("eos_possible", [False, True])
 def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_possible):
     """The serving steady state: streams decode while fresh requests arrive (base model and resident adapters).
@@ -266,14 +280,7 @@ def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_p
     the step before; with EOS possible as well, since every waiting request fits, so N's finishes cannot change
     what is admitted. Tokens are the synchronous engine's."""
     world = world_factory(num_adapters=2)
-    rng = random.Random(7)
-    handles = [None, "a0", "a1"]
-    params = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=not eos_possible)  # noqa: E731
-    script = {0: [("add", f"s{i}", [rng.randrange(3, 250) for _ in range(5)], params(40), world.handle(handles[i % 3]))
-                  for i in range(3)]}
-    for call in range(4, 34, 3):  # after the first steps have loaded both adapters
-        script[call] = [("add", f"n{call}", [rng.randrange(3, 250) for _ in range(rng.randint(2, 9))], params(4),
-                         world.handle(handles[call % 3]))]
+    script = arrivals_script(world, eos_possible)
     launched = []  # (launched ahead, prompt tokens) per step
     engine = world.engine(async_scheduling=True, max_num_seqs=8, max_num_batched_tokens=64)
     launch = engine._launch
