@@ -136,31 +136,32 @@ def paged_attention_forward(
 
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata | DecodeMetadata | MixedMetadata | VarlenMetadata, scaling=None, sliding_window=None,
-                    softcap=None) -> torch.Tensor:
+                    softcap=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, Hkv, D] of the step's tokens: writes k/v into layer's paged cache (k, v None: the
     caller wrote them, fused_pointwise.rope_store), then attends each query to its own sequence's cached keys
-    -> [T, H, D]."""
+    -> [T, H, D] (into `out` where given: the varlen kernel writes it in place, saving a launch)."""
     kv = meta.kv_caches[layer]
     if k is not None:
         kv[0].index_copy_(0, meta.slot_mapping, k.to(kv.dtype))
         kv[1].index_copy_(0, meta.slot_mapping, v.to(kv.dtype))
-    attend = lambda part, q_part: _attend(part, q_part, kv, scaling, sliding_window, softcap)  # noqa: E731
-    if isinstance(meta, MixedMetadata):
-        out = torch.empty_like(q)
-        out[meta.decode_rows] = attend(meta.decode, q[meta.decode_rows])
-        out[meta.prefill_rows] = attend(meta.prefill, q[meta.prefill_rows])
-        return out
-    return attend(meta, q)
-
-
-def _attend(meta: AttentionMetadata | DecodeMetadata | VarlenMetadata, q: torch.Tensor, kv: torch.Tensor, scaling, sliding_window,
-            softcap) -> torch.Tensor:
-    """q [T, H, D] of the tokens `meta` describes, their K/V already in the cache -> [T, H, D]."""
     if isinstance(meta, VarlenMetadata):
         from server.engine.varlen_attention import paged_varlen_attention  # Triton: CUDA machines only
 
         return paged_varlen_attention(q, kv[0], kv[1], meta.tiles, meta.num_tiles, meta.block_tables,
-                                      meta.block_size, scaling, sliding_window, softcap)
+                                      meta.block_size, scaling, sliding_window, softcap, out)
+    attend = lambda part, q_part: _attend(part, q_part, kv, scaling, sliding_window, softcap)  # noqa: E731
+    if isinstance(meta, MixedMetadata):
+        result = torch.empty_like(q)
+        result[meta.decode_rows] = attend(meta.decode, q[meta.decode_rows])
+        result[meta.prefill_rows] = attend(meta.prefill, q[meta.prefill_rows])
+    else:
+        result = attend(meta, q)
+    return result if out is None else out.copy_(result)
+
+
+def _attend(meta: AttentionMetadata | DecodeMetadata, q: torch.Tensor, kv: torch.Tensor, scaling, sliding_window,
+            softcap) -> torch.Tensor:
+    """q [T, H, D] of the tokens `meta` describes, their K/V already in the cache -> [T, H, D]."""
     if isinstance(meta, DecodeMetadata):
         from server.engine.decode_attention import paged_decode_attention  # Triton: CUDA machines only
 

@@ -102,10 +102,11 @@ class LlamaDecoder:
         kv = meta.kv_caches[i]
         return self.rope_store(q, k, v, cos, sin, kv[0], kv[1], meta.slot_mapping)
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, meta) -> torch.Tensor:
-        """Layer i's paged attention -> [T, H * D] (k, v None: already in the cache)."""
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, meta,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer i's paged attention -> [T, H * D] (k, v None: already in the cache; out: [T, H, D] to write)."""
         attn = self.layers[i].self_attn
-        out = paged_attention(i, q, k, v, meta, attn.scaling, self.sliding_windows[i])
+        out = paged_attention(i, q, k, v, meta, attn.scaling, self.sliding_windows[i], out=out)
         return out.reshape(out.shape[0], -1)
 
     def after_attention(self, i: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:

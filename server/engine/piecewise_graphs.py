@@ -5,15 +5,20 @@ in it does once the token count is fixed. Run eagerly, an 8B step with prompts c
 (about a thousand launches through Python), several times its GPU time, and the decodes sharing the step wait
 for it. Here the step's tokens are padded up to a bucket, and each piece of the decoder between two attention
 calls (server.engine.llama_decoder) replays a graph captured for that bucket and kind of step (no adapter, or
-either kernel of the expand); only the attention runs eagerly, on the real tokens. Pieces read and write
-static buffers sized for the largest bucket; their temporaries live in one shared pool, reused piece after
-piece. Padded rows carry no adapter and write no KV; their outputs are never read.
+either kernel of the expand); only the attention runs eagerly, on the real tokens. With the fused kernels a
+piece also writes its layer's K/V into the paged cache (rope_store, through a static slot buffer), so the eager
+part of a layer is one attention launch writing into the pieces' buffer: the host launches a mixed step slower
+than its GPU time otherwise (prefill-steps-h200-lookahead-admits.mixed-profile.txt: 64 `index_copy_` and 32
+copies beside 32 attention launches a step). Pieces read and write static buffers sized for the largest bucket;
+their temporaries live in one shared pool, reused piece after piece. Padded rows carry no adapter and write K/V
+into the scratch block only; their outputs are never read.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +27,15 @@ from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.llama_decoder import LlamaDecoder
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVWrites:
+    """Where the pieces' rope_store writes K/V (stored_attention_inputs' `meta`): the paged caches, and a static
+    slot buffer holding the step's slots in its first rows and the scratch block's first slot in every other."""
+
+    kv_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -50,6 +64,10 @@ class PrefillGraphs:
         self.k = torch.zeros(m, d.num_kv_heads, d.head_dim, dtype=dtype, device=dev)
         self.v = torch.zeros(m, d.num_kv_heads, d.head_dim, dtype=dtype, device=dev)
         self.attended = torch.zeros(m, d.num_heads * d.head_dim, dtype=dtype, device=dev)
+        self.scratch_slot = runner.scratch_block * runner.block_size
+        self.kv_writes = None
+        if d.rope_store is not None:
+            self.kv_writes = KVWrites(runner.kv_caches, torch.full((m,), self.scratch_slot, dtype=torch.long, device=dev))
         self._graphs: dict[tuple[int, str], list[torch.cuda.CUDAGraph]] = {}
         self.steps_run = 0  # steps served by replays (tests, benchmarks)
 
@@ -69,11 +87,14 @@ class PrefillGraphs:
         if i == d.num_layers:
             self.hidden[:n].copy_(d.norm(hidden))
             return
-        q, k, v = d.attention_inputs(i, hidden, self.cos[:n], self.sin[:n])
+        if self.kv_writes is not None:
+            q = d.stored_attention_inputs(i, hidden, self.cos[:n], self.sin[:n], self.kv_writes)
+        else:
+            q, k, v = d.attention_inputs(i, hidden, self.cos[:n], self.sin[:n])
+            self.k[:n].copy_(k)
+            self.v[:n].copy_(v)
         self.hidden[:n].copy_(hidden)
         self.q[:n].copy_(q)
-        self.k[:n].copy_(k)
-        self.v[:n].copy_(v)
 
     def capture(self) -> None:
         start = time.perf_counter()
@@ -115,8 +136,15 @@ class PrefillGraphs:
         self.steps_run += 1
         self.token_ids[:n].copy_(token_ids)
         self.positions[:n].copy_(positions)
+        stored = self.kv_writes is not None
+        if stored:
+            self.kv_writes.slot_mapping[:n].copy_(meta.slot_mapping)
+        q, k, v = self.q[:n], None if stored else self.k[:n], None if stored else self.v[:n]
+        attended = self.attended[:n].view(q.shape)
         for i, graph in enumerate(graphs):
             graph.replay()
             if i < d.num_layers:
-                self.attended[:n].copy_(d.attend(i, self.q[:n], self.k[:n], self.v[:n], meta))
+                d.attend(i, q, k, v, meta, out=attended)
+        if stored:  # queued after the replays: the next step's padded rows write scratch again
+            self.kv_writes.slot_mapping[:n].fill_(self.scratch_slot)
         return d.logits(self.hidden, logits_rows)

@@ -79,13 +79,15 @@ def _paged_varlen_kernel(
 
 
 def paged_varlen_attention(q, k_cache, v_cache, tiles, num_tiles: int, block_tables, block_size: int, scale: float,
-                           sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, softcap: float | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] (last dim contiguous), k/v_cache [slots, Hkv, D], tiles int32 [4, >= num_tiles] (plan_tiles),
-    block_tables [S, B] int -> out [T, H, D] (rows no tile covers are left unwritten)."""
+    block_tables [S, B] int -> out [T, H, D] (rows no tile covers are left unwritten; `out`: written in place)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     per_kv = num_heads // num_kv_heads
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tiles == 0:
         return out
     _paged_varlen_kernel[(num_tiles, num_kv_heads)](
