@@ -61,13 +61,14 @@ class PrefillGraphs:
         self.cos = torch.zeros(m, d.head_dim, dtype=dtype, device=dev)
         self.sin = torch.zeros(m, d.head_dim, dtype=dtype, device=dev)
         self.q = torch.zeros(m, d.num_heads, d.head_dim, dtype=dtype, device=dev)
-        self.k = torch.zeros(m, d.num_kv_heads, d.head_dim, dtype=dtype, device=dev)
-        self.v = torch.zeros(m, d.num_kv_heads, d.head_dim, dtype=dtype, device=dev)
         self.attended = torch.zeros(m, d.num_heads * d.head_dim, dtype=dtype, device=dev)
         self.scratch_slot = runner.scratch_block * runner.block_size
-        self.kv_writes = None
+        self.kv_writes = self.k = self.v = None  # K/V go to the cache from the pieces, else through these buffers
         if d.rope_store is not None:
             self.kv_writes = KVWrites(runner.kv_caches, torch.full((m,), self.scratch_slot, dtype=torch.long, device=dev))
+        else:
+            self.k = torch.zeros(m, d.num_kv_heads, d.head_dim, dtype=dtype, device=dev)
+            self.v = torch.zeros(m, d.num_kv_heads, d.head_dim, dtype=dtype, device=dev)
         self._graphs: dict[tuple[int, str], list[torch.cuda.CUDAGraph]] = {}
         self.steps_run = 0  # steps served by replays (tests, benchmarks)
 
