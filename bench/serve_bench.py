@@ -79,6 +79,9 @@ def start_server(args, workdir: Path) -> tuple[subprocess.Popen, str]:
            "--cache-dir", str(workdir / "cache"), "--adapter-dir", str(workdir / "adapters"), "--log-level", "warning"]
     cmd += ["--model", args.model] if args.model else []
     cmd += shlex.split(args.server_args)
+    if args.step_trace:
+        (workdir / "steps.jsonl").unlink(missing_ok=True)
+        cmd += ["--step-trace", str(workdir / "steps.jsonl")]
     log = open(workdir / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
@@ -269,6 +272,27 @@ def engine_step_times(delta: dict[str, float]) -> dict[str, float]:
             "gpu_ms_per_decode_step": 1000 * delta.get('pica_engine_step_gpu_seconds_total{kind="decode"}', 0.0) / steps}
 
 
+def step_trace_summary(path: Path, top: int = 12) -> dict:
+    """The server's --step-trace over the run: per kind of step the device time's spread, the idle time before
+    it and how many were launched ahead; the steps that closed the longest gaps between tokens, each with what
+    it carried and the gap from the step before it."""
+    from server.step_trace import read_trace
+
+    steps = read_trace(path)
+    for prev, step in zip([None] + steps, steps):
+        step["gap_ms"] = round(1000 * (step["t"] - prev["t"]), 3) if prev else None
+    report = {}
+    for kind in ("decode", "mixed"):
+        of_kind = [s for s in steps if s["kind"] == kind]
+        if of_kind:
+            report[kind] = {"steps": len(of_kind), "ahead": sum(s["ahead"] for s in of_kind),
+                            "gpu_ms": percentiles([s["gpu_ms"] for s in of_kind]),
+                            "idle_ms": percentiles([s["idle_ms"] for s in of_kind]),
+                            "gpu_ms_max": max(s["gpu_ms"] for s in of_kind)}
+    report["longest_gaps"] = sorted(steps, key=lambda s: -s["itl_max_ms"])[:top]
+    return report
+
+
 def histogram_percentiles(delta: dict[str, float], name: str) -> dict[str, float]:
     """p50/p90/p99 of a Prometheus histogram over the run, interpolated within buckets (histogram_quantile)."""
     buckets = sorted((float(key.split('le="')[1].split('"')[0]), count) for key, count in delta.items()
@@ -340,6 +364,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--client-processes", type=int, default=1,
                         help="client processes sharing the concurrency (or rate); one event loop parses ~9k events/s")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="the started server writes --step-trace <workdir>/steps.jsonl; the report sums it up")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-serve-bench-"))
@@ -378,6 +404,8 @@ def main():
               # the same gaps as the engine core saw them (its outputs, before IPC, SSE and the clients)
               "engine_itl_s": histogram_percentiles(change, "pica_inter_token_latency_seconds"),
               "metrics_delta": delta, "metrics_after": after}
+    if args.step_trace and proc is not None:
+        report["step_trace"] = step_trace_summary(workdir / "steps.jsonl")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k not in ("metrics_after", "metrics_delta")}, indent=1))

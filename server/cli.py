@@ -207,6 +207,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="listen on a non-loopback address without an admin key (anyone may upload and delete adapters)")
     h.add_argument("--engine-in-process", action="store_true",
                    help="run the engine in the HTTP server's process (debugging) instead of its own process")
+    h.add_argument("--step-trace", type=Path, default=None, metavar="PATH",
+                   help="append one JSON line per engine step to PATH (tokens, device and idle time): latency analysis")
     h.add_argument("--adapter", dest="adapters", action="append", type=adapter_arg, default=[], metavar="ID=PATH",
                    help="serve the adapter folder PATH as ID (repeatable); a bad one is logged and skipped")
 
@@ -218,7 +220,7 @@ def app_config(args) -> AppConfig:
                      served_model_name=args.served_model_name, max_upload_bytes=args.max_upload_mb * 2**20,
                      max_body_bytes=args.max_body_mb * 2**20,
                      allow_insecure_no_auth=args.allow_insecure_no_auth, adapters=tuple(args.adapters),
-                     engine_process=not args.engine_in_process)
+                     engine_process=not args.engine_in_process, step_trace=args.step_trace)
     if args.api_key:
         server_kw["api_key"] = args.api_key
     if args.admin_key:

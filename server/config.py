@@ -181,6 +181,9 @@ class ServerConfig:
     upload and delete adapters). Without it such a configuration is refused."""
     adapters: tuple[tuple[str, Path], ...] = ()
     """(adapter_id, folder) pairs stored at start, as `--adapter ID=PATH` gives them."""
+    step_trace: Path | None = None
+    """Append one JSON line per engine step here (server.step_trace): what each step carried and how long it
+    took, to find the steps behind a latency tail."""
     engine_process: bool = False
     """Run the engine core (schedule, model, sampling) in its own process, the HTTP front end here, so the
     event loop and the GIL of this one never sit inside a decode step. `pica-serve serve` does by default

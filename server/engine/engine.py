@@ -69,6 +69,9 @@ class _Launched:
     """Wall time from the start of the launching step() call to this launch (host time of a step after idle)."""
     num_waiting: int = 0
     """Requests left waiting once this step was scheduled."""
+    launched_ahead: bool = False
+    end_time: float = 0.0
+    """time.monotonic() when its tokens were read."""
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,8 @@ class Engine:
             finished=tuple(finished),
             host_seconds=max(0.0, host_seconds),
             gpu_seconds=gpu_seconds,
+            launched_ahead=done.launched_ahead,
+            end_time=done.end_time or time.monotonic(),
         )
         return outputs, stats
 
@@ -293,7 +298,7 @@ class Engine:
         sampled tokens are the inputs of this lookahead step's decodes (the first of its sequences)."""
         sched, swap_seconds, (hits, misses, evictions) = scheduled
         done = _Launched(sched, [item.seq for item in sched.scheduled if item.samples], swap_seconds, hits, misses,
-                         evictions, num_waiting=self.num_waiting)
+                         evictions, num_waiting=self.num_waiting, launched_ahead=after is not None)
         if not sched.scheduled:
             return done
         device_tokens = None
@@ -342,7 +347,7 @@ class Engine:
         if done.sampled is None:
             return outputs, ttft, itl, finished
         tokens, logprobs = done.sampled.to_host()
-        now = time.monotonic()
+        now = done.end_time = time.monotonic()
         for seq, token, logprob in zip(done.sampling, tokens, logprobs):
             if seq.is_finished:
                 # finished at the step before (or aborted) while this lookahead step ran: the token is wasted

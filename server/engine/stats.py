@@ -48,6 +48,10 @@ class StepStats:
     and of the loop's gap before it."""
     gpu_seconds: float = 0.0
     """Device time of the step: its inputs, forward and sampling (CUDA events); 0 off CUDA."""
+    launched_ahead: bool = False
+    """Launched before the step before it had returned its tokens (async scheduling's lookahead)."""
+    end_time: float = 0.0
+    """time.monotonic() when the step's tokens reached the host (its outputs' time stamp)."""
 
 
 @dataclass(frozen=True)

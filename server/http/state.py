@@ -26,6 +26,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.stats import EngineGauges
 from server.http.errors import APIError
 from server.metrics import Metrics
+from server.step_trace import StepTrace
 from server.model_loader import LoadedModel, model_source, served_name
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,19 @@ def provision_adapters(store: AdapterStore, adapters) -> None:
             log.info("--adapter %s=%s: serving it (checksum %s)", adapter_id, folder, info.checksum[:12])
 
 
+def step_observer(config: AppConfig, metrics: Metrics):
+    """What sees each engine step's stats: the metrics, and the --step-trace file where one is named."""
+    if config.server.step_trace is None:
+        return metrics.observe_step
+    trace = StepTrace(config.server.step_trace)
+
+    def observe(stats) -> None:
+        metrics.observe_step(stats)
+        trace.record(stats)
+
+    return observe
+
+
 def build_state(config: AppConfig, metrics: Metrics, on_engine_died=None) -> ServerState:
     """Start the engine (in its own process, or in this one) and the services around it."""
     if config.server.engine_process:
@@ -263,7 +277,7 @@ def build_in_process_state(config: AppConfig, metrics: Metrics) -> ServerState:
     loaded, basis, store, host_cache = served.loaded, served.basis, served.store, served.host_cache
     provision_adapters(store, config.server.adapters)
     engine = Engine(loaded, basis, config.engine)
-    async_engine = AsyncEngine(engine, config.engine.max_queue, on_stats=metrics.observe_step)
+    async_engine = AsyncEngine(engine, config.engine.max_queue, on_stats=step_observer(config, metrics))
     async_engine.start()
     name = config.server.served_model_name or loaded.name
     state = ServerState(config, loaded.tokenizer, basis, engine.limits, async_engine, store, metrics, name,
@@ -279,7 +293,7 @@ def build_split_state(config: AppConfig, metrics: Metrics, on_engine_died=None) 
     from transformers import AutoTokenizer
 
     client = CoreClient(config, lambda: AutoTokenizer.from_pretrained(model_source(config.model)),
-                        on_stats=metrics.observe_step, on_disk_load=metrics.observe_disk_load, on_death=on_engine_died)
+                        on_stats=step_observer(config, metrics), on_disk_load=metrics.observe_disk_load, on_death=on_engine_died)
     ready = client.start()
     try:
         info = ready.basis

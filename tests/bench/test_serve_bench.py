@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("mode", [["--concurrency", "3"], ["--request-rate", "30", "--api", "completions"],
+@pytest.mark.parametrize("mode", [["--concurrency", "3", "--step-trace"], ["--request-rate", "30", "--api", "completions"],
                                   ["--concurrency", "2", "--no-stream"], ["--concurrency", "3", "--client-processes", "2"]])
 def test_serve_bench_reports_every_request(tmp_path, mode):
     out = tmp_path / "serve.json"
@@ -31,3 +31,10 @@ def test_serve_bench_reports_every_request(tmp_path, mode):
     assert generated == 6  # the server counted every request against an adapter
     steps = report["engine_steps"]  # on CPU the GPU time is 0 and the host time is the whole step
     assert steps["num_decode_steps"] >= 4 and steps["host_ms_per_decode_step"] > 0 == steps["gpu_ms_per_decode_step"]
+    if "--step-trace" in mode:  # the server's per-step trace saw the steps its counters counted
+        trace = report["step_trace"]
+        for kind in ("decode", "mixed"):
+            counted = report["metrics_delta"].get(f'pica_engine_steps_total{{kind="{kind}"}}', 0)
+            assert trace.get(kind, {}).get("steps", 0) == counted
+        longest = trace["longest_gaps"][0]
+        assert longest["itl_max_ms"] > 0 and longest["decode_tokens"] >= 1 and longest["gap_ms"] > 0
