@@ -107,66 +107,86 @@ class Scheduler:
 
     def schedule_lookahead(self, has_pending_token: Callable[[Sequence], bool], will_finish: Callable[[Sequence], bool],
                            may_finish: Callable[[Sequence], bool]) -> SchedulerOutput | None:
-        """Step N+1 while step N runs: one decode for each running sequence but those that `will_finish` at N
-        (their N+1 token could only be wasted), then the waiting requests schedule() would admit after N; or None
-        where schedule() after N might do otherwise.
+        """Step N+1 while step N runs: one decode for each running sequence with a token pending in N but those
+        that `will_finish` at N (their N+1 token could only be wasted), the next chunk of each running prompt N
+        did not finish, then the waiting requests schedule() would admit after N; or None where schedule() after
+        N might do otherwise.
 
-        Every running sequence must have its next token pending in N (`has_pending_token`: a chunk that did not
-        reach the end of a prompt, or a sequence N left out, computes more than one token next). The decodes must
-        fit the token budget and the free KV blocks as they are now (N's finishes only free more, so schedule()
-        would not preempt). The decodes come first in the output: their input tokens are N's samples."""
-        if not all(has_pending_token(seq) for seq in self.running):
+        A running sequence without a token pending in N (`has_pending_token`) must be a prompt part-way through
+        (a chunk of it that did not reach the end): its next tokens are on the host. The decodes must fit the token
+        budget and the free KV blocks as they are now (N's finishes only free more, so schedule() would not
+        preempt). The decodes come first in the output: their input tokens are N's samples."""
+        pending = [seq for seq in self.running if has_pending_token(seq)]
+        prompts = [seq for seq in self.running if not has_pending_token(seq)]
+        if any(_decodes(seq) for seq in prompts):  # a decode N left out (the budget): schedule() decides
             return None
-        decodes = [seq for seq in self.running if not will_finish(seq)]
+        decodes = [seq for seq in pending if not will_finish(seq)]
         if not decodes or len(decodes) > self.max_num_batched_tokens:
             return None
         decode_blocks = sum(self.blocks.num_blocks_needed(seq, 1) for seq in decodes)
         if decode_blocks > self.blocks.num_free_blocks:
             return None
-        admissions = self._certain_admissions(decodes, self.blocks.num_free_blocks - decode_blocks, may_finish)
-        if admissions is None:
+        certain = self._certain_prompts(decodes, prompts, self.blocks.num_free_blocks - decode_blocks, may_finish)
+        if certain is None:
             return None
+        chunks, admissions = certain
         out = SchedulerOutput()
         for seq in decodes:
             self.blocks.allocate(seq, 1)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, 1, samples=True))
+        for seq, num_tokens in chunks:
+            self.blocks.allocate(seq, num_tokens)
+            out.scheduled.append(self._chunk(seq, num_tokens))
         for seq, num_tokens in admissions:
             self._admit(out, seq, num_tokens, pages=0)
         return out
 
-    def _certain_admissions(self, decodes: list[Sequence], free_blocks: int, may_finish: Callable[[Sequence], bool]
-                            ) -> list[tuple[Sequence, int]] | None:
-        """(request, prompt tokens) that schedule() after step N would admit beside `decodes`, N's survivors, whatever
-        N samples; None where that is not certain, or where an admission would load an adapter slot (a load
-        waits for the device).
+    def _certain_prompts(self, decodes: list[Sequence], prompts: list[Sequence], free_blocks: int,
+                         may_finish: Callable[[Sequence], bool]):
+        """(chunks of the running `prompts`, admissions): (sequence, prompt tokens) pairs that schedule() after step
+        N would schedule beside `decodes`, N's survivors, whatever N samples; None where that is not certain, or
+        where an admission would load an adapter slot (a load waits for the device).
 
         N's finishes can only add sequence places, KV blocks, slots and token budget, and end the decodes that
-        hold prompts to the smaller budget. So what is admitted now is what schedule() would admit where no running
-        sequence may finish at N, or where admission stopped for want of neither a place nor blocks and no chunk
-        was cut by a budget that N's finishes could raise."""
+        hold prompts to the smaller budget. So what is scheduled now is what schedule() would schedule where no
+        running sequence may finish at N, or where admission stopped for want of neither a place nor blocks and no
+        chunk was cut by a budget that N's finishes could raise. A running prompt's chunk cut by the whole step's
+        budget (not the one for prompts beside decodes) depends on where it stands among the decodes: None."""
         changeable = any(may_finish(seq) for seq in self.running)
         budget = self.max_num_batched_tokens - len(decodes)
+        prompt_limit_binds = self.max_prefill_tokens_with_decodes <= budget
         limit = min(budget, self.max_prefill_tokens_with_decodes)
-        limit_fixed = not changeable or (self.max_prefill_tokens_with_decodes <= budget
-                                         and not all(may_finish(seq) for seq in decodes))
+        limit_fixed = not changeable or (prompt_limit_binds and not all(may_finish(seq) for seq in decodes))
+        chunks: list[tuple[Sequence, int]] = []
+        for seq in prompts:  # in running order, as schedule() takes them
+            num_tokens = min(seq.num_uncomputed_tokens, limit)
+            if num_tokens < seq.num_uncomputed_tokens and not (limit_fixed and prompt_limit_binds):
+                return None
+            needed = self.blocks.num_blocks_needed(seq, num_tokens)
+            if needed > free_blocks:  # schedule() would preempt, or have more blocks after N's finishes
+                return None
+            if num_tokens:
+                chunks.append((seq, num_tokens))
+            free_blocks -= needed
+            limit -= num_tokens
         admitted: list[tuple[Sequence, int]] = []
         for seq in self.waiting:
             if limit == 0:
-                return admitted if limit_fixed else None
-            if len(decodes) + len(admitted) >= self.max_num_seqs:
-                return None if changeable else admitted
+                return (chunks, admitted) if limit_fixed else None
+            if len(decodes) + len(prompts) + len(admitted) >= self.max_num_seqs:
+                return None if changeable else (chunks, admitted)
             if seq.adapter_key is not None and self.slots.slot_of(seq.adapter_key) is None:
                 return None
             num_tokens = min(seq.num_uncomputed_tokens, limit)
             needed = self.blocks.num_blocks_needed(seq, num_tokens)
             if needed > free_blocks:
-                return None if changeable else admitted
+                return None if changeable else (chunks, admitted)
             if num_tokens < seq.num_uncomputed_tokens and not limit_fixed:
                 return None
             admitted.append((seq, num_tokens))
             free_blocks -= needed
             limit -= num_tokens
-        return admitted
+        return chunks, admitted
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         slot_blocked = False

@@ -259,6 +259,33 @@ def test_lookahead_admits_only_what_any_outcome_of_the_step_would_admit():
     assert lookahead_after_two_prompts([(9, None)], may_finish=True, prefill_limit=4) is None
 
 
+def lookahead_with_a_prompt_part_way(prompt_len: int, may_finish: bool, prefill_limit: int):
+    """Step N computed two 5-token prompts (a token pending for each) and the first 4 tokens of `prompt_len`, as the
+    step's 14-token budget allowed; the lookahead for N+1."""
+    scheduler = Scheduler(4, 14, BlockManager(32, 4), SlotTable(4), prefill_limit)
+    for name, length in (("run0", 5), ("run1", 5), ("long", prompt_len)):
+        scheduler.add(Sequence(name, [3] * length, SamplingParams(max_tokens=9), None, None))
+    step = scheduler.schedule()  # nothing decodes yet: the whole budget
+    assert [(item.seq.request_id, item.num_tokens) for item in step.scheduled] == [("run0", 5), ("run1", 5), ("long", 4)]
+    for item in step.scheduled:
+        item.seq.num_computed_tokens += item.num_tokens
+    out = scheduler.schedule_lookahead(lambda seq: seq.request_id != "long", lambda seq: False,
+                                       lambda seq: may_finish)
+    return None if out is None else [(item.seq.request_id, item.num_tokens) for item in out.scheduled]
+
+
+def test_lookahead_goes_on_with_a_prompt_part_way_through():
+    """A prompt that N did not finish takes its next chunk from the host, sized as schedule() would size it."""
+    decodes = [("run0", 1), ("run1", 1)]
+    # the rest fits in the budget left beside the decodes: the same chunk whatever N samples
+    assert lookahead_with_a_prompt_part_way(12, may_finish=True, prefill_limit=64) == decodes + [("long", 8)]
+    # cut by the budget for prompts beside decodes: it stays unless every decode could end at N
+    assert lookahead_with_a_prompt_part_way(12, may_finish=False, prefill_limit=4) == decodes + [("long", 4)]
+    assert lookahead_with_a_prompt_part_way(12, may_finish=True, prefill_limit=4) is None
+    # cut by the whole step's budget: schedule() sizes it by where it stands among the decodes
+    assert lookahead_with_a_prompt_part_way(20, may_finish=False, prefill_limit=64) is None
+
+
 def arrivals_script(world, eos_possible: bool) -> dict:
     """Three streams (base model, "a0", "a1") decode 40 tokens while ten short requests arrive, one every third
     step() call from the fourth (both adapters are resident by then)."""
@@ -273,16 +300,18 @@ def arrivals_script(world, eos_possible: bool) -> dict:
     return script
 
 
-@pytest.mark.parametrize("eos_possible", [False, True])
-def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_possible):
+@pytest.mark.parametrize("eos_possible,prefill_limit", [(False, None), (True, None), (False, 3)])
+def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_possible, prefill_limit):
     """The serving steady state: streams decode while fresh requests arrive (base model and resident adapters).
     Each new prompt is admitted by the lookahead beside the decodes, so the steps that carry one do not wait for
     the step before; with EOS possible as well, since every waiting request fits, so N's finishes cannot change
-    what is admitted. Tokens are the synchronous engine's."""
+    what is admitted; and with prompts cut into chunks of 3 beside the decodes, each chunk after the first
+    launched ahead too. Tokens are the synchronous engine's."""
     world = world_factory(num_adapters=2)
     script = arrivals_script(world, eos_possible)
     launched = []  # (launched ahead, prompt tokens) per step
-    engine = world.engine(async_scheduling=True, max_num_seqs=8, max_num_batched_tokens=64)
+    limits = dict(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_tokens_with_decodes=prefill_limit)
+    engine = world.engine(async_scheduling=True, **limits)
     launch = engine._launch
 
     def recording_launch(scheduled, after, call_start):
@@ -292,7 +321,7 @@ def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_p
         return launch(scheduled, after, call_start)
 
     engine._launch = recording_launch
-    reference = world.engine(async_scheduling=False, max_num_seqs=8, max_num_batched_tokens=64)
+    reference = world.engine(async_scheduling=False, **limits)
     if eos_possible:
         for e in (engine, reference):
             e.limits = dataclasses.replace(e.limits, eos_token_ids=frozenset({1}))
@@ -300,7 +329,8 @@ def test_prompts_arriving_beside_decodes_are_launched_ahead(world_factory, eos_p
     assert_same(sync, fast)
     ahead = [n for is_ahead, n in launched if is_ahead]
     waited = [n for is_ahead, n in launched if not is_ahead]
-    assert sum(1 for n in ahead if n) == 10, (ahead, waited)  # each arrival's prompt
+    assert sum(1 for n in ahead if n) >= 10, (ahead, waited)  # each arrival's prompt (in chunks: each chunk)
+    assert sum(ahead) == sum(len(add[2]) for adds in list(script.values())[1:] for add in adds)
     assert waited[0] > 0 and not any(waited[1:]), waited  # only the first wave waited
 
 
