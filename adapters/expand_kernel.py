@@ -210,39 +210,58 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
                    config: ExpandConfig | None = None, split: int | None = None) -> torch.Tensor:
     """y0z [T, num_out + M*R] (row-major), paged: the members' pooled M's (pool rows contiguous), layer: the row
     of signs to use, bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out],
-    updated. split: the per-token path's rank split (rank_buckets; None: the rule, 0: one launch)."""
-    num_tokens = y0z.shape[0]
+    updated. split: the per-token path's rank split (rank_buckets; None: the rule, 0: one launch). A split step
+    (SlotIndex.split) runs the tiles of its large slots, then the per-token kernel over the rest."""
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     num_members, num_out, rank, page = len(bounds) - 1, bounds[-1], paged.rank, paged.page
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
     assert pool.shape[1] == num_out and pool.stride(2) == 1 and ranks.shape[0] == num_members
     assert signs.shape[2] == num_members * page and signs.stride(2) == 1 and 0 <= layer < signs.shape[1]
     assert table.shape[1] * page >= rank and table.stride(1) == 1
-    cfg = config or pick_config(device_name(y0z.device), rank, tuple(bounds), groups.tile_tokens, groups.per_token)
-    assert all(b % cfg.block_n == 0 for b in bounds[1:-1])
+    name = device_name(y0z.device)
+    pick = lambda r, per_token: pick_config(name, r, tuple(bounds), groups.tile_tokens, per_token)  # noqa: E731
+    cfg = config or pick(rank, groups.per_token)
+    tile_cfg = token_cfg = None
+    if groups.split:  # both kernels, each with its own config
+        tile_cfg, token_cfg = (pick(rank, False), cfg) if cfg.per_token else (cfg, pick(rank, True))
+    elif cfg.per_token:
+        token_cfg = cfg
+    else:
+        tile_cfg = cfg
     bound1 = bounds[1] if num_members > 1 else num_out
     bound2 = bounds[2] if num_members > 2 else num_out
-    if cfg.per_token:
+    if tile_cfg is not None:
+        assert all(b % tile_cfg.block_n == 0 for b in bounds[1:-1])
+        _expand_tiles(y0z, paged, layer, groups, tile_cfg, num_out, bound1, bound2)
+    if token_cfg is not None:
         for lo, hi in rank_buckets(rank, split):
-            part = cfg if hi == rank or config is not None else pick_config(device_name(y0z.device), hi, tuple(bounds),
-                                                                             groups.tile_tokens, True)
-            _expand_token_kernel[(num_tokens, triton.cdiv(num_out, part.block_n))](
-                y0z, pool, signs, table, groups.token_slots, groups.token_ranks, layer, y0z.stride(0), pool.stride(0),
-                pool.stride(1), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=rank,
-                PAGE=page, BOUND1=bound1, BOUND2=bound2, RANK_LO=lo, RANK_HI=hi, BLOCK_N=part.block_n,
+            part = token_cfg if hi == rank or config is not None else pick(hi, True)
+            assert all(b % part.block_n == 0 for b in bounds[1:-1])
+            _expand_token_kernel[(y0z.shape[0], triton.cdiv(num_out, part.block_n))](
+                y0z, pool, signs, table, groups.token_slots, groups.expand_token_ranks, layer, y0z.stride(0),
+                pool.stride(0), pool.stride(1), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out,
+                RANK=rank, PAGE=page, BOUND1=bound1, BOUND2=bound2, RANK_LO=lo, RANK_HI=hi, BLOCK_N=part.block_n,
                 BLOCK_K=max(page, min(part.block_k, triton.next_power_of_2(hi))),
                 num_warps=part.num_warps, num_stages=part.num_stages,
             )
-        return y0z[:, :num_out]
-    # a graph being captured replays for any slot mapping: its grid covers the most tiles; else the step's own
+    return y0z[:, :num_out]
+
+
+def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg: ExpandConfig, num_out: int,
+                  bound1: int, bound2: int) -> None:
+    """The tile kernel over the step's tiles. A graph being captured replays for any slot mapping: its grid
+    covers the most tiles; else the step's own."""
+    pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()
-    num_tiles = groups.max_tiles(num_tokens, ranks.shape[1]) if capturing else groups.num_tiles_host
+    num_tiles = groups.max_tiles(y0z.shape[0], ranks.shape[1]) if capturing else groups.num_tiles_host
+    if num_tiles == 0 and not capturing:
+        return
     grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
     _expand_kernel[grid](
         y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
         groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
-        ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=rank, PAGE=page,
-        BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, BLOCK_K=max(page, cfg.block_k),
-        PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=paged.rank,
+        PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
+        BLOCK_K=max(paged.page, cfg.block_k), PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    return y0z[:, :num_out]

@@ -244,7 +244,8 @@ class ModelRunner:
         meta = self._attention_metadata(scheduled, as_long(slot_mapping), as_long, device_tokens)
         bucket = None if self.prefill_graphs is None else self.prefill_graphs.bucket_for(len(token_ids))
         # a captured bucket's padded rows carry no adapter
-        self.adapted.slot_index.set(token_slots + [-1] * ((bucket or 0) - len(token_ids)))
+        with_prompts = len(token_ids) > len(scheduled) or any(not item.samples for item in scheduled)
+        self.adapted.slot_index.set(token_slots + [-1] * ((bucket or 0) - len(token_ids)), with_prompts=with_prompts)
         ids = as_long(token_ids)
         if num_fed:  # one token each, first: they are packed rows 0..num_fed-1
             ids[:num_fed] = device_tokens.tokens.index_select(0, as_long(device_tokens.rows))
@@ -252,7 +253,7 @@ class ModelRunner:
         if graphs is not None:
             return self.prefill_graphs.run(ids, as_long(positions), meta, as_long(logits_rows), graphs)[0]
         if bucket is not None:  # not captured for this kind: the index must cover the real tokens only
-            self.adapted.slot_index.set(token_slots)
+            self.adapted.slot_index.set(token_slots, with_prompts=with_prompts)
         return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]
 
     def _attention_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long,

@@ -105,7 +105,7 @@ class PrefillGraphs:
             for kind in DecodeGraphs.KINDS:
                 if kind == "per_token" and bucket > DECODE_MAX_TOKENS:  # SlotIndex never picks it there
                     continue
-                slot_index.set([-1 if kind == "base" else 0] * bucket, per_token=kind == "per_token")
+                slot_index.set([-1 if kind == "base" else 0] * bucket, per_token=kind == "per_token", with_prompts=True)
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):  # warm-up: Triton compiles, allocator settles
@@ -127,6 +127,8 @@ class PrefillGraphs:
     def graphs_for(self, bucket: int) -> list[torch.cuda.CUDAGraph] | None:
         """The bucket's piece graphs for the kind of step the slot index was last set for (None: not captured)."""
         index = self.runner.adapted.slot_index
+        if index.per_token and not index.split:  # captured split (steps with prompts split the expand)
+            return None
         kind = "base" if not index.any_adapter else "per_token" if index.per_token else "tiles"
         return self._graphs.get((bucket, kind))
 

@@ -16,8 +16,10 @@ from adapters.ops import expand_reference
 from adapters.rank_pages import page_size_for, pages_for_rank
 
 
-def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config=None):
-    """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0)."""
+def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config=None, runs=()):
+    """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0). runs: (slot,
+    count) pairs that take the first tokens, one slot after the other (a prompt's chunk each): the step is split
+    (the tile kernel over those, the per-token kernel over the rest)."""
     gen = torch.Generator().manual_seed(seed)
     groups = tuple(f"g{m}" for m in range(len(outs)))
     num_layers = 3
@@ -40,10 +42,17 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     slots[0] = -1
     if num_tokens > 3:
         slots[1] = slots[3] = num_slots - 1  # a repeated slot, not next to each other
+    if runs:
+        first = [slot for slot, count in runs for _ in range(count)]
+        slots[1 : 1 + len(first)] = first
+        slots[len(first) + 2] = runs[0][0]  # one more token of a tiled slot, after the others: still tiled
     bounds = [sum(outs[:m]) for m in range(len(outs) + 1)]
     # half the cases give the index the slots' ranks (as the engine does), half leave them unknown (whole stacks read)
     index = SlotIndex(max(num_tokens, 8), device, stacks.slot_ranks if seed % 2 else None)
-    index.set(slots)
+    index.set(slots, per_token=True if runs else None, with_prompts=bool(runs))
+    if runs:  # tiles of 16 over the slots of at least 16 tokens, none for the others
+        counts = [slots.count(s) for s in range(num_slots)]
+        assert index.split and index.num_tiles_host == sum(-(-c // 16) for c in counts if c >= 16), counts
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
     ref = expand_reference(y0z.float(), paged, layer, bounds, torch.tensor(slots)).cpu()
     got = expand_grouped(y0z.clone(), paged, layer, bounds, index, config).cpu().float()
@@ -69,9 +78,12 @@ def check_captured(device):
     y0z = torch.randn(num_tokens, bounds[-1] + 3 * rank, generator=gen).to(torch.bfloat16).to(device)
     work = y0z.clone()
     cases = {False: [[s // 4 for s in range(num_tokens)], [-1] * 8 + [s % 7 for s in range(56)]],  # 16 slots x 4
-             True: [list(range(num_tokens)), [s % 20 - 1 for s in range(num_tokens)]]}  # 64 slots; 19 and base
+             True: [list(range(num_tokens)), [s % 20 - 1 for s in range(num_tokens)]],  # 64 slots; 19 and base
+             "split": [[5] * 40 + list(range(24)), [3] * 16 + [9] * 17 + [-1] * 3 + list(range(28)),  # prompt runs
+                       list(range(num_tokens))]}  # none: the tile programs exit
     for per_token, mappings in cases.items():
-        index.set([0] * num_tokens, per_token=per_token)
+        split = per_token == "split"
+        index.set([0] * num_tokens, per_token=bool(per_token), with_prompts=split)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -81,8 +93,8 @@ def check_captured(device):
         with torch.cuda.graph(graph):
             expand_grouped(work, paged, 0, bounds, index)
         for slots in mappings:
-            index.set(slots)
-            assert index.per_token == per_token, (per_token, slots)
+            index.set(slots, per_token=True if split else None, with_prompts=split)
+            assert index.per_token == bool(per_token) and index.split == split, (per_token, slots)
             work.copy_(y0z)
             graph.replay()
             ref = expand_reference(y0z.float(), paged, 0, bounds, torch.tensor(slots)).cpu()
@@ -110,6 +122,10 @@ def main():
             for config in [None, *(PER_TOKEN if num_tokens <= 256 else [])]:  # the per-token kernel serves decode
                 check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config)
                 seed += 1
+        for config in [None, PER_TOKEN[0], ExpandConfig(16, 16)]:  # split steps: a prompt's run beside decodes
+            check(50, (96, 96), 6, 32, [32, 17, 1, 32, 8, 0], dtype, device, seed, config, runs=((1, 18), (3, 16)))
+            check(30, (32, 16), 5, 128, [128, 8, 33, 32, 0], dtype, device, seed + 1, config, runs=((0, 17),))
+            seed += 2
         check(7, (48, 16, 16), 3, 32, [32, 20, 9], dtype, device, seed, ExpandConfig(16, 16))  # several K steps
         check(40, (96, 32), 3, 64, [64, 3, 9], dtype, device, seed + 1, ExpandConfig(32, 32, num_stages=2))
         seed += 2

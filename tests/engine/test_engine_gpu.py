@@ -36,6 +36,33 @@ def test_cuda_engine_matches_dense_oracle_fp32(world_factory, cuda_graphs, arch)
         assert tokens[rid] == world.greedy(adapter_id, prompt, max_tokens), (rid, adapter_id)
 
 
+def test_cuda_steps_with_prompts_over_many_adapters_split_the_expand(world_factory):
+    """Prompts of 16-40 tokens on 20 adapters, a step at a time beside the decodes: the per-token kernel is picked
+    (more than 16 slots) and split, the prompts' slots to the tile kernel, through the piece graphs; tokens are
+    the dense merged model's."""
+    world = world_factory(num_adapters=20, device="cuda", dtype="float32")
+    engine = world.engine(max_gpu_adapters=20, max_num_seqs=24, max_num_batched_tokens=128)
+    index = engine.runner.adapted.slot_index
+    splits = []
+    set_slots = index.set
+
+    def recording_set(*args, **kwargs):
+        set_slots(*args, **kwargs)
+        splits.append(index.split)
+
+    index.set = recording_set
+    rng = random.Random(3)
+    reqs = [(f"r{i}", sorted(world.adapters)[i % 20], [rng.randrange(3, 250) for _ in range(rng.randint(16, 40))],
+             rng.randint(20, 30)) for i in range(24)]
+    for rid, adapter_id, prompt, max_tokens in reqs:
+        engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                           world.handle(adapter_id))
+    tokens, _, _ = run_to_completion(engine)
+    assert any(splits) and engine.runner.prefill_graphs.steps_run > 0
+    for rid, adapter_id, prompt, max_tokens in reqs:
+        assert tokens[rid] == world.greedy(adapter_id, prompt, max_tokens), (rid, adapter_id)
+
+
 def test_cuda_engine_bf16_logprobs_match_teacher_forced_hf(world_factory):
     world = world_factory(num_adapters=3, device="cuda", dtype="bfloat16")
     engine = world.engine(max_gpu_adapters=4, max_num_seqs=8)
