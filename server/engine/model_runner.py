@@ -240,7 +240,7 @@ class ModelRunner:
             slot_mapping += [kv_slot(seq.block_table, p, bs) for p in range(start, start + n)]
             if item.samples:
                 logits_rows.append(len(token_ids) - 1)
-        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        as_long = self._to_device
         meta = self._attention_metadata(scheduled, as_long(slot_mapping), as_long, device_tokens)
         bucket = None if self.prefill_graphs is None else self.prefill_graphs.bucket_for(len(token_ids))
         # a captured bucket's padded rows carry no adapter
@@ -256,6 +256,16 @@ class ModelRunner:
             self.adapted.slot_index.set(token_slots, with_prompts=with_prompts)
         return self.forward(ids, as_long(positions), meta, as_long(logits_rows))[0]
 
+    def _to_device(self, values) -> torch.Tensor:
+        """Host values (a list: as longs; a numpy array: as they are) as a tensor on the device; on CUDA through
+        pinned memory, without a stream sync: a lookahead step's inputs are built while the step before runs (a
+        pageable copy waits for it, 9 times a step with prompts). torch's caching host allocator keeps the pinned
+        block until its copy is done."""
+        host = torch.from_numpy(values) if isinstance(values, np.ndarray) else torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     def _attention_metadata(self, scheduled: list[ScheduledSeq], slot_mapping: torch.Tensor, as_long,
                             device_tokens: DeviceTokens | None = None) -> AttentionMetadata | MixedMetadata | VarlenMetadata:
         """Attention over the step's packed tokens (scheduled order). On CUDA, one varlen kernel over the paged
@@ -266,8 +276,8 @@ class ModelRunner:
             tiles = plan_tiles(starts, [item.num_tokens for item in scheduled], [item.start for item in scheduled])
             # its block tables: one row a sequence (a fed decode's token is not on the host yet)
             inputs = self.decode_inputs(scheduled, len(scheduled), device_tokens)
-            return VarlenMetadata(self.kv_caches, slot_mapping, torch.from_numpy(tiles).to(self.device),
-                                  tiles.shape[1], torch.from_numpy(inputs.block_tables).to(self.device), self.block_size)
+            return VarlenMetadata(self.kv_caches, slot_mapping, self._to_device(tiles), tiles.shape[1],
+                                  self._to_device(inputs.block_tables), self.block_size)
         # one query a sequence, whether a decode or a prompt's one-token chunk: the decode kernel's case
         decodes = [i for i, item in enumerate(scheduled) if item.num_tokens == 1]
         if not decodes or len(decodes) == len(scheduled):
