@@ -274,7 +274,7 @@ def engine_step_times(delta: dict[str, float]) -> dict[str, float]:
 
 def step_trace_summary(path: Path, top: int = 12) -> dict:
     """The server's --step-trace over the run: per kind of step the device time's spread, the idle time before
-    it and how many were launched ahead; the steps that closed the longest gaps between tokens, each with what
+    it, the host's time in and between step() calls and how many were launched ahead; the steps that closed the longest gaps between tokens, each with what
     it carried and the gap from the step before it."""
     from server.step_trace import read_trace
 
@@ -288,6 +288,8 @@ def step_trace_summary(path: Path, top: int = 12) -> dict:
             report[kind] = {"steps": len(of_kind), "ahead": sum(s["ahead"] for s in of_kind),
                             "gpu_ms": percentiles([s["gpu_ms"] for s in of_kind]),
                             "idle_ms": percentiles([s["idle_ms"] for s in of_kind]),
+                            "call_ms": percentiles([s["call_ms"] for s in of_kind]),
+                            "loop_ms": percentiles([s["loop_ms"] for s in of_kind]),
                             "gpu_ms_max": max(s["gpu_ms"] for s in of_kind)}
     report["longest_gaps"] = sorted(steps, key=lambda s: -s["itl_max_ms"])[:top]
     return report

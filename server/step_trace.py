@@ -2,7 +2,8 @@
 
 Prometheus keeps totals and histograms; a tail of a few slow steps in a thousand needs the steps themselves:
 what each carried (prompt tokens, decodes), how long the device ran it and sat idle before it, whether it was
-launched ahead, and the longest gap between tokens it closed. `bench/serve_bench.py --step-trace` reads it."""
+launched ahead, the host's time in the step() call and in the caller's loop before it, and the longest gap
+between tokens it closed. `bench/serve_bench.py --step-trace` reads it."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def step_record(stats: StepStats) -> dict:
         "waiting": stats.num_waiting,
         "gpu_ms": round(stats.gpu_seconds * 1000, 3),
         "idle_ms": round(stats.host_seconds * 1000, 3),
+        "loop_ms": round(stats.loop_seconds * 1000, 3),
+        "call_ms": round(stats.call_seconds * 1000, 3),
         "ahead": stats.launched_ahead,
         "itl_max_ms": round(max(stats.itl_seconds, default=0.0) * 1000, 3),
         "first_tokens": len(stats.ttft_seconds),

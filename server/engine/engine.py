@@ -281,6 +281,8 @@ class Engine:
             gpu_seconds=gpu_seconds,
             launched_ahead=done.launched_ahead,
             end_time=done.end_time or time.monotonic(),
+            loop_seconds=gap,
+            call_seconds=end - call_start,
         )
         return outputs, stats
 

@@ -52,6 +52,11 @@ class StepStats:
     """Launched before the step before it had returned its tokens (async scheduling's lookahead)."""
     end_time: float = 0.0
     """time.monotonic() when the step's tokens reached the host (its outputs' time stamp)."""
+    loop_seconds: float = 0.0
+    """Wall time between the step() call that returned the step before and the one that returned this: the
+    caller's own work in between (the engine core's messages, sends, adapter reads)."""
+    call_seconds: float = 0.0
+    """Wall time of the step() call that returned this step (scheduling, launching, waiting for its tokens)."""
 
 
 @dataclass(frozen=True)
