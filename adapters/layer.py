@@ -145,10 +145,10 @@ class SlotIndex:
                           else per_token)
         self.split = self.per_token and with_prompts
         sizes = np.diff(starts)
-        tiled = sizes > 0
+        tiles_per_segment = -(-sizes // tile)
         if self.split:  # only adapter slots with a tile's tokens or more get tiles
             tiled = (sizes >= SPLIT_MIN_TOKENS) & (sorted_slots[starts[:-1]] != BASE_SLOT)
-        tiles_per_segment = np.where(tiled, -(-sizes // tile), 0)
+            tiles_per_segment = np.where(tiled, tiles_per_segment, 0)
         segment = np.repeat(np.arange(len(tiles_per_segment)), tiles_per_segment)
         first_tile = np.cumsum(tiles_per_segment) - tiles_per_segment
         tile_start = starts[segment] + (np.arange(len(segment)) - first_tile[segment]) * tile

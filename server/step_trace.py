@@ -50,9 +50,6 @@ class StepTrace:
         with self._lock:
             self._file.write(line + "\n")
 
-    def close(self) -> None:
-        self._file.close()
-
 
 def read_trace(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
