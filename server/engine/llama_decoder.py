@@ -7,9 +7,10 @@ layer -> final_norm -> logits`; everything but `attend` has static shapes and no
 prompts replay CUDA graphs of those pieces per token count (server.engine.piecewise_graphs) and run only the
 attention, whose shapes change every step, eagerly. The target linears are whatever the model holds (the
 adapted ones share one GEMM for q/k/v and one for gate/up). With `fused_kernels` (CUDA) the elementwise work
-between the GEMMs runs as one Triton kernel each: RoPE on q and k, the residual add with the norm after it, and
+between the GEMMs runs as one Triton kernel each: RoPE on q and k, each residual add with the norm after it, and
 SiLU(gate) * up (server.engine.fused_pointwise, rms_norm.add_rms_norm); a whole-step forward also writes
-the KV cache in the RoPE kernel. Any other architecture keeps
+the KV cache in the RoPE kernel. A layer hands the next its MLP output still to be added (`pending`): the add
+joins the next layer's input norm (or the final norm), one kernel where it was two. Any other architecture keeps
 transformers' forward (ModelRunner.forward); both are tested against the dense merged model.
 """
 
@@ -64,7 +65,8 @@ class LlamaDecoder:
         mistral_window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.sliding_windows = [getattr(layer.self_attn, "sliding_window", mistral_window) for layer in self.layers]
         self.rope, self.silu_mul, self.add_rms_norm, self.rope_store = rotate, None, None, None
-        self.fused_norms = [None] * self.num_layers
+        self.fused_norms: dict[int, nn.Module] = {}
+        """id of a norm module -> the RMSNorm it wraps, for the norms a residual add joins in one kernel."""
         if fused_kernels:  # Triton: imported only where CUDA runs it
             from server.engine import fused_pointwise
             from server.engine.rms_norm import FusedRMSNorm, add_rms_norm
@@ -72,9 +74,9 @@ class LlamaDecoder:
             self.rope, self.silu_mul, self.add_rms_norm = fused_pointwise.rope, fused_pointwise.silu_mul, add_rms_norm
             self.rope_store = fused_pointwise.rope_store
             # the residual add joins a norm only where its formula was checked against the kernel's (fuse_rms_norms)
-            self.fused_norms = [layer.post_attention_layernorm.norm if isinstance(layer.post_attention_layernorm,
-                                                                                   FusedRMSNorm) else None
-                                for layer in self.layers]
+            norms = [self.norm] + [n for layer in self.layers for n in (layer.input_layernorm,
+                                                                        layer.post_attention_layernorm)]
+            self.fused_norms = {id(n): n.norm for n in norms if isinstance(n, FusedRMSNorm)}
 
     def embed(self, token_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[T] ids and positions -> hidden [T, hidden], cos and sin [T, D] (shared by every layer)."""
@@ -82,25 +84,38 @@ class LlamaDecoder:
         cos, sin = self.rotary(hidden[None], positions[None])
         return hidden, cos[0], sin[0]
 
-    def projections(self, i: int, hidden: torch.Tensor):
-        """Layer i's q [T, H, D], k and v [T, Hkv, D] before RoPE, from the residual stream."""
-        attn, x = self.layers[i].self_attn, self.layers[i].input_layernorm(hidden)
+    def add_norm(self, norm: nn.Module, hidden: torch.Tensor, pending: torch.Tensor | None):
+        """(hidden + pending, norm of it): one kernel where the norm is fused (pending None: nothing to add)."""
+        if pending is None:
+            return hidden, norm(hidden)
+        fused = self.fused_norms.get(id(norm))
+        if fused is not None:
+            return self.add_rms_norm(hidden, pending, fused.weight, fused.variance_epsilon)
+        hidden = hidden + pending
+        return hidden, norm(hidden)
+
+    def projections(self, i: int, hidden: torch.Tensor, pending: torch.Tensor | None = None):
+        """Layer i's residual stream (pending added) and its q [T, H, D], k and v [T, Hkv, D] before RoPE."""
+        attn = self.layers[i].self_attn
+        hidden, x = self.add_norm(self.layers[i].input_layernorm, hidden, pending)
         q = attn.q_proj(x).view(-1, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        return hidden, q, k, v
 
-    def attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Layer i's q [T, H, D], k and v [T, Hkv, D] (RoPE applied) from the residual stream."""
-        q, k, v = self.projections(i, hidden)
-        return self.rope(q, cos, sin), self.rope(k, cos, sin), v
+    def attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         pending: torch.Tensor | None = None):
+        """Layer i's residual stream (pending added), q [T, H, D], k and v [T, Hkv, D] (RoPE applied)."""
+        hidden, q, k, v = self.projections(i, hidden, pending)
+        return hidden, self.rope(q, cos, sin), self.rope(k, cos, sin), v
 
     def stored_attention_inputs(self, i: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                                meta) -> torch.Tensor:
-        """Layer i's q (RoPE applied), its k and v already written into the layer's paged cache (one kernel)."""
-        q, k, v = self.projections(i, hidden)
+                                meta, pending: torch.Tensor | None = None):
+        """Layer i's residual stream (pending added) and q (RoPE applied), its k and v already written into the
+        layer's paged cache (one kernel)."""
+        hidden, q, k, v = self.projections(i, hidden, pending)
         kv = meta.kv_caches[i]
-        return self.rope_store(q, k, v, cos, sin, kv[0], kv[1], meta.slot_mapping)
+        return hidden, self.rope_store(q, k, v, cos, sin, kv[0], kv[1], meta.slot_mapping)
 
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, meta,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,20 +124,19 @@ class LlamaDecoder:
         out = paged_attention(i, q, k, v, meta, attn.scaling, self.sliding_windows[i], out=out)
         return out.reshape(out.shape[0], -1)
 
-    def after_attention(self, i: int, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The residual stream after layer i: o_proj, residual add, norm, gated MLP, residual add."""
+    def after_attention(self, i: int, hidden: torch.Tensor, attended: torch.Tensor):
+        """Layer i after its attention: o_proj, residual add, norm, gated MLP -> (the residual stream, the MLP's
+        output still to be added: the next add_norm adds it)."""
         layer = self.layers[i]
-        out = layer.self_attn.o_proj(attended)
-        norm = self.fused_norms[i]
-        if norm is not None:
-            hidden, x = self.add_rms_norm(hidden, out, norm.weight, norm.variance_epsilon)
-        else:
-            hidden = hidden + out
-            x = layer.post_attention_layernorm(hidden)
+        hidden, x = self.add_norm(layer.post_attention_layernorm, hidden, layer.self_attn.o_proj(attended))
         mlp = layer.mlp
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         act = self.silu_mul(gate, up) if self.silu_mul is not None else mlp.act_fn(gate) * up
-        return hidden + mlp.down_proj(act)
+        return hidden, mlp.down_proj(act)
+
+    def final_norm(self, hidden: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+        """The last layer's residual stream, pending added, through the model's final norm."""
+        return self.add_norm(self.norm, hidden, pending)[1]
 
     def logits(self, normed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The final-normed rows that sample -> logits [1, len(rows), V] (as transformers' logits_to_keep)."""
@@ -130,10 +144,11 @@ class LlamaDecoder:
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, meta, logits_rows: torch.Tensor) -> torch.Tensor:
         hidden, cos, sin = self.embed(token_ids, positions)
+        pending = None
         for i in range(self.num_layers):
             if self.rope_store is not None:
-                q, k, v = self.stored_attention_inputs(i, hidden, cos, sin, meta), None, None
+                (hidden, q), k, v = self.stored_attention_inputs(i, hidden, cos, sin, meta, pending), None, None
             else:
-                q, k, v = self.attention_inputs(i, hidden, cos, sin)
-            hidden = self.after_attention(i, hidden, self.attend(i, q, k, v, meta))
-        return self.logits(self.norm(hidden), logits_rows)
+                hidden, q, k, v = self.attention_inputs(i, hidden, cos, sin, pending)
+            hidden, pending = self.after_attention(i, hidden, self.attend(i, q, k, v, meta))
+        return self.logits(self.final_norm(hidden, pending), logits_rows)

@@ -77,21 +77,23 @@ class PrefillGraphs:
 
     def _piece(self, i: int, n: int) -> None:
         """Piece i of a step of n (bucket) tokens: after_attention of layer i - 1 (none for i = 0: the embedding),
-        then attention_inputs of layer i (the final norm for i = num_layers), into the static buffers."""
+        then attention_inputs of layer i (the final norm for i = num_layers), into the static buffers. The MLP
+        output after_attention leaves pending is added inside the same piece (by the next norm)."""
         d = self.decoder
+        pending = None
         if i == 0:
             hidden, cos, sin = d.embed(self.token_ids[:n], self.positions[:n])
             self.cos[:n].copy_(cos)
             self.sin[:n].copy_(sin)
         else:
-            hidden = d.after_attention(i - 1, self.hidden[:n], self.attended[:n])
+            hidden, pending = d.after_attention(i - 1, self.hidden[:n], self.attended[:n])
         if i == d.num_layers:
-            self.hidden[:n].copy_(d.norm(hidden))
+            self.hidden[:n].copy_(d.final_norm(hidden, pending))
             return
         if self.kv_writes is not None:
-            q = d.stored_attention_inputs(i, hidden, self.cos[:n], self.sin[:n], self.kv_writes)
+            hidden, q = d.stored_attention_inputs(i, hidden, self.cos[:n], self.sin[:n], self.kv_writes, pending)
         else:
-            q, k, v = d.attention_inputs(i, hidden, self.cos[:n], self.sin[:n])
+            hidden, q, k, v = d.attention_inputs(i, hidden, self.cos[:n], self.sin[:n], pending)
             self.k[:n].copy_(k)
             self.v[:n].copy_(v)
         self.hidden[:n].copy_(hidden)

@@ -75,24 +75,32 @@ def check_decoder_pieces(device, gen) -> int:
         model = model.to(device).eval()
         assert fuse_rms_norms(model) == 2 * 2 + 1
         plain, fused = LlamaDecoder(model), LlamaDecoder(model, fused_kernels=True)
-        assert all(norm is not None for norm in fused.fused_norms)
+        assert len(fused.fused_norms) == 2 * 2 + 1 and not plain.fused_norms
         with torch.no_grad():
             ids, positions = torch.randint(0, 64, (6,), generator=gen).to(device), torch.arange(3, 9, device=device)
             hidden, cos, sin = plain.embed(ids, positions)
             attended = torch.randn(6, 64, generator=gen).to(device)
+            pending = None  # layer 0 has no MLP output to add; layer 1 adds the one layer 0 left
             for i in range(2):
-                q, k, v = plain.attention_inputs(i, hidden, cos, sin)
-                for a, b in zip((q, k, v), fused.attention_inputs(i, hidden, cos, sin)):
+                added, q, k, v = plain.attention_inputs(i, hidden, cos, sin, pending)
+                for a, b in zip((added, q, k, v), fused.attention_inputs(i, hidden, cos, sin, pending)):
                     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
                 slots = torch.tensor([9, 2, 4, 0, 7, 1], device=device)
                 meta = SimpleNamespace(kv_caches=[torch.zeros(2, 10, 2, 16, device=device)] * 2, slot_mapping=slots)
-                torch.testing.assert_close(fused.stored_attention_inputs(i, hidden, cos, sin, meta), q, rtol=1e-5,
-                                           atol=1e-5)
+                stored_added, stored_q = fused.stored_attention_inputs(i, hidden, cos, sin, meta, pending)
+                torch.testing.assert_close(stored_added, added, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(stored_q, q, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(meta.kv_caches[i][0][slots], k, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(meta.kv_caches[i][1][slots], v, rtol=0, atol=0)
-                torch.testing.assert_close(fused.after_attention(i, hidden, attended),
-                                           plain.after_attention(i, hidden, attended), rtol=1e-5, atol=1e-5)
+                expected = plain.after_attention(i, added, attended)
+                for a, b in zip(expected, fused.after_attention(i, added, attended)):
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+                hidden, pending = expected
                 cases += 1
+            torch.testing.assert_close(fused.final_norm(hidden, pending), plain.final_norm(hidden, pending),
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(plain.final_norm(hidden, pending), model.model.norm(hidden + pending),
+                                       rtol=1e-5, atol=1e-5)
     return cases
 
 
