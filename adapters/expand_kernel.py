@@ -42,11 +42,12 @@ def _expand_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_ord
                    stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
                    NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
                    BOUND2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   COLUMN_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr):
     tile = tl.program_id(0)
-    # the tile's count, slot and bounds in one round of loads, then its rows in one: at decode sizes a program's
-    # time is mostly this chain (6 dependent loads before: 4.7 vs 4.4 us, kernels-sweep-h200.json), so a program
-    # pays it once for every column block it takes (program j of COLUMN_PROGRAMS: blocks j, j + COLUMN_PROGRAMS..)
+    n0 = tl.program_id(1) * BLOCK_N
+    member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
+    # the tile's count, slot and bounds in one round of loads, then its rank, rows and pages in one: at decode
+    # sizes a program's time is mostly this chain (6 dependent loads before: 4.7 vs 4.4 us, kernels-sweep-h200.json)
     index = tl.minimum(tile, last_tile)
     num_tiles = tl.load(num_tiles_ptr)
     slot = tl.load(tile_slot_ptr + index)
@@ -54,38 +55,35 @@ def _expand_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_ord
     mask_t = offs_t < tl.load(tile_end_ptr + index)
     if (tile >= num_tiles) | (slot < 0):
         return
+    rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)  # rank 0: the masks load nothing, y += 0
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NUM_OUT
+    z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
     # a K block is BLOCK_K // PAGE pages of PAGE columns: loaded as [.., pages, PAGE], the last axis contiguous in
     # memory, so the compiler keeps vector loads (a flat gather of columns loads element by element)
     offs_j = tl.arange(0, BLOCK_K // PAGE)
     offs_i = tl.arange(0, PAGE)
     pages_ptr = table_ptr + slot.to(tl.int64) * stride_table
-    for block in range(tl.program_id(1), tl.cdiv(NUM_OUT, BLOCK_N), COLUMN_PROGRAMS):
-        n0 = block * BLOCK_N
-        member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
-        rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)  # rank 0: the masks load nothing, y += 0
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NUM_OUT
-        z_ptrs = out_ptr + rows[:, None] * stride_out + (NUM_OUT + member * RANK)
-        m_ptrs = pool_ptr + offs_n[:, None, None].to(tl.int64) * stride_pool_n + offs_i[None, None, :]
-        sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i[None, :]
-        y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
-        mask = mask_t[:, None] & mask_n[None, :]
-        y = tl.load(y_ptrs, mask=mask)  # issued with the first M and z loads, not after the dots: one round trip less
-        acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < rank
-            block_pages = k0 // PAGE + offs_j
-            page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < RANK, other=0).to(tl.int64)
-            mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < rank  # mask_k as [pages, PAGE]
-            z = tl.load(z_ptrs + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            signs = tl.load(sign_ptrs + page[:, None] * stride_signs_p, mask=mask_paged, other=0.0)
-            z = z * tl.reshape(signs, (BLOCK_K,))[None, :]  # the layer's diagonal core (+-1)
-            m = tl.load(m_ptrs + (page * stride_pool_p)[None, :, None],
-                        mask=mask_n[:, None, None] & mask_paged[None, :, :], other=0.0)
-            acc += tl.dot(z, tl.trans(tl.reshape(m, (BLOCK_N, BLOCK_K))), input_precision=PRECISION)
-        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+    m_ptrs = pool_ptr + offs_n[:, None, None].to(tl.int64) * stride_pool_n + offs_i[None, None, :]
+    sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i[None, :]
+    y_ptrs = out_ptr + rows[:, None] * stride_out + offs_n[None, :]
+    mask = mask_t[:, None] & mask_n[None, :]
+    y = tl.load(y_ptrs, mask=mask)  # issued with the first M and z loads, not after the dots: one round trip less
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, RANK, BLOCK_K):  # a fixed bound (pipelined); blocks past the slot's rank load nothing
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < rank
+        block_pages = k0 // PAGE + offs_j
+        page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < RANK, other=0).to(tl.int64)  # needs no rank
+        mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < rank  # mask_k as [pages, PAGE]
+        z = tl.load(z_ptrs + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        signs = tl.load(sign_ptrs + page[:, None] * stride_signs_p, mask=mask_paged, other=0.0)
+        z = z * tl.reshape(signs, (BLOCK_K,))[None, :]  # the layer's diagonal core (+-1)
+        m = tl.load(m_ptrs + (page * stride_pool_p)[None, :, None], mask=mask_n[:, None, None] & mask_paged[None, :, :],
+                    other=0.0)
+        acc += tl.dot(z, tl.trans(tl.reshape(m, (BLOCK_N, BLOCK_K))), input_precision=PRECISION)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
 @triton.jit
@@ -93,46 +91,43 @@ def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_pt
                          stride_pool_p, stride_pool_n, stride_signs_p, stride_signs_l, stride_table,
                          NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
                          BOUND2: tl.constexpr, RANK_LO: tl.constexpr, RANK_HI: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, COLUMN_PROGRAMS: tl.constexpr):
-    """A program per token and COLUMN_PROGRAMS-th of the output column blocks (blocks j, j + COLUMN_PROGRAMS, ..):
-    a matrix-vector product on the CUDA cores. Its slot and rank need only the token's index, its pages and z
-    come in the next round and M in the last; tokens of one slot read the same M block, the second time from L2.
+                         BLOCK_K: tl.constexpr):
+    """A program per token and block of output columns: a matrix-vector product on the CUDA cores. Its slot,
+    rank, y and z need only the token's index, so they load in one round, its pages in the next and M in the
+    last (the tile kernel needs as many); tokens of one slot read the same M block, the second time from L2.
     A launch serves the tokens of rank in (RANK_LO, RANK_HI] (the last launch, RANK_HI = RANK, every rank above
     RANK_LO) and runs RANK_HI columns; the others exit after their first loads."""
     token = tl.program_id(0).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
+    member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
     slot = tl.load(token_slots_ptr + token)
     rank = tl.load(token_ranks_ptr + token)  # the widest rank of the slot: past a group's own rank M is zero
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NUM_OUT
+    y_ptrs = out_ptr + token * stride_out + offs_n
+    y = tl.load(y_ptrs, mask=mask_n)
     if (slot < 0) | (rank <= RANK_LO) | ((rank > RANK_HI) & (RANK_HI < RANK)):
         return
+    z_ptr = out_ptr + token * stride_out + NUM_OUT + member * RANK
     offs_j = tl.arange(0, BLOCK_K // PAGE)  # K blocks as [pages, PAGE], as in the tile kernel
     offs_i = tl.arange(0, PAGE)
     pages_ptr = table_ptr + slot * stride_table
+    sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i[None, :]
+    m_ptrs = pool_ptr + offs_n[:, None, None].to(tl.int64) * stride_pool_n + offs_i[None, None, :]
+    # a fixed, unrolled bound: every block's loads issue at once (a loop to the token's own rank serializes them:
+    # 64 x r=256 2105 vs 2682 tok/s, though r=8 tokens on that server then ran 5339 vs 3693, decode-*-paged-*.json)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     own_rank = tl.minimum(rank, RANK_HI)
-    for block in range(tl.program_id(1), tl.cdiv(NUM_OUT, BLOCK_N), COLUMN_PROGRAMS):
-        n0 = block * BLOCK_N
-        member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < NUM_OUT
-        y_ptrs = out_ptr + token * stride_out + offs_n
-        y = tl.load(y_ptrs, mask=mask_n)
-        z_ptr = out_ptr + token * stride_out + NUM_OUT + member * RANK
-        sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i[None, :]
-        m_ptrs = pool_ptr + offs_n[:, None, None].to(tl.int64) * stride_pool_n + offs_i[None, None, :]
-        # a fixed, unrolled bound: every block's loads issue at once (a loop to the token's own rank serializes
-        # them: 64 x r=256 2105 vs 2682 tok/s, though r=8 tokens on that server then ran 5339 vs 3693,
-        # decode-*-paged-*.json)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in tl.static_range(0, RANK_HI, BLOCK_K):
-            block_pages = k0 // PAGE + offs_j
-            mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < own_rank
-            page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < own_rank, other=0).to(tl.int64)
-            z = tl.load(z_ptr + k0 + offs_j[:, None] * PAGE + offs_i[None, :], mask=mask_paged, other=0.0)
-            z = z.to(tl.float32) * tl.load(sign_ptrs + page[:, None] * stride_signs_p, mask=mask_paged,
-                                           other=0.0).to(tl.float32)
-            m = tl.load(m_ptrs + (page * stride_pool_p)[None, :, None],
-                        mask=mask_n[:, None, None] & mask_paged[None, :, :], other=0.0)
-            acc += tl.sum(tl.sum(m.to(tl.float32) * z[None, :, :], axis=2), axis=1)
-        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask_n)
+    for k0 in tl.static_range(0, RANK_HI, BLOCK_K):
+        block_pages = k0 // PAGE + offs_j
+        mask_paged = (k0 + offs_j[:, None] * PAGE + offs_i[None, :]) < own_rank
+        page = tl.load(pages_ptr + block_pages, mask=block_pages * PAGE < own_rank, other=0).to(tl.int64)
+        z = tl.load(z_ptr + k0 + offs_j[:, None] * PAGE + offs_i[None, :], mask=mask_paged, other=0.0).to(tl.float32)
+        z = z * tl.load(sign_ptrs + page[:, None] * stride_signs_p, mask=mask_paged, other=0.0).to(tl.float32)
+        m = tl.load(m_ptrs + (page * stride_pool_p)[None, :, None], mask=mask_n[:, None, None] & mask_paged[None, :, :],
+                    other=0.0)
+        acc += tl.sum(tl.sum(m.to(tl.float32) * z[None, :, :], axis=2), axis=1)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask_n)
 
 
 RANK_SPLIT = 32
@@ -165,13 +160,6 @@ class ExpandConfig:
     num_stages: int = 3
     per_token: bool = False
     """A program per token (_expand_token_kernel) instead of per tile of one slot's tokens (tensor-core dots)."""
-    column_programs: int = 0
-    """Programs per token or tile, each looping over every column_programs-th block of output columns, so the
-    index loads before M are paid once a program, not once a block (0: a program per column block)."""
-
-    def grid_columns(self, num_out: int) -> int:
-        blocks = triton.cdiv(num_out, self.block_n)
-        return min(self.column_programs, blocks) if self.column_programs else blocks
 
 
 def default_config(rank: int, bounds: list[int], per_token: bool = False) -> ExpandConfig:
@@ -249,12 +237,11 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
         for lo, hi in rank_buckets(rank, split):
             part = token_cfg if hi == rank or config is not None else pick(hi, True)
             assert all(b % part.block_n == 0 for b in bounds[1:-1])
-            columns = part.grid_columns(num_out)
-            _expand_token_kernel[(y0z.shape[0], columns)](
+            _expand_token_kernel[(y0z.shape[0], triton.cdiv(num_out, part.block_n))](
                 y0z, pool, signs, table, groups.token_slots, groups.expand_token_ranks, layer, y0z.stride(0),
                 pool.stride(0), pool.stride(1), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out,
                 RANK=rank, PAGE=page, BOUND1=bound1, BOUND2=bound2, RANK_LO=lo, RANK_HI=hi, BLOCK_N=part.block_n,
-                BLOCK_K=max(page, min(part.block_k, triton.next_power_of_2(hi))), COLUMN_PROGRAMS=columns,
+                BLOCK_K=max(page, min(part.block_k, triton.next_power_of_2(hi))),
                 num_warps=part.num_warps, num_stages=part.num_stages,
             )
     return y0z[:, :num_out]
@@ -269,12 +256,12 @@ def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg:
     num_tiles = groups.max_tiles(y0z.shape[0], ranks.shape[1]) if capturing else groups.num_tiles_host
     if num_tiles == 0 and not capturing:
         return
-    columns = cfg.grid_columns(num_out)
-    _expand_kernel[(max(num_tiles, 1), columns)](
+    grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
+    _expand_kernel[grid](
         y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
         groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
         ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=paged.rank,
         PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
-        BLOCK_K=max(paged.page, cfg.block_k), COLUMN_PROGRAMS=columns, PRECISION=dot_precision(y0z.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_K=max(paged.page, cfg.block_k), PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )

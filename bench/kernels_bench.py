@@ -15,7 +15,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.expand_kernel import ExpandConfig, config_key, expand_grouped, pick_config  # noqa: E402
+from adapters.expand_kernel import ExpandConfig, config_key, expand_grouped  # noqa: E402
 from adapters.layer import SharedGemm, SlotIndex, SlotStacks  # noqa: E402
 from adapters.lora_kernel import lora_grouped  # noqa: E402
 from adapters.ops import expand_reference, lora_gathered, lora_torch  # noqa: E402
@@ -131,35 +131,21 @@ def candidate_configs(rank: int) -> list[ExpandConfig]:
     return [cfg for cfg in tiles + tokens if cfg.block_k <= rank]
 
 
-COLUMN_PROGRAMS = (0, 2, 4, 8, 16, 32)
-
-
-def column_candidates(rank: int, outs: tuple[int, ...], tokens: int) -> list[ExpandConfig]:
-    """--tune-columns: each kernel's committed pick for the shape, and the same with 2x wider column blocks, with
-    programs that loop over column blocks (ExpandConfig.column_programs) or one program a block (0)."""
-    bounds = tuple(itertools.accumulate((0, *outs)))
-    device = torch.cuda.get_device_name()
-    picks = [pick_config(device, rank, bounds, SlotIndex.tile_tokens_for(tokens), per_token) for per_token in (0, 1)]
-    wider = [replace(cfg, block_n=2 * cfg.block_n) for cfg in picks if cfg.block_n < 256]
-    return [replace(cfg, column_programs=c) for cfg in picks + wider for c in COLUMN_PROGRAMS]
-
-
 TUNE_SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336))}  # Llama-3-8B
 
 
-def tune_expand(ranks=(32, 256), tokens=64, columns_only=False):
+def tune_expand(ranks=(32, 256), tokens=64):
     """Time every candidate config of each kernel on the decode shapes, the tile kernel on 8 and 16 adapters and
     the per-token kernel on 16 and 64 (the steps SlotIndex.prefers_per_token gives each; 16 slots of 4 tokens is
     the rule's boundary, both kernels timed there). The best of a kernel for a shape is the fastest at 8
-    adapters (tiles) or 64 (per token). columns_only: the candidates of column_candidates."""
+    adapters (tiles) or 64 (per token)."""
     rows, table = [], {}
     for rank, (name, (in_features, outs)) in itertools.product(ranks, TUNE_SHAPES.items()):
         times: dict[tuple[int, ExpandConfig], float] = {}
-        candidates = column_candidates(rank, outs, tokens) if columns_only else candidate_configs(rank)
         for count in (8, 16, 64):
             shared, _, x, _, index = block_inputs(tokens, in_features, outs, rank, count, count)
             y0z = F.linear(x, shared.weight)
-            for cfg in candidates:
+            for cfg in candidate_configs(rank):
                 if any(b % cfg.block_n for b in shared.bounds[1:-1]) or count == (64 if not cfg.per_token else 8):
                     continue
                 us = bench(lambda: expand_grouped(y0z, shared.paged, 0, shared.bounds, index, cfg), rep=30)
@@ -268,8 +254,6 @@ def main():
                         "is the committed one)")
     parser.add_argument("--tune-only", action="store_true", help="with --tune: skip the block and LoRA timings")
     parser.add_argument("--tune-ranks", default="32,256", help="with --tune: the ranks to time (others keep their entries)")
-    parser.add_argument("--tune-columns", action="store_true",
-                        help="with --tune: only the committed picks with programs looping over column blocks")
     parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
     parser.add_argument("--rank-split-only", action="store_true",
                         help="only the per-token expand over mixed ranks, rank split on and off (and the ceilings)")
@@ -289,8 +273,7 @@ def main():
     if not args.tune_only and not args.rank_split_only:
         report["lora"] = lora_rows()
     if args.tune:
-        report["tune"], table = tune_expand(tuple(int(r) for r in args.tune_ranks.split(",")),
-                                            columns_only=args.tune_columns)
+        report["tune"], table = tune_expand(tuple(int(r) for r in args.tune_ranks.split(",")))
         tuned = json.loads(args.tune.read_text()) if args.tune.exists() else {}
         tuned.setdefault(report["device"], {}).update(table)
         args.tune.parent.mkdir(parents=True, exist_ok=True)

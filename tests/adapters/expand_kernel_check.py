@@ -9,12 +9,8 @@ import torch
 
 from adapters.expand_kernel import ExpandConfig, expand_grouped
 
-PER_TOKEN = [ExpandConfig(16, 16, per_token=True), ExpandConfig(16, 256, num_warps=2, per_token=True),
-             ExpandConfig(16, 16, per_token=True, column_programs=3)]
-"""The program-per-token kernel: several K blocks, the whole rank in one, and programs looping over every third
-column block (so one program's blocks cross member bounds)."""
-LOOPED_TILES = ExpandConfig(16, 16, column_programs=2)
-"""The tile kernel with programs looping over every other column block."""
+PER_TOKEN = [ExpandConfig(16, 16, per_token=True), ExpandConfig(16, 256, num_warps=2, per_token=True)]
+"""The program-per-token kernel: several K blocks, and the whole rank in one."""
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
 from adapters.rank_pages import page_size_for, pages_for_rank
@@ -90,23 +86,19 @@ def check_captured(device):
         index.set([0] * num_tokens, per_token=bool(per_token), with_prompts=split)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        looped = ExpandConfig(64, 32, per_token=per_token is True, column_programs=2)  # beside the tuned pick
         with torch.cuda.stream(stream):
             expand_grouped(work, paged, 0, bounds, index)
-            expand_grouped(work, paged, 0, bounds, index, looped)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             expand_grouped(work, paged, 0, bounds, index)
-            expand_grouped(work, paged, 0, bounds, index, looped)
         for slots in mappings:
             index.set(slots, per_token=True if split else None, with_prompts=split)
             assert index.per_token == bool(per_token) and index.split == split, (per_token, slots)
             work.copy_(y0z)
             graph.replay()
-            once = expand_reference(y0z.float(), paged, 0, bounds, torch.tensor(slots))  # y0 + delta
-            ref = (2 * once - y0z[:, : bounds[-1]].float()).cpu()  # the graph adds the delta twice: y0 + 2 delta
-            torch.testing.assert_close(work[:, : bounds[-1]].cpu().float(), ref, rtol=3e-2, atol=6e-2 * rank**0.5)
+            ref = expand_reference(y0z.float(), paged, 0, bounds, torch.tensor(slots)).cpu()
+            torch.testing.assert_close(work[:, : bounds[-1]].cpu().float(), ref, rtol=3e-2, atol=3e-2 * rank**0.5)
     return sum(len(m) for m in cases.values())
 
 
@@ -127,11 +119,10 @@ def main():
     seed = 0
     for dtype in dtypes:
         for num_tokens, outs, num_slots, rank_max, ranks in cases:
-            for config in [None, LOOPED_TILES, *(PER_TOKEN if num_tokens <= 256 else [])]:  # per token: decode
+            for config in [None, *(PER_TOKEN if num_tokens <= 256 else [])]:  # the per-token kernel serves decode
                 check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config)
                 seed += 1
-        for config in [None, PER_TOKEN[0], PER_TOKEN[2], ExpandConfig(16, 16), LOOPED_TILES]:  # split steps: a
-            # prompt's run beside decodes
+        for config in [None, PER_TOKEN[0], ExpandConfig(16, 16)]:  # split steps: a prompt's run beside decodes
             check(50, (96, 96), 6, 32, [32, 17, 1, 32, 8, 0], dtype, device, seed, config, runs=((1, 18), (3, 16)))
             check(30, (32, 16), 5, 128, [128, 8, 33, 32, 0], dtype, device, seed + 1, config, runs=((0, 17),))
             seed += 2
