@@ -19,6 +19,16 @@ def device_tensor(values: list, device: torch.device) -> torch.Tensor:
     return to_device_async(torch.tensor(values), device)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [S, V] -> argmax(-1): on CUDA two Triton kernels on the logits' own dtype (server.engine.argmax_kernel;
+    no fp32 copy of them, 63 -> ~10 us on an 8B step)."""
+    if logits.is_cuda and logits.stride(-1) == 1:
+        from server.engine.argmax_kernel import argmax_rows  # Triton: imported only where CUDA runs it
+
+        return argmax_rows(logits)
+    return logits.argmax(-1)
+
+
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
@@ -52,12 +62,11 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> "SampledTokens":
         """logits [S, V] -> the step's tokens on the device, their copy to the host queued (no sync). Everything
         that reads `logits` is queued here, so the next step may overwrite them (a CUDA graph's output)."""
-        logits = logits.float()
         params = [s.params for s in seqs]
-        greedy_tokens = logits.argmax(-1)
+        greedy_tokens = greedy(logits)
         tokens = greedy_tokens
         if not all(p.is_greedy for p in params):
-            probs = self._processed_probs(logits, params)
+            probs = self._processed_probs(logits.float(), params)
             q = torch.empty_like(probs).exponential_()
             for i, seq in enumerate(seqs):
                 if seq.params.seed is not None and not seq.params.is_greedy:
@@ -69,7 +78,7 @@ class Sampler:
         chosen = top_vals = top_ids = None
         if wanted:
             rows = device_tensor(wanted, logits.device)
-            all_logprobs = torch.log_softmax(logits[rows], -1)
+            all_logprobs = torch.log_softmax(logits[rows].float(), -1)
             chosen = all_logprobs.gather(1, tokens[rows, None]).squeeze(1)
             max_top = max(params[i].logprobs for i in wanted)
             if max_top:
