@@ -88,6 +88,9 @@ class SlotIndex:
         self.per_token = False
         self.split = False
         self.num_tiles_host = 0
+        self.tile_cap: int | None = None
+        """Set while a CUDA graph is captured for decode steps of at most this many tiles (DecodeGraphs' tile-count
+        variants): max_tiles, the captured grid, is at most this. None: any step's count."""
         self.version = 0  # bumped by every set(): outputs computed for an earlier step are never reused
         self._host = (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64))
 
@@ -122,7 +125,8 @@ class SlotIndex:
         if self.split:  # tiles of 16 over slots of >= 16 tokens each: at most 2 per 16 tokens
             return max(1, num_tokens // 8)
         slots = TILE_MAX_SLOTS if num_tokens <= DECODE_MAX_TOKENS else num_slots
-        return -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, slots + 1)
+        most = -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, slots + 1)
+        return most if self.tile_cap is None else min(most, self.tile_cap)
 
     def set(self, token_slots: list[int], per_token: bool | None = None, with_prompts: bool = False) -> None:
         """Set the slots of the next forward's tokens (flattened in [batch, seq] order), and which expand kernel

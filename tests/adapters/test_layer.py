@@ -114,3 +114,30 @@ def test_slot_index_picks_the_expand_kernel_and_token_ranks():
     assert index.token_ranks.tolist() == [0, 32, 8]
     index.set([-1, 3], per_token=False)  # forced, as CUDA graphs capture each kind
     assert not index.per_token and SlotIndex(4, "cpu").max_tiles(64, 64) == 4 + 17
+
+
+def test_decode_graphs_replay_the_tile_variant_of_the_fewest_tiles_that_holds_the_step():
+    """DecodeGraphs.graph_for on a stand-in (the graphs need CUDA): the tile kernel's variants by tile count, the
+    one that serves every step past the largest cap, and one graph for the other kinds; SlotIndex.max_tiles
+    (the captured grid) is at most the cap set while capturing."""
+    from types import SimpleNamespace
+
+    from server.engine.cuda_graphs import DecodeGraphs
+
+    index = SlotIndex(64, "cpu", np.full(64, 32))
+    runner = SimpleNamespace(adapted=SimpleNamespace(slot_index=index))
+    caps = [4, 8, 12, 16]
+    graphs = {(64, "tiles", cap): f"tiles<={cap}" for cap in caps + [None]}
+    graphs.update({(64, "base", None): "base", (64, "per_token", None): "per token"})
+    stand_in = SimpleNamespace(runner=runner, _caps={64: caps}, _graphs=graphs,
+                               kind=lambda: DecodeGraphs.kind(stand_in))
+    cases = [([0] * 64, "tiles<=4"), ([s // 8 for s in range(64)], "tiles<=8"),  # 8 slots of 8 tokens
+             ([s // 5 for s in range(64)], "tiles<=16"),  # 13 slots: 13 tiles
+             ([s // 4 for s in range(64)], "tiles<=16"),
+             ([-1] + [s % 16 for s in range(63)], "tiles<=None"),  # 16 slots and the base token's tile: 17
+             ([-1] * 64, "base"), (list(range(64)), "per token")]
+    for slots, expected in cases:
+        index.set(slots, per_token=expected == "per token")
+        assert DecodeGraphs.graph_for(stand_in, 64) == expected, (index.num_tiles_host, expected)
+    index.tile_cap = 8
+    assert index.max_tiles(64, 64) == 8 and index.max_tiles(1, 64) == 2
