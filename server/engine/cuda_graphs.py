@@ -69,10 +69,10 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         self._fill(self.runner.decode_inputs([], pad_to=max(self.buckets)))
         index = self.runner.adapted.slot_index
+        caps = () if os.environ.get("PICA_TILE_GRAPHS") == "one" else TILE_CAPS
         for bucket in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory
             most = index.max_tiles(bucket, self.runner.adapted.slot_stacks.num_slots)
-            one = os.environ.get("PICA_TILE_GRAPHS") == "one"
-            self._caps[bucket] = [] if one else [cap for cap in TILE_CAPS if cap < most]
+            self._caps[bucket] = [cap for cap in caps if cap < most]
             for kind in self.KINDS:
                 for cap in (self._caps[bucket] if kind == "tiles" else []) + [None]:
                     index.set([-1 if kind == "base" else 0] * bucket, per_token=kind == "per_token")
