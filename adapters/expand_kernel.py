@@ -130,6 +130,58 @@ def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_pt
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask_n)
 
 
+@triton.jit
+def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_order_ptr, tile_start_ptr,
+                         tile_end_ptr, tile_slot_ptr, num_tiles_ptr, token_ranks_ptr, last_tile, layer, stride_out,
+                         stride_pool_p, stride_pool_n, stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
+                         NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
+                         BOUND2: tl.constexpr, RANK_LO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, WAIT_PRIOR: tl.constexpr):
+    """The tiles of `_expand_kernel` with M as the left operand, `y^T += M z^T`, a page a step: a step's M block
+    [BLOCK_N, PAGE] is one contiguous piece of the pool and needs no mask on its columns (a slot's pages hold
+    zeros past its rank), so it streams as plain vector loads, pipelined over a loop that stops at the slot's
+    own rank, and the product runs on the tensor cores whatever the tile's token count (one token: z^T is a
+    [PAGE, BLOCK_T] block with one live column). RANK_LO > 0: the tiles of slots whose widest rank is at most
+    RANK_LO exit (the per-token kernel took them). WAIT_PRIOR: launched as a programmatic dependent launch, a
+    program reads what needs no GEMM output (its tile, rank and rows) before it waits for the GEMM."""
+    tile = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N
+    member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
+    index = tl.minimum(tile, last_tile)
+    num_tiles = tl.load(num_tiles_ptr)
+    slot = tl.load(tile_slot_ptr + index)
+    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < tl.load(tile_end_ptr + index)
+    if (tile >= num_tiles) | (slot < 0):
+        return
+    rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)
+    rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    if RANK_LO > 0:
+        if tl.max(tl.load(token_ranks_ptr + rows, mask=mask_t, other=0)) <= RANK_LO:
+            return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NUM_OUT
+    offs_i = tl.arange(0, PAGE)
+    if WAIT_PRIOR:
+        tl.extra.cuda.gdc_wait()
+    y_ptrs = out_ptr + rows[None, :] * stride_out + offs_n[:, None]
+    mask = mask_n[:, None] & mask_t[None, :]
+    y = tl.load(y_ptrs, mask=mask)
+    z_ptrs = out_ptr + rows[None, :] * stride_out + (NUM_OUT + member * RANK) + offs_i[:, None]
+    m_ptrs = pool_ptr + offs_n[:, None].to(tl.int64) * stride_pool_n + offs_i[None, :]
+    sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i
+    pages_ptr = table_ptr + slot.to(tl.int64) * stride_table
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for j in tl.range(0, tl.cdiv(rank, PAGE), num_stages=NUM_STAGES):
+        page = tl.load(pages_ptr + j).to(tl.int64)
+        mask_k = j * PAGE + offs_i < RANK  # a page past the z columns (RANK not a multiple of PAGE) reads none
+        z = tl.load(z_ptrs + j * PAGE, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+        z = z * tl.load(sign_ptrs + page * stride_signs_p, mask=mask_k, other=0.0)[:, None]
+        m = tl.load(m_ptrs + page * stride_pool_p, mask=mask_n[:, None], other=0.0)
+        acc += tl.dot(m, z, input_precision=PRECISION)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
 RANK_SPLIT = 32
 SPLIT_FROM_RANK = 128
 """On servers of rank >= SPLIT_FROM_RANK the per-token expand runs as two launches, tokens of rank <= RANK_SPLIT
@@ -160,6 +212,9 @@ class ExpandConfig:
     num_stages: int = 3
     per_token: bool = False
     """A program per token (_expand_token_kernel) instead of per tile of one slot's tokens (tensor-core dots)."""
+    pages: bool = False
+    """The tiles through `_expand_pages_kernel` (M the left operand, a page a step; block_k unused), for every
+    step the config serves, per_token steps too (then per_token is False)."""
 
 
 def default_config(rank: int, bounds: list[int], per_token: bool = False) -> ExpandConfig:
@@ -178,8 +233,38 @@ TUNED_CONFIGS = Path(__file__).with_name("expand_configs.json")
 (`config_key`); PICA_EXPAND_CONFIGS names another such file (the tuning run's own, before it is committed)."""
 
 
-def config_key(num_out: int, rank: int, tile_tokens: int, per_token: bool) -> str:
-    return f"out{num_out}-r{rank}-t{tile_tokens}-{'tokens' if per_token else 'tiles'}"
+def config_key(num_out: int, rank: int, tile_tokens: int, per_token: bool, pages: bool = False) -> str:
+    return f"out{num_out}-r{rank}-t{tile_tokens}-{'pages' if pages else 'tokens' if per_token else 'tiles'}"
+
+
+PAGES_KERNEL = os.environ.get("PICA_EXPAND_KERNEL", "pages") == "pages"
+"""The tiles run `_expand_pages_kernel` wherever pages are of 16 columns or more; PICA_EXPAND_KERNEL=classic keeps
+`_expand_kernel` (the benchmarks' A/B switch)."""
+LAUNCH_PDL = os.environ.get("PICA_PDL", "0") == "1"
+"""The page kernel as a programmatic dependent launch (Hopper and later): its programs start while the GEMM before
+it finishes. Read per launch, so benchmarks flip it in one process."""
+PAGES_RANK_SPLIT = os.environ.get("PICA_PAGES_RANK_SPLIT", "0") == "1"
+"""Per-token steps above PER_TOKEN_MAX_RANK: the per-token kernel over the tokens of rank <= RANK_SPLIT, the page
+kernel's tiles over the rest."""
+PER_TOKEN_MAX_RANK = 32
+"""Steps the per-token kernel suits (SlotIndex.prefers_per_token) keep it on servers of rank <= this; above it the
+page kernel's tiles take them, one tile a slot. H200, 64 tokens (kernels-pages-h200.json): on 64 adapters r=32
+gate/up 37.6 us per token against 45.4 in pages (two pages a program: too short a loop), r=256 379 against 229,
+on 25 adapters r=256 356 against 96 (a slot's tokens share its M loads in a tile)."""
+
+
+@functools.lru_cache(maxsize=None)
+def pages_config(device_name: str, rank: int, bounds: tuple[int, ...], tile_tokens: int) -> ExpandConfig:
+    """The page kernel's tuned config for this shape, else 128 columns (or the bounds' largest divisor below),
+    4 warps, 3 stages."""
+    table = tuned_configs(os.environ.get("PICA_EXPAND_CONFIGS", str(TUNED_CONFIGS))).get(device_name, {})
+    tuned = table.get(config_key(bounds[-1], rank, tile_tokens, False, pages=True))
+    if tuned is not None and all(b % tuned["block_n"] == 0 for b in bounds[1:-1]):
+        return ExpandConfig(**tuned)
+    block_n = 128
+    while block_n > 16 and any(b % block_n for b in bounds[1:-1]):
+        block_n //= 2
+    return ExpandConfig(block_n=block_n, block_k=16, num_warps=4, num_stages=3, pages=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,11 +292,14 @@ def device_name(device: torch.device) -> str:
 
 
 def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int], groups,
-                   config: ExpandConfig | None = None, split: int | None = None) -> torch.Tensor:
+                   config: ExpandConfig | None = None, split: int | None = None,
+                   pages_split: bool | None = None) -> torch.Tensor:
     """y0z [T, num_out + M*R] (row-major), paged: the members' pooled M's (pool rows contiguous), layer: the row
     of signs to use, bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out],
     updated. split: the per-token path's rank split (rank_buckets; None: the rule, 0: one launch). A split step
-    (SlotIndex.split) runs the tiles of its large slots, then the per-token kernel over the rest."""
+    (SlotIndex.split) runs the tiles of its large slots, then the per-token kernel over the rest. config: one
+    kernel's config for every launch (tests, benchmarks); else the tuned ones, the page kernel's for the tiles
+    (and for per-token steps above PER_TOKEN_MAX_RANK; pages_split: PAGES_RANK_SPLIT's override there)."""
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     num_members, num_out, rank, page = len(bounds) - 1, bounds[-1], paged.rank, paged.page
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
@@ -221,8 +309,16 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
     name = device_name(y0z.device)
     pick = lambda r, per_token: pick_config(name, r, tuple(bounds), groups.tile_tokens, per_token)  # noqa: E731
     cfg = config or pick(rank, groups.per_token)
+    if (config is None and PAGES_KERNEL and page >= 16
+            and (not groups.per_token or groups.split or rank > PER_TOKEN_MAX_RANK)):
+        cfg = pages_config(name, rank, tuple(bounds), groups.tile_tokens)  # split steps: for their tiles
     tile_cfg = token_cfg = None
-    if groups.split:  # both kernels, each with its own config
+    buckets, rank_lo = rank_buckets(rank, split), 0
+    if cfg.pages and not groups.split:  # the tiles cover every slot
+        tile_cfg = cfg
+        if groups.per_token and rank > RANK_SPLIT and (PAGES_RANK_SPLIT if pages_split is None else pages_split):
+            token_cfg, buckets, rank_lo = pick(RANK_SPLIT, True), [(0, RANK_SPLIT)], RANK_SPLIT
+    elif groups.split:  # both kernels, each with its own config
         tile_cfg, token_cfg = (pick(rank, False), cfg) if cfg.per_token else (cfg, pick(rank, True))
     elif cfg.per_token:
         token_cfg = cfg
@@ -232,9 +328,9 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
     bound2 = bounds[2] if num_members > 2 else num_out
     if tile_cfg is not None:
         assert all(b % tile_cfg.block_n == 0 for b in bounds[1:-1])
-        _expand_tiles(y0z, paged, layer, groups, tile_cfg, num_out, bound1, bound2)
+        _expand_tiles(y0z, paged, layer, groups, tile_cfg, num_out, bound1, bound2, rank_lo)
     if token_cfg is not None:
-        for lo, hi in rank_buckets(rank, split):
+        for lo, hi in buckets:
             part = token_cfg if hi == rank or config is not None else pick(hi, True)
             assert all(b % part.block_n == 0 for b in bounds[1:-1])
             _expand_token_kernel[(y0z.shape[0], triton.cdiv(num_out, part.block_n))](
@@ -248,15 +344,29 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
 
 
 def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg: ExpandConfig, num_out: int,
-                  bound1: int, bound2: int) -> None:
-    """The tile kernel over the step's tiles. A graph being captured replays for any slot mapping: its grid
-    covers the most tiles; else the step's own."""
+                  bound1: int, bound2: int, rank_lo: int = 0) -> None:
+    """The tile kernel over the step's tiles (rank_lo: the page kernel skips slots of widest rank <= it). A graph
+    being captured replays for any slot mapping: its grid covers the most tiles; else the step's own."""
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()
-    num_tiles = groups.max_tiles(y0z.shape[0], ranks.shape[1]) if capturing else groups.num_tiles_host
+    every_slot = cfg.pages and groups.per_token  # the page kernel's tiles serve per-token steps too
+    num_tiles = groups.max_tiles(y0z.shape[0], ranks.shape[1], every_slot) if capturing else groups.num_tiles_host
     if num_tiles == 0 and not capturing:
         return
     grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
+    if cfg.pages:
+        assert paged.page >= 16, "the page kernel's dots need pages of 16 columns or more"
+        pdl = LAUNCH_PDL and y0z.is_cuda
+        _expand_pages_kernel[grid](
+            y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
+            groups.num_tiles, groups.expand_token_ranks, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0),
+            pool.stride(1), ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out,
+            RANK=paged.rank, PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, RANK_LO=rank_lo,
+            BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
+            PRECISION=dot_precision(y0z.dtype), WAIT_PRIOR=pdl, num_warps=cfg.num_warps,
+            **({"launch_pdl": True} if pdl else {}),
+        )
+        return
     _expand_kernel[grid](
         y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
         groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),

@@ -119,13 +119,14 @@ class SlotIndex:
         return num_tokens <= DECODE_MAX_TOKENS and (
             adapted_slots > TILE_MAX_SLOTS or adapted_tokens < TILE_MIN_TOKENS * adapted_slots)
 
-    def max_tiles(self, num_tokens: int, num_slots: int) -> int:
+    def max_tiles(self, num_tokens: int, num_slots: int, every_slot: bool = False) -> int:
         """Most tiles a step of num_tokens can have when the tile kernel runs it (each slot's last tile may be
-        partial; at decode sizes the tile kernel serves at most TILE_MAX_SLOTS slots): a CUDA graph's grid."""
+        partial; at decode sizes the tile kernel serves at most TILE_MAX_SLOTS slots, unless every_slot: it serves
+        the per-token steps too): a CUDA graph's grid. Never more than the tokens: no tile is empty."""
         if self.split:  # tiles of 16 over slots of >= 16 tokens each: at most 2 per 16 tokens
             return max(1, num_tokens // 8)
-        slots = TILE_MAX_SLOTS if num_tokens <= DECODE_MAX_TOKENS else num_slots
-        most = -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, slots + 1)
+        slots = TILE_MAX_SLOTS if num_tokens <= DECODE_MAX_TOKENS and not every_slot else num_slots
+        most = min(num_tokens, -(-num_tokens // self.tile_tokens_for(num_tokens)) + min(num_tokens, slots + 1))
         return most if self.tile_cap is None else min(most, self.tile_cap)
 
     def set(self, token_slots: list[int], per_token: bool | None = None, with_prompts: bool = False) -> None:

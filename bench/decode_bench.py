@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import random
 import sys
 import tempfile
@@ -397,7 +398,8 @@ def main():
     basis_rank = max(ranks + [int(r) for r in args.mixed_ranks.split(",") if r])  # the basis serves every rank asked
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pica-bench-"))
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shape": args.shape,
-              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "command": " ".join(sys.argv)}
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "command": " ".join(sys.argv),
+              "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("PICA_")}}
     rows = []
 
     rows_log = args.out.with_suffix(".rows.jsonl")

@@ -11,6 +11,7 @@ decode steps, so Python launch costs stay out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -24,6 +25,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters import expand_kernel  # noqa: E402
 from adapters.expand_kernel import ExpandConfig, config_key, expand_grouped  # noqa: E402
 from adapters.layer import SharedGemm, SlotIndex, SlotStacks  # noqa: E402
 from adapters.lora_kernel import lora_grouped  # noqa: E402
@@ -161,6 +163,100 @@ def tune_expand(ranks=(32, 256), tokens=64):
     return rows, table
 
 
+PAGE_SHAPES = {**TUNE_SHAPES, "down": (14336, (4096,))}
+PAGE_STEPS = [(64, 32, 1, None), (64, 32, 8, None), (64, 32, 64, None), (64, 256, 8, None), (64, 256, 25, None),
+              (64, 256, 64, None), (64, 256, 64, (8, 32, 256)), (1, 32, 1, None), (512, 32, 8, None)]
+"""(tokens, server rank, distinct adapters, their ranks in turn or None: the server's) for --pages."""
+PAGE_CONFIGS = [ExpandConfig(bn, 16, w, st, pages=True) for bn, w, st in
+                ((64, 4, 3), (128, 4, 3), (128, 4, 5), (256, 4, 3), (128, 8, 4), (256, 8, 4))]
+
+
+@contextlib.contextmanager
+def classic_kernels():
+    """The expand as before the page kernel (PICA_EXPAND_KERNEL=classic), for side-by-side rows."""
+    saved, expand_kernel.PAGES_KERNEL = expand_kernel.PAGES_KERNEL, False
+    try:
+        yield
+    finally:
+        expand_kernel.PAGES_KERNEL = saved
+
+
+def pdl_rows():
+    """The adapted layer's [W0; P] GEMM and its expand in one graph, the page kernel launched after the GEMM as
+    usual and as a programmatic dependent launch (expand_kernel.LAUNCH_PDL), on the decode steps where the
+    expand is latency: 64 tokens over 1 and 8 adapters r=32, and over 64 r=256."""
+    rows = []
+    for (name, (in_features, outs)), (tokens, rank, count) in itertools.product(
+            PAGE_SHAPES.items(), ((64, 32, 1), (64, 32, 8), (64, 256, 64))):
+        shared, _, x, slots, index = block_inputs(tokens, in_features, outs, rank, count, count)
+        ref = expand_reference(F.linear(x, shared.weight).float(), shared.paged, 0, shared.bounds,
+                               torch.tensor(slots, device="cuda"))
+        layer = lambda: expand_grouped(F.linear(x, shared.weight), shared.paged, 0, shared.bounds, index)  # noqa: E731
+        row = {"shape": name, "tokens": tokens, "rank": rank, "num_adapters": count,
+               "gemm_only_us": bench(lambda: F.linear(x, shared.weight))}
+        for pdl in (False, True):
+            expand_kernel.LAUNCH_PDL = pdl
+            try:
+                row[f"pdl_{pdl}_rel_err"] = float((layer().float() - ref).norm() / ref.norm())
+                row[f"pdl_{pdl}_us"] = bench(layer)
+            except Exception as e:  # noqa: BLE001 - a failure is a result here
+                row[f"pdl_{pdl}_error"] = repr(e)[:300]
+            finally:
+                expand_kernel.LAUNCH_PDL = False
+        rows.append(row)
+        print("pdl", json.dumps(row), flush=True)
+    return rows
+
+
+def pages_rows(sweep: bool = True):
+    """The page kernel (`_expand_pages_kernel`, each config of PAGE_CONFIGS) against the expand the engine picks
+    today, on the decode steps of PAGE_STEPS and a prefill-sized one, each shape of Llama-3-8B; GB/s on the M
+    bytes the step must read (each distinct adapter's M once). Returns the rows and the best config per shape
+    key (the least summed time over the steps that key serves)."""
+    rows, sums = [], {}
+    for (name, (in_features, outs)), (tokens, rank, count, ranks) in itertools.product(PAGE_SHAPES.items(), PAGE_STEPS):
+        shared, _, x, slots, index = block_inputs(tokens, in_features, outs, rank, count, count, adapter_ranks=ranks)
+        y0z = F.linear(x, shared.weight)
+        ref = expand_reference(y0z.float(), shared.paged, 0, shared.bounds, torch.tensor(slots, device="cuda"))
+        own = [rank if ranks is None else ranks[s % len(ranks)] for s in range(min(count, tokens))]
+        m_bytes = sum(own) * sum(outs) * 2
+        row = {"shape": name, "tokens": tokens, "server_rank": rank, "num_adapters": count,
+               "adapter_ranks": list(ranks or [rank]), "picked": "per_token" if index.per_token else "tiles"}
+        work = y0z.clone()
+        with classic_kernels():
+            row["picked_us"] = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index), rep=30)
+        got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, pages_split=False).float()
+        row["product_rel_err"] = float((got - ref).norm() / ref.norm())
+        row["product_us"] = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, pages_split=False),
+                                  rep=30)
+        if index.per_token and rank > 32:  # the per-token kernel over the tokens of rank <= 32, tiles over the rest
+            got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, pages_split=True).float()
+            row["product_rank_split_rel_err"] = float((got - ref).norm() / ref.norm())
+            row["product_rank_split_us"] = bench(
+                lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, pages_split=True), rep=30)
+        for cfg in PAGE_CONFIGS if sweep else []:
+            if any(b % cfg.block_n for b in shared.bounds[1:-1]):
+                continue
+            tag = f"pages_{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s"
+            got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, cfg).float()
+            row[f"{tag}_rel_err"] = float((got - ref).norm() / ref.norm())
+            work = y0z.clone()
+            us = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, cfg), rep=30)
+            row[f"{tag}_us"] = us
+            key = config_key(sum(outs), rank, index.tile_tokens, False, pages=True)
+            sums.setdefault(key, {}).setdefault(cfg, 0.0)
+            sums[key][cfg] += us
+        if sweep:
+            best = min((k for k in row if k.startswith("pages_") and k.endswith("_us")), key=row.get)
+            row["best_pages"], row["best_pages_us"] = best, row[best]
+            row["best_pages_GBps_on_M"] = m_bytes / row["best_pages_us"] / 1e3
+        row["picked_GBps_on_M"] = m_bytes / row["picked_us"] / 1e3
+        row["product_GBps_on_M"] = m_bytes / row["product_us"] / 1e3
+        rows.append(row)
+        print("pages", json.dumps({k: v for k, v in row.items() if not k.endswith("_rel_err")}), flush=True)
+    return rows, {key: asdict(min(times, key=times.get)) for key, times in sums.items()}
+
+
 LORA_LAYERS = {"q": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
 """Llama-3-8B's per-layer shapes (in, out) for the LoRA rows (k and v share a shape, so do gate and up)."""
 
@@ -257,11 +353,24 @@ def main():
     parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
     parser.add_argument("--rank-split-only", action="store_true",
                         help="only the per-token expand over mixed ranks, rank split on and off (and the ceilings)")
+    parser.add_argument("--pdl-only", action="store_true", help="only the GEMM + page kernel with and without PDL")
+    parser.add_argument("--pages-no-sweep", action="store_true", help="with --pages: the tuned configs only")
+    parser.add_argument("--pages", type=Path, help="only the page kernel against today's pick (and the ceilings); "
+                        "its best configs merged into this file")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "command": " ".join(sys.argv), "ceilings": device_ceilings()}
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
+    if args.pdl_only:
+        report["pdl"] = pdl_rows()
+        args.tune_only, args.skip_basis, args.tune = True, True, None
+    if args.pages:
+        report["pages"], table = pages_rows(not args.pages_no_sweep)
+        tuned = json.loads(args.pages.read_text()) if args.pages.exists() else {}
+        tuned.setdefault(report["device"], {}).update(table)
+        args.pages.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
+        args.tune_only, args.skip_basis, args.tune = True, True, None
     if args.rank_split_only:
         report["rank_split"] = rank_split_rows()
         args.tune_only, args.skip_basis, args.tune = True, True, None

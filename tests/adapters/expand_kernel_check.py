@@ -11,12 +11,14 @@ from adapters.expand_kernel import ExpandConfig, expand_grouped
 
 PER_TOKEN = [ExpandConfig(16, 16, per_token=True), ExpandConfig(16, 256, num_warps=2, per_token=True)]
 """The program-per-token kernel: several K blocks, and the whole rank in one."""
+PAGES = [ExpandConfig(16, 16, 4, 2, pages=True), ExpandConfig(32, 16, 4, 3, pages=True)]
+"""The page kernel: one column block per member, and blocks of 32 where the bounds allow."""
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
 from adapters.rank_pages import page_size_for, pages_for_rank
 
 
-def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config=None, runs=()):
+def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config=None, runs=(), pages_split=None):
     """`ranks[slot]` is the adapter rank in each member; member m >= 1 leaves slot 0 alone (rank 0). runs: (slot,
     count) pairs that take the first tokens, one slot after the other (a prompt's chunk each): the step is split
     (the tile kernel over those, the per-token kernel over the rest)."""
@@ -55,7 +57,7 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
         assert index.split and index.num_tiles_host == sum(-(-c // 16) for c in counts if c >= 16), counts
     y0z = torch.randn(num_tokens, bounds[-1] + len(outs) * rank_max, generator=gen).to(dtype).to(device)
     ref = expand_reference(y0z.float(), paged, layer, bounds, torch.tensor(slots)).cpu()
-    got = expand_grouped(y0z.clone(), paged, layer, bounds, index, config).cpu().float()
+    got = expand_grouped(y0z.clone(), paged, layer, bounds, index, config, pages_split=pages_split).cpu().float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     case = (num_tokens, outs, num_slots, rank_max, ranks, dtype, config)
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * rank_max**0.5, msg=lambda m: f"{case}: {m}")
@@ -63,16 +65,18 @@ def check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, con
     assert torch.equal(got[base_rows], y0z[base_rows, : bounds[-1]].cpu().float()), case  # y0 left exactly
 
 
-def check_captured(device):
+def check_captured(device, rank):
     """A CUDA graph captured on one slot mapping replays right on others of its kind: the tile kernel's grid
-    covers any decode step of at most TILE_MAX_SLOTS slots; the per-token kernel, any step."""
+    covers any decode step of at most TILE_MAX_SLOTS slots; the per-token kind, any step (at rank 32 the
+    per-token kernel, above PER_TOKEN_MAX_RANK the page kernel's tiles over every slot)."""
     gen = torch.Generator().manual_seed(7)
-    outs, rank, num_slots, num_tokens = (256, 64, 64), 32, 64, 64
+    outs, num_slots, num_tokens = (256, 64, 64), 64, 64
     groups = tuple(f"g{m}" for m in range(len(outs)))
     stacks = SlotStacks({g: (o, rank, 1) for g, o in zip(groups, outs)}, num_slots, torch.bfloat16, device)
     paged = stacks.served(groups)
     for slot in range(num_slots):
-        stacks.write(slot, {g: torch.randn(o, 8 + slot % 25, generator=gen).to(torch.bfloat16) for g, o in zip(groups, outs)})
+        stacks.write(slot, {g: torch.randn(o, 8 + slot % (rank - 7), generator=gen).to(torch.bfloat16)
+                            for g, o in zip(groups, outs)})
     bounds = [0, 256, 320, 384]
     index = SlotIndex(num_tokens, device, stacks.slot_ranks)
     y0z = torch.randn(num_tokens, bounds[-1] + 3 * rank, generator=gen).to(torch.bfloat16).to(device)
@@ -119,18 +123,23 @@ def main():
     seed = 0
     for dtype in dtypes:
         for num_tokens, outs, num_slots, rank_max, ranks in cases:
-            for config in [None, *(PER_TOKEN if num_tokens <= 256 else [])]:  # the per-token kernel serves decode
+            bounds = [sum(outs[:m]) for m in range(len(outs) + 1)]
+            pages = [cfg for cfg in PAGES if page_size_for(rank_max) >= 16 and not any(b % cfg.block_n for b in bounds[1:-1])]
+            for config in [None, *(PER_TOKEN if num_tokens <= 256 else []), *pages]:  # per token: decode only
                 check(num_tokens, outs, num_slots, rank_max, ranks, dtype, device, seed, config)
                 seed += 1
         for config in [None, PER_TOKEN[0], ExpandConfig(16, 16)]:  # split steps: a prompt's run beside decodes
             check(50, (96, 96), 6, 32, [32, 17, 1, 32, 8, 0], dtype, device, seed, config, runs=((1, 18), (3, 16)))
             check(30, (32, 16), 5, 128, [128, 8, 33, 32, 0], dtype, device, seed + 1, config, runs=((0, 17),))
             seed += 2
+        for pages_split in (False, True):  # a per-token step above rank 32: the page kernel's tiles, split by rank or not
+            check(40, (32, 16), 20, 128, [128, 8, 32, 64, 0] * 4, dtype, device, seed, pages_split=pages_split)
+            seed += 1
         check(7, (48, 16, 16), 3, 32, [32, 20, 9], dtype, device, seed, ExpandConfig(16, 16))  # several K steps
         check(40, (96, 32), 3, 64, [64, 3, 9], dtype, device, seed + 1, ExpandConfig(32, 32, num_stages=2))
         seed += 2
     if device == "cuda":
-        seed += check_captured(device)
+        seed += check_captured(device, 32) + check_captured(device, 64)
     print(f"expand kernel ok on {device}: {seed} cases")
     return 0
 

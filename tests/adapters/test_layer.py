@@ -140,4 +140,8 @@ def test_decode_graphs_replay_the_tile_variant_of_the_fewest_tiles_that_holds_th
         index.set(slots, per_token=expected == "per token")
         assert DecodeGraphs.graph_for(stand_in, 64) == expected, (index.num_tiles_host, expected)
     index.tile_cap = 8
-    assert index.max_tiles(64, 64) == 8 and index.max_tiles(1, 64) == 2
+    assert index.max_tiles(64, 64) == 8 and index.max_tiles(1, 64) == 1  # never more tiles than tokens
+    index.tile_cap = None
+    # 4 full tiles and one per slot of the 16 the tile kind serves, and the base tokens'; every slot: one a token
+    assert index.max_tiles(64, 64) == 21 and index.max_tiles(64, 64, every_slot=True) == 64
+    assert index.max_tiles(200, 64, every_slot=True) == 13 + 65
