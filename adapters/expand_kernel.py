@@ -132,18 +132,16 @@ def _expand_token_kernel(out_ptr, pool_ptr, signs_ptr, table_ptr, token_slots_pt
 
 @triton.jit
 def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_order_ptr, tile_start_ptr,
-                         tile_end_ptr, tile_slot_ptr, num_tiles_ptr, token_ranks_ptr, last_tile, layer, stride_out,
-                         stride_pool_p, stride_pool_n, stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
+                         tile_end_ptr, tile_slot_ptr, num_tiles_ptr, last_tile, layer, stride_out, stride_pool_p,
+                         stride_pool_n, stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
                          NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
-                         BOUND2: tl.constexpr, RANK_LO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, WAIT_PRIOR: tl.constexpr):
+                         BOUND2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """The tiles of `_expand_kernel` with M as the left operand, `y^T += M z^T`, a page a step: a step's M block
     [BLOCK_N, PAGE] is one contiguous piece of the pool and needs no mask on its columns (a slot's pages hold
     zeros past its rank), so it streams as plain vector loads, pipelined over a loop that stops at the slot's
     own rank, and the product runs on the tensor cores whatever the tile's token count (one token: z^T is a
-    [PAGE, BLOCK_T] block with one live column). RANK_LO > 0: the tiles of slots whose widest rank is at most
-    RANK_LO exit (the per-token kernel took them). WAIT_PRIOR: launched as a programmatic dependent launch, a
-    program reads what needs no GEMM output (its tile, rank and rows) before it waits for the GEMM."""
+    [PAGE, BLOCK_T] block with one live column)."""
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
@@ -156,14 +154,9 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
         return
     rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
-    if RANK_LO > 0:
-        if tl.max(tl.load(token_ranks_ptr + rows, mask=mask_t, other=0)) <= RANK_LO:
-            return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NUM_OUT
     offs_i = tl.arange(0, PAGE)
-    if WAIT_PRIOR:
-        tl.extra.cuda.gdc_wait()
     y_ptrs = out_ptr + rows[None, :] * stride_out + offs_n[:, None]
     mask = mask_n[:, None] & mask_t[None, :]
     y = tl.load(y_ptrs, mask=mask)
@@ -240,17 +233,14 @@ def config_key(num_out: int, rank: int, tile_tokens: int, per_token: bool, pages
 PAGES_KERNEL = os.environ.get("PICA_EXPAND_KERNEL", "pages") == "pages"
 """The tiles run `_expand_pages_kernel` wherever pages are of 16 columns or more; PICA_EXPAND_KERNEL=classic keeps
 `_expand_kernel` (the benchmarks' A/B switch)."""
-LAUNCH_PDL = os.environ.get("PICA_PDL", "0") == "1"
-"""The page kernel as a programmatic dependent launch (Hopper and later): its programs start while the GEMM before
-it finishes. Read per launch, so benchmarks flip it in one process."""
-PAGES_RANK_SPLIT = os.environ.get("PICA_PAGES_RANK_SPLIT", "0") == "1"
-"""Per-token steps above PER_TOKEN_MAX_RANK: the per-token kernel over the tokens of rank <= RANK_SPLIT, the page
-kernel's tiles over the rest."""
 PER_TOKEN_MAX_RANK = 32
 """Steps the per-token kernel suits (SlotIndex.prefers_per_token) keep it on servers of rank <= this; above it the
 page kernel's tiles take them, one tile a slot. H200, 64 tokens (kernels-pages-h200.json): on 64 adapters r=32
 gate/up 37.6 us per token against 45.4 in pages (two pages a program: too short a loop), r=256 379 against 229,
-on 25 adapters r=256 356 against 96 (a slot's tokens share its M loads in a tile)."""
+on 25 adapters r=256 356 against 96 (a slot's tokens share its M loads in a tile). Measured and not kept: the
+tokens of rank <= 32 to the per-token kernel beside the tiles (mixed ranks 8/32/256: gate/up 105.3 against 104.7
+us, every other shape slower), and the page kernel as a programmatic dependent launch after the GEMM (GEMM +
+expand within 1 us either way: the GEMM does not let it start early), kernels-{pages-split,pdl}-h200.json."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,14 +282,13 @@ def device_name(device: torch.device) -> str:
 
 
 def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: list[int], groups,
-                   config: ExpandConfig | None = None, split: int | None = None,
-                   pages_split: bool | None = None) -> torch.Tensor:
+                   config: ExpandConfig | None = None, split: int | None = None) -> torch.Tensor:
     """y0z [T, num_out + M*R] (row-major), paged: the members' pooled M's (pool rows contiguous), layer: the row
     of signs to use, bounds: the M members' column bounds, groups: the step's SlotIndex -> y0z[:, :num_out],
     updated. split: the per-token path's rank split (rank_buckets; None: the rule, 0: one launch). A split step
     (SlotIndex.split) runs the tiles of its large slots, then the per-token kernel over the rest. config: one
     kernel's config for every launch (tests, benchmarks); else the tuned ones, the page kernel's for the tiles
-    (and for per-token steps above PER_TOKEN_MAX_RANK; pages_split: PAGES_RANK_SPLIT's override there)."""
+    (and for per-token steps above PER_TOKEN_MAX_RANK)."""
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     num_members, num_out, rank, page = len(bounds) - 1, bounds[-1], paged.rank, paged.page
     assert num_members <= 3 and y0z.shape[1] == num_out + num_members * rank and y0z.stride(1) == 1
@@ -313,11 +302,8 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
             and (not groups.per_token or groups.split or rank > PER_TOKEN_MAX_RANK)):
         cfg = pages_config(name, rank, tuple(bounds), groups.tile_tokens)  # split steps: for their tiles
     tile_cfg = token_cfg = None
-    buckets, rank_lo = rank_buckets(rank, split), 0
     if cfg.pages and not groups.split:  # the tiles cover every slot
         tile_cfg = cfg
-        if groups.per_token and rank > RANK_SPLIT and (PAGES_RANK_SPLIT if pages_split is None else pages_split):
-            token_cfg, buckets, rank_lo = pick(RANK_SPLIT, True), [(0, RANK_SPLIT)], RANK_SPLIT
     elif groups.split:  # both kernels, each with its own config
         tile_cfg, token_cfg = (pick(rank, False), cfg) if cfg.per_token else (cfg, pick(rank, True))
     elif cfg.per_token:
@@ -328,9 +314,9 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
     bound2 = bounds[2] if num_members > 2 else num_out
     if tile_cfg is not None:
         assert all(b % tile_cfg.block_n == 0 for b in bounds[1:-1])
-        _expand_tiles(y0z, paged, layer, groups, tile_cfg, num_out, bound1, bound2, rank_lo)
+        _expand_tiles(y0z, paged, layer, groups, tile_cfg, num_out, bound1, bound2)
     if token_cfg is not None:
-        for lo, hi in buckets:
+        for lo, hi in rank_buckets(rank, split):
             part = token_cfg if hi == rank or config is not None else pick(hi, True)
             assert all(b % part.block_n == 0 for b in bounds[1:-1])
             _expand_token_kernel[(y0z.shape[0], triton.cdiv(num_out, part.block_n))](
@@ -344,9 +330,9 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
 
 
 def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg: ExpandConfig, num_out: int,
-                  bound1: int, bound2: int, rank_lo: int = 0) -> None:
-    """The tile kernel over the step's tiles (rank_lo: the page kernel skips slots of widest rank <= it). A graph
-    being captured replays for any slot mapping: its grid covers the most tiles; else the step's own."""
+                  bound1: int, bound2: int) -> None:
+    """The tile kernel over the step's tiles. A graph being captured replays for any slot mapping: its grid
+    covers the most tiles; else the step's own."""
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()
     every_slot = cfg.pages and groups.per_token  # the page kernel's tiles serve per-token steps too
@@ -356,15 +342,12 @@ def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg:
     grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
     if cfg.pages:
         assert paged.page >= 16, "the page kernel's dots need pages of 16 columns or more"
-        pdl = LAUNCH_PDL and y0z.is_cuda
         _expand_pages_kernel[grid](
             y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
-            groups.num_tiles, groups.expand_token_ranks, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0),
-            pool.stride(1), ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out,
-            RANK=paged.rank, PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, RANK_LO=rank_lo,
-            BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, NUM_STAGES=cfg.num_stages,
-            PRECISION=dot_precision(y0z.dtype), WAIT_PRIOR=pdl, num_warps=cfg.num_warps,
-            **({"launch_pdl": True} if pdl else {}),
+            groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
+            ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=paged.rank,
+            PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
+            NUM_STAGES=cfg.num_stages, PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
         )
         return
     _expand_kernel[grid](

@@ -181,38 +181,12 @@ def classic_kernels():
         expand_kernel.PAGES_KERNEL = saved
 
 
-def pdl_rows():
-    """The adapted layer's [W0; P] GEMM and its expand in one graph, the page kernel launched after the GEMM as
-    usual and as a programmatic dependent launch (expand_kernel.LAUNCH_PDL), on the decode steps where the
-    expand is latency: 64 tokens over 1 and 8 adapters r=32, and over 64 r=256."""
-    rows = []
-    for (name, (in_features, outs)), (tokens, rank, count) in itertools.product(
-            PAGE_SHAPES.items(), ((64, 32, 1), (64, 32, 8), (64, 256, 64))):
-        shared, _, x, slots, index = block_inputs(tokens, in_features, outs, rank, count, count)
-        ref = expand_reference(F.linear(x, shared.weight).float(), shared.paged, 0, shared.bounds,
-                               torch.tensor(slots, device="cuda"))
-        layer = lambda: expand_grouped(F.linear(x, shared.weight), shared.paged, 0, shared.bounds, index)  # noqa: E731
-        row = {"shape": name, "tokens": tokens, "rank": rank, "num_adapters": count,
-               "gemm_only_us": bench(lambda: F.linear(x, shared.weight))}
-        for pdl in (False, True):
-            expand_kernel.LAUNCH_PDL = pdl
-            try:
-                row[f"pdl_{pdl}_rel_err"] = float((layer().float() - ref).norm() / ref.norm())
-                row[f"pdl_{pdl}_us"] = bench(layer)
-            except Exception as e:  # noqa: BLE001 - a failure is a result here
-                row[f"pdl_{pdl}_error"] = repr(e)[:300]
-            finally:
-                expand_kernel.LAUNCH_PDL = False
-        rows.append(row)
-        print("pdl", json.dumps(row), flush=True)
-    return rows
-
-
 def pages_rows(sweep: bool = True):
-    """The page kernel (`_expand_pages_kernel`, each config of PAGE_CONFIGS) against the expand the engine picks
-    today, on the decode steps of PAGE_STEPS and a prefill-sized one, each shape of Llama-3-8B; GB/s on the M
-    bytes the step must read (each distinct adapter's M once). Returns the rows and the best config per shape
-    key (the least summed time over the steps that key serves)."""
+    """The expand as the engine runs it (`product_us`) against the kernels picked before the page kernel
+    (`picked_us`, PICA_EXPAND_KERNEL=classic) and, with sweep, the page kernel in each config of PAGE_CONFIGS, on
+    the decode steps of PAGE_STEPS and a prefill-sized one, each shape of Llama-3-8B; GB/s on the M bytes the step
+    must read (each distinct adapter's M once). Returns the rows and the best config per shape key (the least
+    summed time over the steps that key serves)."""
     rows, sums = [], {}
     for (name, (in_features, outs)), (tokens, rank, count, ranks) in itertools.product(PAGE_SHAPES.items(), PAGE_STEPS):
         shared, _, x, slots, index = block_inputs(tokens, in_features, outs, rank, count, count, adapter_ranks=ranks)
@@ -225,15 +199,9 @@ def pages_rows(sweep: bool = True):
         work = y0z.clone()
         with classic_kernels():
             row["picked_us"] = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index), rep=30)
-        got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, pages_split=False).float()
+        got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index).float()
         row["product_rel_err"] = float((got - ref).norm() / ref.norm())
-        row["product_us"] = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, pages_split=False),
-                                  rep=30)
-        if index.per_token and rank > 32:  # the per-token kernel over the tokens of rank <= 32, tiles over the rest
-            got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, pages_split=True).float()
-            row["product_rank_split_rel_err"] = float((got - ref).norm() / ref.norm())
-            row["product_rank_split_us"] = bench(
-                lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, pages_split=True), rep=30)
+        row["product_us"] = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index), rep=30)
         for cfg in PAGE_CONFIGS if sweep else []:
             if any(b % cfg.block_n for b in shared.bounds[1:-1]):
                 continue
@@ -353,7 +321,6 @@ def main():
     parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
     parser.add_argument("--rank-split-only", action="store_true",
                         help="only the per-token expand over mixed ranks, rank split on and off (and the ceilings)")
-    parser.add_argument("--pdl-only", action="store_true", help="only the GEMM + page kernel with and without PDL")
     parser.add_argument("--pages-no-sweep", action="store_true", help="with --pages: the tuned configs only")
     parser.add_argument("--pages", type=Path, help="only the page kernel against today's pick (and the ceilings); "
                         "its best configs merged into this file")
@@ -362,9 +329,6 @@ def main():
               "command": " ".join(sys.argv), "ceilings": device_ceilings()}
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
-    if args.pdl_only:
-        report["pdl"] = pdl_rows()
-        args.tune_only, args.skip_basis, args.tune = True, True, None
     if args.pages:
         report["pages"], table = pages_rows(not args.pages_no_sweep)
         tuned = json.loads(args.pages.read_text()) if args.pages.exists() else {}
