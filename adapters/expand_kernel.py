@@ -136,12 +136,14 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
                          stride_pool_n, stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
                          NUM_OUT: tl.constexpr, RANK: tl.constexpr, PAGE: tl.constexpr, BOUND1: tl.constexpr,
                          BOUND2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                         NUM_STAGES: tl.constexpr, UNROLL: tl.constexpr, PRECISION: tl.constexpr):
     """The tiles of `_expand_kernel` with M as the left operand, `y^T += M z^T`, a page a step: a step's M block
     [BLOCK_N, PAGE] is one contiguous piece of the pool and needs no mask on its columns (a slot's pages hold
     zeros past its rank), so it streams as plain vector loads, pipelined over a loop that stops at the slot's
     own rank, and the product runs on the tensor cores whatever the tile's token count (one token: z^T is a
-    [PAGE, BLOCK_T] block with one live column)."""
+    [PAGE, BLOCK_T] block with one live column). UNROLL: every page of the widest rank RANK in straight code, the
+    pages past the slot's rank masked, so all loads issue at once (for small RANK, where a pipelined loop of one
+    or two steps is mostly its prologue)."""
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
@@ -165,13 +167,23 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
     sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i
     pages_ptr = table_ptr + slot.to(tl.int64) * stride_table
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for j in tl.range(0, tl.cdiv(rank, PAGE), num_stages=NUM_STAGES):
-        page = tl.load(pages_ptr + j).to(tl.int64)
-        mask_k = j * PAGE + offs_i < RANK  # a page past the z columns (RANK not a multiple of PAGE) reads none
-        z = tl.load(z_ptrs + j * PAGE, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
-        z = z * tl.load(sign_ptrs + page * stride_signs_p, mask=mask_k, other=0.0)[:, None]
-        m = tl.load(m_ptrs + page * stride_pool_p, mask=mask_n[:, None], other=0.0)
-        acc += tl.dot(m, z, input_precision=PRECISION)
+    if UNROLL:
+        for j in tl.static_range(0, (RANK + PAGE - 1) // PAGE):
+            live = j * PAGE < rank
+            page = tl.load(pages_ptr + j, mask=live, other=0).to(tl.int64)
+            mask_k = (j * PAGE + offs_i < RANK) & live
+            z = tl.load(z_ptrs + j * PAGE, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+            z = z * tl.load(sign_ptrs + page * stride_signs_p, mask=mask_k, other=0.0)[:, None]
+            m = tl.load(m_ptrs + page * stride_pool_p, mask=mask_n[:, None] & live, other=0.0)
+            acc += tl.dot(m, z, input_precision=PRECISION)
+    else:
+        for j in tl.range(0, tl.cdiv(rank, PAGE), num_stages=NUM_STAGES):
+            page = tl.load(pages_ptr + j).to(tl.int64)
+            mask_k = j * PAGE + offs_i < RANK  # a page past the z columns (RANK not a multiple of PAGE) reads none
+            z = tl.load(z_ptrs + j * PAGE, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+            z = z * tl.load(sign_ptrs + page * stride_signs_p, mask=mask_k, other=0.0)[:, None]
+            m = tl.load(m_ptrs + page * stride_pool_p, mask=mask_n[:, None], other=0.0)
+            acc += tl.dot(m, z, input_precision=PRECISION)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
@@ -208,6 +220,8 @@ class ExpandConfig:
     pages: bool = False
     """The tiles through `_expand_pages_kernel` (M the left operand, a page a step; block_k unused), for every
     step the config serves, per_token steps too (then per_token is False)."""
+    unroll: bool = False
+    """With pages: the page loop unrolled over the widest rank (_expand_pages_kernel's UNROLL)."""
 
 
 def default_config(rank: int, bounds: list[int], per_token: bool = False) -> ExpandConfig:
@@ -347,7 +361,7 @@ def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg:
             groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
             ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=paged.rank,
             PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
-            NUM_STAGES=cfg.num_stages, PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
+            NUM_STAGES=cfg.num_stages, UNROLL=cfg.unroll, PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
         )
         return
     _expand_kernel[grid](

@@ -169,6 +169,9 @@ PAGE_STEPS = [(64, 32, 1, None), (64, 32, 8, None), (64, 32, 64, None), (64, 256
 """(tokens, server rank, distinct adapters, their ranks in turn or None: the server's) for --pages."""
 PAGE_CONFIGS = [ExpandConfig(bn, 16, w, st, pages=True) for bn, w, st in
                 ((64, 4, 3), (128, 4, 3), (128, 4, 5), (256, 4, 3), (128, 8, 4), (256, 8, 4))]
+UNROLLED_CONFIGS = [ExpandConfig(bn, 16, w, 1, pages=True, unroll=True) for bn, w in
+                    ((64, 2), (64, 4), (128, 4), (256, 4), (256, 8))]
+"""The page loop unrolled (timed on servers of rank <= 64 only)."""
 
 
 @contextlib.contextmanager
@@ -181,12 +184,12 @@ def classic_kernels():
         expand_kernel.PAGES_KERNEL = saved
 
 
-def pages_rows(sweep: bool = True):
+def pages_rows(sweep: str = "all"):
     """The expand as the engine runs it (`product_us`) against the kernels picked before the page kernel
-    (`picked_us`, PICA_EXPAND_KERNEL=classic) and, with sweep, the page kernel in each config of PAGE_CONFIGS, on
+    (`picked_us`, PICA_EXPAND_KERNEL=classic) and the page kernel in each config the sweep names, on
     the decode steps of PAGE_STEPS and a prefill-sized one, each shape of Llama-3-8B; GB/s on the M bytes the step
     must read (each distinct adapter's M once). Returns the rows and the best config per shape key (the least
-    summed time over the steps that key serves)."""
+    summed time over the steps the engine runs through the page kernel)."""
     rows, sums = [], {}
     for (name, (in_features, outs)), (tokens, rank, count, ranks) in itertools.product(PAGE_SHAPES.items(), PAGE_STEPS):
         shared, _, x, slots, index = block_inputs(tokens, in_features, outs, rank, count, count, adapter_ranks=ranks)
@@ -202,19 +205,21 @@ def pages_rows(sweep: bool = True):
         got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index).float()
         row["product_rel_err"] = float((got - ref).norm() / ref.norm())
         row["product_us"] = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index), rep=30)
-        for cfg in PAGE_CONFIGS if sweep else []:
-            if any(b % cfg.block_n for b in shared.bounds[1:-1]):
+        configs = {"all": PAGE_CONFIGS + UNROLLED_CONFIGS, "unrolled": UNROLLED_CONFIGS, "none": []}[sweep]
+        for cfg in configs:
+            if any(b % cfg.block_n for b in shared.bounds[1:-1]) or (cfg.unroll and rank > 64):
                 continue
-            tag = f"pages_{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s"
+            tag = f"pages_{cfg.block_n}x{cfg.num_warps}w{cfg.num_stages}s{'u' if cfg.unroll else ''}"
             got = expand_grouped(y0z.clone(), shared.paged, 0, shared.bounds, index, cfg).float()
             row[f"{tag}_rel_err"] = float((got - ref).norm() / ref.norm())
             work = y0z.clone()
             us = bench(lambda: expand_grouped(work, shared.paged, 0, shared.bounds, index, cfg), rep=30)
             row[f"{tag}_us"] = us
-            key = config_key(sum(outs), rank, index.tile_tokens, False, pages=True)
-            sums.setdefault(key, {}).setdefault(cfg, 0.0)
-            sums[key][cfg] += us
-        if sweep:
+            if not index.per_token or rank > expand_kernel.PER_TOKEN_MAX_RANK:  # a step the engine runs in pages
+                key = config_key(sum(outs), rank, index.tile_tokens, False, pages=True)
+                sums.setdefault(key, {}).setdefault(cfg, 0.0)
+                sums[key][cfg] += us
+        if any(k.startswith("pages_") for k in row):
             best = min((k for k in row if k.startswith("pages_") and k.endswith("_us")), key=row.get)
             row["best_pages"], row["best_pages_us"] = best, row[best]
             row["best_pages_GBps_on_M"] = m_bytes / row["best_pages_us"] / 1e3
@@ -321,7 +326,8 @@ def main():
     parser.add_argument("--lora-only", action="store_true", help="only the LoRA rows (and the device ceilings)")
     parser.add_argument("--rank-split-only", action="store_true",
                         help="only the per-token expand over mixed ranks, rank split on and off (and the ceilings)")
-    parser.add_argument("--pages-no-sweep", action="store_true", help="with --pages: the tuned configs only")
+    parser.add_argument("--pages-sweep", default="all", choices=["all", "unrolled", "none"],
+                        help="with --pages: the configs timed beside the engine's own")
     parser.add_argument("--pages", type=Path, help="only the page kernel against today's pick (and the ceilings); "
                         "its best configs merged into this file")
     args = parser.parse_args()
@@ -330,7 +336,7 @@ def main():
     qkv, gate_up = (4096, 1024, 1024), (14336, 14336)  # Llama-3-8B
     report["blocks"] = []
     if args.pages:
-        report["pages"], table = pages_rows(not args.pages_no_sweep)
+        report["pages"], table = pages_rows(args.pages_sweep)
         tuned = json.loads(args.pages.read_text()) if args.pages.exists() else {}
         tuned.setdefault(report["device"], {}).update(table)
         args.pages.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")

@@ -11,8 +11,9 @@ from adapters.expand_kernel import ExpandConfig, expand_grouped
 
 PER_TOKEN = [ExpandConfig(16, 16, per_token=True), ExpandConfig(16, 256, num_warps=2, per_token=True)]
 """The program-per-token kernel: several K blocks, and the whole rank in one."""
-PAGES = [ExpandConfig(16, 16, 4, 2, pages=True), ExpandConfig(32, 16, 4, 3, pages=True)]
-"""The page kernel: one column block per member, and blocks of 32 where the bounds allow."""
+PAGES = [ExpandConfig(16, 16, 4, 2, pages=True), ExpandConfig(32, 16, 4, 3, pages=True),
+         ExpandConfig(32, 16, 4, 1, pages=True, unroll=True)]
+"""The page kernel: one column block per member, blocks of 32 where the bounds allow, and its loop unrolled."""
 from adapters.layer import SlotIndex, SlotStacks
 from adapters.ops import expand_reference
 from adapters.rank_pages import page_size_for, pages_for_rank
