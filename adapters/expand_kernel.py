@@ -2,22 +2,26 @@
 
 Semantics: exactly `adapters.ops.expand_reference`. The adapted layers' GEMM `[W0; P] @ x` writes
 [y0 | z] per token (for up to three layers sharing the input, [y0_1 y0_2 y0_3 | z_1 z_2 z_3]); these
-kernels add each token's M[slot] z into its y0 columns. Two kernels, and SlotIndex picks one per step:
-- tiles (`_expand_kernel`): tokens sorted by slot and cut into tiles of one slot each (on the host, once
-  per step); a program takes a tile and a block of output columns, loads that block of the slot's M
-  once and multiplies it with the tile's z's on the tensor cores. Best where slots have several tokens
-  (prefill, or a decode step over a few adapters).
+kernels add each token's M[slot] z into its y0 columns. SlotIndex picks tiles or tokens per step:
+- tiles: tokens sorted by slot and cut into tiles of one slot each (on the host, once per step); a program
+  takes a tile and a block of output columns, loads that block of the slot's M once and multiplies it with
+  the tile's z's on the tensor cores. Best where slots have several tokens (prefill, or a decode step over a
+  few adapters). `_expand_pages_kernel` runs them (`y^T += M z^T` a page at a time: each M block one
+  contiguous, unmasked piece), and on servers above PER_TOKEN_MAX_RANK it takes the per-token steps too, a
+  tile a slot; `_expand_kernel` (z as the left operand, K blocks gathered from several pages) is the older
+  form, kept for pages under 16 columns and PICA_EXPAND_KERNEL=classic.
 - per token (`_expand_token_kernel`): a program per token and column block, a matrix-vector product on
-  the CUDA cores, needing no grouping of tokens by slot. Best where a decode step spreads over
-  many adapters (64 tokens on 64 adapters: 1.6x faster than tiles at r=32 and r=256 on the H200). On servers
-  of rank >= SPLIT_FROM_RANK it runs as two launches by token rank (`rank_buckets`).
-Both read M through the slot's row of the page table (adapters.rank_pages): a K block of BLOCK_K columns is
-BLOCK_K / PAGE pages, loaded as [.., pages, PAGE] so each page's columns stay one vector load (a flat gather
-of columns loads element by element: 64 x r=256 1199 tok/s that way, 2682 this way). Base-model tokens
+  the CUDA cores, needing no grouping of tokens by slot. Best where a decode step spreads over many
+  adapters of small rank (64 tokens on 64 adapters r=32 on the H200). On servers of rank >= SPLIT_FROM_RANK
+  it runs as two launches by token rank (`rank_buckets`).
+All read M through the slot's row of the page table (adapters.rank_pages). In the older two a K block of
+BLOCK_K columns is BLOCK_K / PAGE pages, loaded as [.., pages, PAGE] so each page's columns stay one vector
+load (a flat gather of columns loads element by element: 64 x r=256 1199 tok/s that way, 2682 this way); the
+page kernel reads one page a step (3647 tok/s there, bench/results/decode-llama3-8b-h200-pages.json). Base-model tokens
 (slot -1) exit at once and columns past a slot's rank load nothing: y0 is already their answer. Grids depend
 only on the number of tokens, and ranks and pages come from tensors, so a CUDA graph captured for a kind of
 step replays for any slot mapping of that kind. Block shapes come from
-`expand_configs.json`, measured per device by `bench/kernels_bench.py --tune`.
+`expand_configs.json`, measured per device by `bench/kernels_bench.py --tune` (the page kernel's by `--pages`).
 """
 
 from __future__ import annotations
@@ -260,7 +264,7 @@ expand within 1 us either way: the GEMM does not let it start early), kernels-{p
 @functools.lru_cache(maxsize=None)
 def pages_config(device_name: str, rank: int, bounds: tuple[int, ...], tile_tokens: int) -> ExpandConfig:
     """The page kernel's tuned config for this shape, else 128 columns (or the bounds' largest divisor below),
-    4 warps, 3 stages."""
+    4 warps, and the loop unrolled up to rank 32, pipelined in 3 stages above (the H200's picks on its shapes)."""
     table = tuned_configs(os.environ.get("PICA_EXPAND_CONFIGS", str(TUNED_CONFIGS))).get(device_name, {})
     tuned = table.get(config_key(bounds[-1], rank, tile_tokens, False, pages=True))
     if tuned is not None and all(b % tuned["block_n"] == 0 for b in bounds[1:-1]):
@@ -268,7 +272,7 @@ def pages_config(device_name: str, rank: int, bounds: tuple[int, ...], tile_toke
     block_n = 128
     while block_n > 16 and any(b % block_n for b in bounds[1:-1]):
         block_n //= 2
-    return ExpandConfig(block_n=block_n, block_k=16, num_warps=4, num_stages=3, pages=True)
+    return ExpandConfig(block_n=block_n, block_k=16, num_warps=4, num_stages=3, pages=True, unroll=rank <= 32)
 
 
 @functools.lru_cache(maxsize=None)
