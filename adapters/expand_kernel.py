@@ -41,6 +41,18 @@ from adapters.rank_pages import PagedStack
 
 
 @triton.jit
+def tile_tokens(tile, last_tile, num_tiles_ptr, tile_slot_ptr, tile_start_ptr, tile_end_ptr, BLOCK_T: tl.constexpr):
+    """A tile program's slot, token offsets (into SlotIndex.token_order) and their mask, in one round of loads; idle:
+    the program has nothing to do (past the step's tiles, whose count is on the device, or the base model's)."""
+    index = tl.minimum(tile, last_tile)
+    slot = tl.load(tile_slot_ptr + index)
+    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < tl.load(tile_end_ptr + index)
+    idle = (tile >= tl.load(num_tiles_ptr)) | (slot < 0)
+    return slot, offs_t, mask_t, idle
+
+
+@triton.jit
 def _expand_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_order_ptr, tile_start_ptr, tile_end_ptr,
                    tile_slot_ptr, num_tiles_ptr, last_tile, layer, stride_out, stride_pool_p, stride_pool_n,
                    stride_ranks_m, stride_signs_p, stride_signs_l, stride_table,
@@ -52,12 +64,9 @@ def _expand_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, token_ord
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)  # a block never straddles two members
     # the tile's count, slot and bounds in one round of loads, then its rank, rows and pages in one: at decode
     # sizes a program's time is mostly this chain (6 dependent loads before: 4.7 vs 4.4 us, kernels-sweep-h200.json)
-    index = tl.minimum(tile, last_tile)
-    num_tiles = tl.load(num_tiles_ptr)
-    slot = tl.load(tile_slot_ptr + index)
-    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < tl.load(tile_end_ptr + index)
-    if (tile >= num_tiles) | (slot < 0):
+    slot, offs_t, mask_t, idle = tile_tokens(tile, last_tile, num_tiles_ptr, tile_slot_ptr, tile_start_ptr,
+                                             tile_end_ptr, BLOCK_T)
+    if idle:
         return
     rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)  # rank 0: the masks load nothing, y += 0
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
@@ -151,12 +160,9 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     member = (n0 >= BOUND1).to(tl.int32) + (n0 >= BOUND2).to(tl.int32)
-    index = tl.minimum(tile, last_tile)
-    num_tiles = tl.load(num_tiles_ptr)
-    slot = tl.load(tile_slot_ptr + index)
-    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < tl.load(tile_end_ptr + index)
-    if (tile >= num_tiles) | (slot < 0):
+    slot, offs_t, mask_t, idle = tile_tokens(tile, last_tile, num_tiles_ptr, tile_slot_ptr, tile_start_ptr,
+                                             tile_end_ptr, BLOCK_T)
+    if idle:
         return
     rank = tl.load(ranks_ptr + member * stride_ranks_m + slot)
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
@@ -165,7 +171,8 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
     offs_i = tl.arange(0, PAGE)
     y_ptrs = out_ptr + rows[None, :] * stride_out + offs_n[:, None]
     mask = mask_n[:, None] & mask_t[None, :]
-    y = tl.load(y_ptrs, mask=mask)
+    if BLOCK_T <= 16:  # decode-sized tiles: y's load goes out with the first ones (a larger y block would spill)
+        y = tl.load(y_ptrs, mask=mask)
     z_ptrs = out_ptr + rows[None, :] * stride_out + (NUM_OUT + member * RANK) + offs_i[:, None]
     m_ptrs = pool_ptr + offs_n[:, None].to(tl.int64) * stride_pool_n + offs_i[None, :]
     sign_ptrs = signs_ptr + layer * stride_signs_l + member * PAGE + offs_i
@@ -188,6 +195,8 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
             z = z * tl.load(sign_ptrs + page * stride_signs_p, mask=mask_k, other=0.0)[:, None]
             m = tl.load(m_ptrs + page * stride_pool_p, mask=mask_n[:, None], other=0.0)
             acc += tl.dot(m, z, input_precision=PRECISION)
+    if BLOCK_T > 16:
+        y = tl.load(y_ptrs, mask=mask)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
 
 
@@ -263,8 +272,9 @@ expand within 1 us either way: the GEMM does not let it start early), kernels-{p
 
 @functools.lru_cache(maxsize=None)
 def pages_config(device_name: str, rank: int, bounds: tuple[int, ...], tile_tokens: int) -> ExpandConfig:
-    """The page kernel's tuned config for this shape, else 128 columns (or the bounds' largest divisor below),
-    4 warps, and the loop unrolled up to rank 32, pipelined in 3 stages above (the H200's picks on its shapes)."""
+    """The page kernel's tuned config for this shape, else 128 columns (or the bounds' largest divisor below), the
+    loop unrolled up to rank 32 and pipelined in 3 stages above (the H200's picks on its shapes), 4 warps for
+    decode-sized tiles and 8 for larger ones (4 spill there: tests/adapters/expand_kernel_compile.py)."""
     table = tuned_configs(os.environ.get("PICA_EXPAND_CONFIGS", str(TUNED_CONFIGS))).get(device_name, {})
     tuned = table.get(config_key(bounds[-1], rank, tile_tokens, False, pages=True))
     if tuned is not None and all(b % tuned["block_n"] == 0 for b in bounds[1:-1]):
@@ -272,7 +282,8 @@ def pages_config(device_name: str, rank: int, bounds: tuple[int, ...], tile_toke
     block_n = 128
     while block_n > 16 and any(b % block_n for b in bounds[1:-1]):
         block_n //= 2
-    return ExpandConfig(block_n=block_n, block_k=16, num_warps=4, num_stages=3, pages=True, unroll=rank <= 32)
+    return ExpandConfig(block_n=block_n, block_k=16, num_warps=4 if tile_tokens <= 16 else 8, num_stages=3,
+                        pages=True, unroll=rank <= 32)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adapters.expand_kernel import dot_precision
+from adapters.expand_kernel import dot_precision, tile_tokens
 
 
 @triton.jit
@@ -98,12 +98,9 @@ def _shrink_tile_kernel(x_ptr, a_ptr, ranks_ptr, token_order_ptr, tile_start_ptr
     K block on the tensor cores, the slot's A block loaded once for the tile's tokens."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    index = tl.minimum(tile, last_tile)
-    num_tiles = tl.load(num_tiles_ptr)
-    slot = tl.load(tile_slot_ptr + index)
-    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < tl.load(tile_end_ptr + index)
-    if (tile >= num_tiles) | (slot < 0):
+    slot, offs_t, mask_t, idle = tile_tokens(tile, last_tile, num_tiles_ptr, tile_slot_ptr, tile_start_ptr,
+                                             tile_end_ptr, BLOCK_T)
+    if idle:
         return
     rank = tl.minimum(tl.load(ranks_ptr + slot), RANK)
     if rank == 0:
@@ -136,12 +133,9 @@ def _expand_tile_kernel(y_ptr, b_ptr, ranks_ptr, token_order_ptr, tile_start_ptr
     (z, summed over splits in float32, rounded to B's dtype for the dot)."""
     tile = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
-    index = tl.minimum(tile, last_tile)
-    num_tiles = tl.load(num_tiles_ptr)
-    slot = tl.load(tile_slot_ptr + index)
-    offs_t = tl.load(tile_start_ptr + index) + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < tl.load(tile_end_ptr + index)
-    if (tile >= num_tiles) | (slot < 0):
+    slot, offs_t, mask_t, idle = tile_tokens(tile, last_tile, num_tiles_ptr, tile_slot_ptr, tile_start_ptr,
+                                             tile_end_ptr, BLOCK_T)
+    if idle:
         return
     rank = tl.minimum(tl.load(ranks_ptr + slot), RANK)
     rows = tl.load(token_order_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
