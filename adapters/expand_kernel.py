@@ -188,7 +188,7 @@ def _expand_pages_kernel(out_ptr, pool_ptr, ranks_ptr, signs_ptr, table_ptr, tok
             m = tl.load(m_ptrs + page * stride_pool_p, mask=mask_n[:, None] & live, other=0.0)
             acc += tl.dot(m, z, input_precision=PRECISION)
     else:
-        for j in tl.range(0, tl.cdiv(rank, PAGE), num_stages=NUM_STAGES):
+        for j in tl.range(0, tl.cdiv(tl.minimum(rank, RANK), PAGE), num_stages=NUM_STAGES):  # never past R's z
             page = tl.load(pages_ptr + j).to(tl.int64)
             mask_k = j * PAGE + offs_i < RANK  # a page past the z columns (RANK not a multiple of PAGE) reads none
             z = tl.load(z_ptrs + j * PAGE, mask=mask_k[:, None] & mask_t[None, :], other=0.0)

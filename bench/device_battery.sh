@@ -7,7 +7,7 @@
 #   bash bench/device_battery.sh checks        # on the device (carry .whl): ~3 min
 #   bash bench/device_battery.sh engine        # ~6 min: every issue-18 row, twice (page kernel, classic)
 #   bash bench/device_battery.sh serve [RANK]  # ~2 min a run at rank 32; rank 256 starts slower (basis, uploads)
-set -u
+set -uo pipefail
 STEP=${1:?wheels, checks, engine or serve}
 WHEELS="fastapi==0.165.0 fastapi-offline==1.7.7 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic-core==2.50.5
 annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 typing-extensions==4.16.0 python-multipart==0.0.34
@@ -26,8 +26,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 case "$STEP" in
   checks)
     timeout 200 python3 tests/adapters/expand_kernel_check.py 2>&1 | tail -2 | tee $OUT/gpu-checks.log
+    echo "expand check rc ${PIPESTATUS[0]}"
     timeout 200 python3 -m pytest -q -x -m gpu tests/engine/test_engine_gpu.py tests/engine/test_async_scheduling.py \
-      tests/engine/test_engine_methods.py 2>&1 | tail -3 | tee -a $OUT/gpu-checks.log ;;
+      tests/engine/test_engine_methods.py 2>&1 | tail -3 | tee -a $OUT/gpu-checks.log
+    echo "gpu tests rc ${PIPESTATUS[0]}" ;;
   engine)
     ROWS="--shape llama3-8b --batches 1,64 --ranks 32,256 --num-adapters 8,64 --mixed-ranks 8,32,256 --skip-peft --workdir /tmp/b8"
     for kernel in pages classic; do
