@@ -8,15 +8,14 @@ spills from the cubin (the interpreter runs the kernels' arithmetic but never co
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from adapters import expand_kernel as ek
 from adapters.rank_pages import RANK_PAGE
-from tests.adapters.lora_kernel_compile import resources
+from tests.adapters.lora_kernel_compile import compile_for_sm90, report
 
 INT32_POINTERS = ("ranks_ptr", "table_ptr", "token_order_ptr", "tile_start_ptr", "tile_end_ptr", "tile_slot_ptr",
                   "num_tiles_ptr", "token_ranks_ptr")
@@ -62,32 +61,15 @@ def launches(device: str, bounds: tuple[int, ...], rank: int, tile_tokens: int):
 
 def compile_all(devices=("NVIDIA H200", "cuda"), ranks=(32, 256), tile_tokens=(16, 64)) -> list[dict]:
     """Every distinct launch of `launches` over Llama-3-8B's shapes ("cuda": a device with no tuned table)."""
-    target = GPUTarget("cuda", 90, 32)
     rows, seen = [], set()
-    for device in devices:
-        for bounds in LLAMA3_8B_BOUNDS.values():
-            for rank in ranks:
-                for tokens in tile_tokens:
-                    for fn, consts, options in launches(device, bounds, rank, tokens):
-                        key = (fn.__name__, tuple(sorted(consts.items())), tuple(sorted(options.items())))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=consts),
-                                                target=target, options=options)
-                        rows.append({"kernel": fn.__name__, **consts, **options, **resources(kernel.asm["cubin"]),
-                                     "dynamic_shared": kernel.metadata.shared})
+    for device, bounds, rank, tokens in itertools.product(devices, LLAMA3_8B_BOUNDS.values(), ranks, tile_tokens):
+        for fn, consts, options in launches(device, bounds, rank, tokens):
+            key = (fn.__name__, tuple(sorted(consts.items())), tuple(sorted(options.items())))
+            if key not in seen:
+                seen.add(key)
+                rows.append(compile_for_sm90(fn, signature(fn, "bf16"), consts, options))
     return rows
 
 
-def main():
-    rows = compile_all()
-    for row in rows:
-        print(row)
-    spilled = [row for row in rows if row["STACK"]]
-    print(f"expand kernels compiled for sm_90: {len(rows)} kernels, {len(spilled)} spilling")
-    return 1 if spilled else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report(compile_all(), "expand kernels"))

@@ -68,30 +68,38 @@ def resources(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", out)}
 
 
+def compile_for_sm90(fn, sig: dict[str, str], consts: dict, options: dict) -> dict:
+    """One launch compiled for sm_90: the kernel's name, constexprs and options with its registers, spills and shared
+    memory."""
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options=options)
+    return {"kernel": fn.__name__, **consts, **options, **resources(kernel.asm["cubin"]),
+            "dynamic_shared": kernel.metadata.shared}
+
+
+def report(rows: list[dict], what: str) -> int:
+    """Print one line per kernel and a summary; 1 where any kernel spills."""
+    for row in rows:
+        print(row)
+    spilled = [row for row in rows if row["STACK"]]
+    print(f"{what} compiled for sm_90: {len(rows)} kernels, {len(spilled)} spilling")
+    return 1 if spilled else 0
+
+
 def compile_all(ranks=(16, 64, 256), tile_tokens=(16, 64)) -> list[dict]:
-    target = GPUTarget("cuda", 90, 32)
     rows, seen = [], set()
     for rank in ranks:
         for tokens in tile_tokens:
             for fn, consts, warps in launches(rank, tokens):
                 key = (fn.__name__, tuple(sorted(consts.items())), warps)
-                if key in seen:
-                    continue
-                seen.add(key)
-                kernel = triton.compile(ASTSource(fn=fn, signature=signature(fn, "bf16"), constexprs=consts),
-                                        target=target, options={"num_warps": warps})
-                rows.append({"kernel": fn.__name__, **consts, "num_warps": warps, **resources(kernel.asm["cubin"]),
-                             "dynamic_shared": kernel.metadata.shared})
+                if key not in seen:
+                    seen.add(key)
+                    rows.append(compile_for_sm90(fn, signature(fn, "bf16"), consts, {"num_warps": warps}))
     return rows
 
 
 def main():
-    rows = compile_all()
-    for row in rows:
-        print(row)
-    spilled = [row for row in rows if row["STACK"]]
-    print(f"lora kernels compiled for sm_90: {len(rows)} kernels, {len(spilled)} spilling")
-    return 1 if spilled else 0
+    return report(compile_all(), "lora kernels")
 
 
 if __name__ == "__main__":
