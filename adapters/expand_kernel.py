@@ -360,8 +360,8 @@ def expand_grouped(y0z: torch.Tensor, paged: PagedStack, layer: int, bounds: lis
 
 def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg: ExpandConfig, num_out: int,
                   bound1: int, bound2: int) -> None:
-    """The tile kernel over the step's tiles. A graph being captured replays for any slot mapping: its grid
-    covers the most tiles; else the step's own."""
+    """The step's tiles through the page kernel or, without cfg.pages, the older tile kernel. A graph being captured
+    replays for any slot mapping: its grid covers the most tiles; else the step's own."""
     pool, signs, ranks, table = paged.pool, paged.signs, paged.ranks, paged.page_table
     capturing = y0z.is_cuda and torch.cuda.is_current_stream_capturing()
     every_slot = cfg.pages and groups.per_token  # the page kernel's tiles serve per-token steps too
@@ -369,21 +369,14 @@ def _expand_tiles(y0z: torch.Tensor, paged: PagedStack, layer: int, groups, cfg:
     if num_tiles == 0 and not capturing:
         return
     grid = (max(num_tiles, 1), triton.cdiv(num_out, cfg.block_n))
-    if cfg.pages:
-        assert paged.page >= 16, "the page kernel's dots need pages of 16 columns or more"
-        _expand_pages_kernel[grid](
-            y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
+    args = (y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
             groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
-            ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=paged.rank,
-            PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
-            NUM_STAGES=cfg.num_stages, UNROLL=cfg.unroll, PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
-        )
-        return
-    _expand_kernel[grid](
-        y0z, pool, ranks, signs, table, groups.token_order, groups.tile_start, groups.tile_end, groups.tile_slot,
-        groups.num_tiles, groups.max_tokens - 1, layer, y0z.stride(0), pool.stride(0), pool.stride(1),
-        ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0), NUM_OUT=num_out, RANK=paged.rank,
-        PAGE=paged.page, BOUND1=bound1, BOUND2=bound2, BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n,
-        BLOCK_K=max(paged.page, cfg.block_k), PRECISION=dot_precision(y0z.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+            ranks.stride(0), signs.stride(0), signs.stride(1), table.stride(0))
+    shape = dict(NUM_OUT=num_out, RANK=paged.rank, PAGE=paged.page, BOUND1=bound1, BOUND2=bound2,
+                 BLOCK_T=groups.tile_tokens, BLOCK_N=cfg.block_n, PRECISION=dot_precision(y0z.dtype),
+                 num_warps=cfg.num_warps)
+    if cfg.pages:  # the loop's stages are its own (tl.range), not the launch's
+        assert paged.page >= 16, "the page kernel's dots need pages of 16 columns or more"
+        _expand_pages_kernel[grid](*args, **shape, NUM_STAGES=cfg.num_stages, UNROLL=cfg.unroll)
+    else:
+        _expand_kernel[grid](*args, **shape, BLOCK_K=max(paged.page, cfg.block_k), num_stages=cfg.num_stages)
