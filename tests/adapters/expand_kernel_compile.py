@@ -7,7 +7,6 @@ spills from the cubin (the interpreter runs the kernels' arithmetic but never co
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import sys
 
@@ -15,27 +14,13 @@ import triton
 
 from adapters import expand_kernel as ek
 from adapters.rank_pages import RANK_PAGE
-from tests.adapters.lora_kernel_compile import compile_for_sm90, report
+from tests.adapters.sm90_compile import compile_for_sm90, report, signature
 
-INT32_POINTERS = ("ranks_ptr", "table_ptr", "token_order_ptr", "tile_start_ptr", "tile_end_ptr", "tile_slot_ptr",
-                  "num_tiles_ptr", "token_ranks_ptr")
+POINTER_TYPES = {"token_slots_ptr": "*i64", **{name: "*i32" for name in (
+    "ranks_ptr", "table_ptr", "token_order_ptr", "tile_start_ptr", "tile_end_ptr", "tile_slot_ptr", "num_tiles_ptr",
+    "token_ranks_ptr")}}
+"""Besides y0z, pools and signs (bf16): token slots int64, ranks, the page table and SlotIndex's buffers int32."""
 LLAMA3_8B_BOUNDS = {"qkv": (0, 4096, 5120, 6144), "o": (0, 4096), "gate_up": (0, 14336, 28672), "down": (0, 4096)}
-
-
-def signature(fn, dtype: str) -> dict[str, str]:
-    """Triton's signature from the argument names: y0z, pools and signs in `dtype`, token slots int64, ranks, the
-    page table and SlotIndex's buffers int32, scalars int32, UPPER-case names constexpr."""
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name.isupper():
-            sig[name] = "constexpr"
-        elif name == "token_slots_ptr":
-            sig[name] = "*i64"
-        elif name in INT32_POINTERS:
-            sig[name] = "*i32"
-        else:
-            sig[name] = f"*{dtype}" if name.endswith("_ptr") else "i32"
-    return sig
 
 
 def launches(device: str, bounds: tuple[int, ...], rank: int, tile_tokens: int):
@@ -67,7 +52,7 @@ def compile_all(devices=("NVIDIA H200", "cuda"), ranks=(32, 256), tile_tokens=(1
             key = (fn.__name__, tuple(sorted(consts.items())), tuple(sorted(options.items())))
             if key not in seen:
                 seen.add(key)
-                rows.append(compile_for_sm90(fn, signature(fn, "bf16"), consts, options))
+                rows.append(compile_for_sm90(fn, signature(fn, "bf16", POINTER_TYPES), consts, options))
     return rows
 
 

@@ -7,41 +7,16 @@ compiles them, so a kernel that does not lower, or spills at its default blocks,
 
 from __future__ import annotations
 
-import inspect
-import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from adapters import lora_kernel as lk
+from tests.adapters.sm90_compile import compile_for_sm90, report, signature
 
-INT32_POINTERS = ("ranks_ptr", "z_rank_ptr", "token_order_ptr", "tile_start_ptr", "tile_end_ptr", "tile_slot_ptr",
-                  "num_tiles_ptr")
-
-
-def signature(fn, dtype: str) -> dict[str, str]:
-    """Triton's signature of a kernel from its argument names: activations and stacks in `dtype`, z in float32,
-    token slots int64, ranks and SlotIndex's tile buffers int32, scalars int32, UPPER-case names constexpr."""
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
-        if name.isupper():
-            sig[name] = "constexpr"
-        elif name == "z_ptr":
-            sig[name] = "*fp32"
-        elif name == "slots_ptr":
-            sig[name] = "*i64"
-        elif name in INT32_POINTERS:
-            sig[name] = "*i32"
-        elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}"
-        else:
-            sig[name] = "i32"
-    return sig
+POINTER_TYPES = {"z_ptr": "*fp32", "slots_ptr": "*i64", **{name: "*i32" for name in (
+    "ranks_ptr", "z_rank_ptr", "token_order_ptr", "tile_start_ptr", "tile_end_ptr", "tile_slot_ptr", "num_tiles_ptr")}}
+"""Besides activations and stacks (bf16): z in float32, token slots int64, ranks and SlotIndex's tile buffers int32."""
 
 
 def launches(rank: int, tile_tokens: int):
@@ -58,34 +33,6 @@ def launches(rank: int, tile_tokens: int):
     yield lk._expand_tile_kernel, {**tile, "BLOCK_N": tiles.block_n}, tiles.num_warps
 
 
-def resources(cubin: bytes) -> dict[str, int]:
-    """REG, STACK (spills), SHARED of the one kernel in a cubin, from cuobjdump (shipped with Triton)."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED):(\d+)", out)}
-
-
-def compile_for_sm90(fn, sig: dict[str, str], consts: dict, options: dict) -> dict:
-    """One launch compiled for sm_90: the kernel's name, constexprs and options with its registers, spills and shared
-    memory."""
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                            options=options)
-    return {"kernel": fn.__name__, **consts, **options, **resources(kernel.asm["cubin"]),
-            "dynamic_shared": kernel.metadata.shared}
-
-
-def report(rows: list[dict], what: str) -> int:
-    """Print one line per kernel and a summary; 1 where any kernel spills."""
-    for row in rows:
-        print(row)
-    spilled = [row for row in rows if row["STACK"]]
-    print(f"{what} compiled for sm_90: {len(rows)} kernels, {len(spilled)} spilling")
-    return 1 if spilled else 0
-
-
 def compile_all(ranks=(16, 64, 256), tile_tokens=(16, 64)) -> list[dict]:
     rows, seen = [], set()
     for rank in ranks:
@@ -94,7 +41,7 @@ def compile_all(ranks=(16, 64, 256), tile_tokens=(16, 64)) -> list[dict]:
                 key = (fn.__name__, tuple(sorted(consts.items())), warps)
                 if key not in seen:
                     seen.add(key)
-                    rows.append(compile_for_sm90(fn, signature(fn, "bf16"), consts, {"num_warps": warps}))
+                    rows.append(compile_for_sm90(fn, signature(fn, "bf16", POINTER_TYPES), consts, {"num_warps": warps}))
     return rows
 
 
